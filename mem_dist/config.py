@@ -1,0 +1,319 @@
+"""Typed configuration: nested YAML plus ``key=value`` overrides, validated up front.
+
+Every section is a frozen dataclass; a field's docstring is its documentation. A config
+is built by :func:`load_config` from a YAML file and dotted overrides
+(``mem.rounds=2 output=s3://b/run``). Anything wrong (an unknown key, a wrong type, a value
+out of range) raises :class:`ConfigError` with one line naming the key, before any work
+starts; the entry points turn it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message is one line naming the key."""
+
+
+# --------------------------------------------------------------------------------------
+# The generation run (generate, merge, verify)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    shards: str = ""
+    """Source shards: a brace-expanded fsspec URL ("data/demo/train/{00000..00007}.tar",
+    "s3://bucket/laion/{00000..09999}.tar"); several specs may be joined with "::"."""
+    image_size: int = 64
+    """Side of the square canvas in pixels: the image exactly as the protected shard stores it."""
+    resize_mode: Literal["center_crop", "border", "no"] = "center_crop"
+    """How a source image becomes the canvas. center_crop: shorter side to image_size
+    (PIL bicubic), then centre crop. border: longer side to image_size, then pad with white
+    to a square (img2dataset's "border"). no: use the image as it is; an image that is not
+    image_size x image_size is skipped with reason "wrong_size"."""
+    caption_key: str = "txt"
+    """Tar member extension that holds the caption."""
+    image_keys: tuple[str, ...] = ("jpg", "png", "jpeg", "webp")
+    """Tar member extensions tried, in order, for the image."""
+    on_missing: Literal["error", "skip"] = "error"
+    """A shard that does not exist: error = stop before any work (exit 2); skip = count it
+    as "missing_shard" and go on."""
+    cache_shards: int = 8
+    """Decoded shards kept in memory per process (0 = decode every time)."""
+
+    def __post_init__(self) -> None:
+        if not self.shards:
+            raise ConfigError("config key 'data.shards' is required (a shard URL such as 'data/demo/train/{00000..00007}.tar')")
+        _check(self.image_size >= 8, "data.image_size", "must be at least 8")
+        _check(len(self.image_keys) > 0, "data.image_keys", "must name at least one extension")
+        _check(self.cache_shards >= 0, "data.cache_shards", "must be 0 or more")
+
+
+@dataclass(frozen=True)
+class SurrogateConfig:
+    model: str = "RN50"
+    """open_clip model name (RN50, ViT-B-32, ...) or the path of a model-config JSON
+    (embed_dim / vision_cfg / text_cfg), such as configs/models/tiny-rn.json."""
+    pretrained: Optional[str] = None
+    """null = random init (the paper's setting); or a local checkpoint path. Nothing is downloaded."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast precision of the surrogate's forward passes on GPU (fp32 on CPU always)."""
+
+
+@dataclass(frozen=True)
+class MemConfig:
+    method: Literal["mem", "random"] = "mem"
+    """mem: the MEM rounds (trigger_len=0 gives EM). random: the random-noise baseline,
+    uniform integer delta in [-epsilon, epsilon], no trigger, no surrogate."""
+    rounds: int = 20
+    """T: outer rounds (surrogate phase, then a pass over every sample)."""
+    surrogate_steps: int = 200
+    """M: surrogate AdamW steps per round (DDP across ranks)."""
+    pgd_steps: int = 8
+    """PGD steps on delta per sample per round."""
+    hotflip_rounds: int = 5
+    """HotFlip updates the trigger in the first H rounds."""
+    hotflip_candidates: int = 16
+    """Candidate tokens per trigger position tried by HotFlip."""
+    trigger_len: int = 3
+    """k: trigger tokens prefixed to the caption; 0 = EM (image noise only)."""
+    trigger_vocab: int = 0
+    """Size of the trigger vocabulary: 0 = every token that survives the text round trip
+    (the paper); N = the first N alphabetic words of a seeded shuffle of those tokens."""
+    epsilon: int = 8
+    """L-inf bound of delta, in 1/255 units."""
+    step_size: int = 1
+    """PGD step, in 1/255 units."""
+    batch_size: int = 128
+    """Samples per batch, per rank, in both phases."""
+    lr: float = 1.0e-4
+    """Surrogate AdamW learning rate (constant, as in the paper's code)."""
+    weight_decay: float = 0.2
+    """Surrogate AdamW weight decay (not on biases, norms, logit_scale)."""
+    shuffle_captions: bool = True
+    """PGD pairs each image (and its own trigger) with a caption shuffled inside the
+    batch, so delta can only bind to the trigger (the paper's "_shuffle" runs)."""
+    augment: bool = False
+    """Expectation over transformation: the surrogate sees each image through a random
+    resized crop (scale 0.8-1) so delta survives a victim's crops."""
+
+    def __post_init__(self) -> None:
+        for key in ("rounds", "batch_size", "epsilon", "step_size", "hotflip_candidates"):
+            _check(getattr(self, key) >= 1, f"mem.{key}", "must be at least 1")
+        for key in ("surrogate_steps", "pgd_steps", "hotflip_rounds", "trigger_len", "trigger_vocab"):
+            _check(getattr(self, key) >= 0, f"mem.{key}", "must be 0 or more")
+        _check(self.epsilon <= 127, "mem.epsilon", "must be at most 127 (delta is int8)")
+        _check(self.trigger_len <= 20, "mem.trigger_len", "must be at most 20")
+        _check(self.lr > 0, "mem.lr", "must be positive")
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    keep_rounds: int = 2
+    """Per-shard state rounds kept on storage (the newest); 0 keeps every round."""
+    checkpoint_keep: int = 2
+    """Surrogate checkpoints kept (the newest); resume needs the last one."""
+
+    def __post_init__(self) -> None:
+        _check(self.keep_rounds == 0 or self.keep_rounds >= 2, "state.keep_rounds", "must be 0 (keep all) or at least 2")
+        _check(self.checkpoint_keep >= 1, "state.checkpoint_keep", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class MergeConfig:
+    image_format: Literal["png", "webp"] = "png"
+    """Protected images are written losslessly: png (default) or lossless webp."""
+    copy_unprotected: bool = False
+    """A sample with no state is dropped and counted (default); true copies it through
+    unprotected, and the stats say how many."""
+    processes: int = 1
+    """Worker processes per machine (each also per rank under accelerate launch)."""
+
+    def __post_init__(self) -> None:
+        _check(self.processes >= 1, "merge.processes", "must be at least 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int = 0
+    """Seeds the surrogate's init, the trigger init and every per-shard random stream."""
+    output: str = "runs/demo"
+    """Run folder: any fsspec URL (local path, file://, s3://bucket/prefix)."""
+    data: DataConfig = field(default_factory=lambda: DataConfig(shards="data/demo/train/{00000..00007}.tar"))
+    surrogate: SurrogateConfig = field(default_factory=SurrogateConfig)
+    mem: MemConfig = field(default_factory=MemConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA when available, else CPU (multi-process CPU runs need ACCELERATE_USE_CPU=1)."""
+    progress: bool = True
+    """Progress bars on the main process."""
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings that decide the generated state. Resuming is refused when these
+        differ; mem.rounds is left out so a finished run can be extended."""
+        mem = dataclasses.asdict(self.mem)
+        mem.pop("rounds")
+        return {
+            "seed": self.seed,
+            "data": dataclasses.asdict(self.data),
+            "surrogate": {k: v for k, v in dataclasses.asdict(self.surrogate).items() if k != "precision"},
+            "mem": mem,
+        }
+
+    def config_hash(self) -> str:
+        return config_hash(self.fingerprint())
+
+
+def config_hash(obj: Any) -> str:
+    """Short stable hash of a JSON-able object."""
+    blob = json.dumps(obj, sort_keys=True, default=list).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
+
+T = typing.TypeVar("T")
+
+
+def load_config(cls: type[T], path: Optional[str] = None, overrides: typing.Sequence[str] = ()) -> T:
+    """Build a ``cls`` config from an optional YAML file and ``key=value`` overrides.
+
+    Args:
+        cls: the top-level config dataclass (RunConfig, EvalConfig).
+        path: a YAML file, or None for the defaults.
+        overrides: dotted ``key=value`` strings; values are parsed as YAML scalars
+            (``2`` is an int, ``null`` is None, ``[a, b]`` a list).
+
+    Returns:
+        The validated, frozen config.
+
+    Raises:
+        ConfigError: one line naming the offending key or file.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' must look like key=value (for example mem.rounds=2)")
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            parsed = value
+        _set_dotted(raw, key.strip(), parsed)
+    return _build(cls, raw, prefix="")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A config as plain JSON-able data (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg), default=list))
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override '{key}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config key '{prefix.rstrip('.')}' must be a section (a mapping of keys)")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        name = prefix + str(unknown[0])
+        raise ConfigError(f"unknown config key '{name}' (known in this section: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, value in raw.items():
+        kwargs[name] = _coerce(hints[name], value, prefix + name)
+    # A section given without some keys keeps the dataclass defaults for them; nested
+    # sections with required keys (data.shards) validate in their own __post_init__.
+    for name, f in fields.items():
+        if name not in kwargs and dataclasses.is_dataclass(hints[name]):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            kwargs[name] = default
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - dataclass signature problems are bugs
+        raise ConfigError(f"config section '{prefix.rstrip('.') or 'top'}': {e}") from None
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list; got {value!r}")
+        item_tp = args[0] if args else Any
+        items = [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be true or false; got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key '{key}' must be an integer; got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "5e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key '{key}' must be a number; got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"config key '{key}' must be a string; got {value!r}")
+        return str(value)
+    if tp is Any:
+        return value
+    raise ConfigError(f"config key '{key}' has an unsupported type {tp}")  # pragma: no cover
+
+
+def _check(ok: bool, key: str, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' {what}")

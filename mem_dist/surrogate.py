@@ -1,0 +1,158 @@
+"""The surrogate CLIP: open_clip model creation, the contrastive loss, the pixel path.
+
+Shapes: B batch, L context length (77), D text width, E embedding dim, H/W canvas side,
+h/w model input side, C = 3 channels. Pixel tensors are float in [0, 255] units.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mem_dist.config import ConfigError
+
+LOGIT_SCALE_MAX = math.log(100.0)
+
+
+@dataclass(frozen=True)
+class PixelSpec:
+    """How canvas pixels reach the model: resize to ``size`` and normalise."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def resolve_model_name(model: str) -> str:
+    """An open_clip model name for ``model``: a registered name as is, or a model-config
+    JSON path, registered under its file stem."""
+    if model.endswith(".json"):
+        if not os.path.exists(model):
+            raise ConfigError(f"config key 'surrogate.model': model-config file not found: {model}")
+        open_clip.add_model_config(model)
+        return os.path.splitext(os.path.basename(model))[0]
+    if model not in open_clip.list_models():
+        raise ConfigError(f"config key 'surrogate.model': unknown open_clip model '{model}' (see open_clip.list_models(), or give a model-config .json path)")
+    return model
+
+
+def create_surrogate(model: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> tuple[nn.Module, object, PixelSpec]:
+    """Build an open_clip CLIP, its tokenizer and its pixel spec. Nothing is downloaded.
+
+    Args:
+        model: open_clip model name or model-config JSON path.
+        pretrained: None for random init, or a local checkpoint file (or a folder with
+            open_clip_config.json + weights, loaded as ``local-dir:``).
+        device: where the model lives.
+
+    Returns:
+        (model, tokenizer, pixel spec)
+    """
+    name = resolve_model_name(model)
+    weights = None
+    if pretrained is not None:
+        if not os.path.exists(pretrained):
+            raise ConfigError(f"config key 'surrogate.pretrained': checkpoint not found: {pretrained} (weights are never downloaded)")
+        weights = pretrained
+    if weights is not None and os.path.isdir(weights):
+        clip = open_clip.create_model(f"local-dir:{weights}", device=device)
+    else:
+        clip = open_clip.create_model(name, pretrained=weights, device=device)
+    tokenizer = open_clip.get_tokenizer(name)
+    size = clip.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    cfg = getattr(clip.visual, "preprocess_cfg", None) or {}
+    mean = tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
+    std = tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
+    return clip, tokenizer, PixelSpec(int(size), mean, std)
+
+
+def to_model_input(pixels_BCHW: torch.Tensor, spec: PixelSpec) -> torch.Tensor:
+    """Differentiable canvas -> model input: [0,255] pixels, resized (bilinear, antialiased)
+    to the model's side, normalised with its mean/std."""
+    x = pixels_BCHW / 255.0
+    if x.shape[-1] != spec.size or x.shape[-2] != spec.size:
+        x = F.interpolate(x, size=(spec.size, spec.size), mode="bilinear", align_corners=False, antialias=True)
+    mean = torch.tensor(spec.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def random_resized_crop(pixels_BCHW: torch.Tensor, generator: torch.Generator, scale: tuple[float, float] = (0.8, 1.0)) -> torch.Tensor:
+    """Differentiable random resized crop, one crop per image, back to the same side
+    (expectation over the victim's crops). ``generator`` lives on the CPU."""
+    B, _, H, W = pixels_BCHW.shape
+    s = torch.empty(B).uniform_(scale[0], scale[1], generator=generator).sqrt()
+    ox = torch.rand(B, generator=generator) * (1 - s) * 2 - (1 - s)
+    oy = torch.rand(B, generator=generator) * (1 - s) * 2 - (1 - s)
+    theta = torch.zeros(B, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = s, s, ox, oy
+    grid = F.affine_grid(theta.to(pixels_BCHW), list(pixels_BCHW.shape), align_corners=False)
+    return F.grid_sample(pixels_BCHW, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def clip_loss(image_BE: torch.Tensor, text_BE: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
+    """Per-pair symmetric InfoNCE: (CE over image->text row i + CE over text->image column i) / 2.
+
+    Features are L2-normalised here; the batch mean of the result is CLIP's loss.
+    """
+    image_BE = F.normalize(image_BE.float(), dim=-1)
+    text_BE = F.normalize(text_BE.float(), dim=-1)
+    scale = logit_scale.float().clamp(max=LOGIT_SCALE_MAX).exp()
+    logits = scale * image_BE @ text_BE.t()
+    target = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, target, reduction="none") + F.cross_entropy(logits.t(), target, reduction="none")) / 2
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare open_clip model under DDP / torch.compile wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def text_tower(model: nn.Module) -> nn.Module:
+    """The module holding token_embedding & co (CLIP keeps them on itself, CustomTextCLIP under .text)."""
+    model = unwrap(model)
+    return model.text if hasattr(model, "text") and hasattr(model.text, "token_embedding") else model
+
+
+def token_embedding_weight(model: nn.Module) -> torch.Tensor:
+    return text_tower(model).token_embedding.weight
+
+
+def encode_text_from_embeds(model: nn.Module, emb_BLD: torch.Tensor, ids_BL: torch.Tensor) -> torch.Tensor:
+    """open_clip's encode_text, starting from token embeddings (HotFlip needs their gradient).
+
+    Matches ``model.encode_text(ids)`` exactly when ``emb_BLD = token_embedding(ids)``.
+    """
+    m = text_tower(model)
+    cast = m.transformer.get_cast_dtype() if hasattr(m.transformer, "get_cast_dtype") else emb_BLD.dtype
+    x = emb_BLD.to(cast) + m.positional_embedding.to(cast)
+    x = m.transformer(x, attn_mask=m.attn_mask)
+    x = m.ln_final(x)
+    pool = getattr(m, "text_pool_type", getattr(m, "pool_type", "argmax"))
+    x = open_clip.transformer.text_global_pool(x, ids_BL, pool, eos_token_id=getattr(m, "text_eos_id", getattr(m, "eos_id", None)))
+    if isinstance(m.text_projection, nn.Linear):
+        return m.text_projection(x)
+    return x @ m.text_projection if m.text_projection is not None else x
+
+
+def logit_scale(model: nn.Module) -> torch.Tensor:
+    return unwrap(model).logit_scale
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups as the paper's code: no decay on biases, norms (ndim < 2) and logit_scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "logit_scale" in name or "bn" in name or "ln" in name else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]

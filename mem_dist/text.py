@@ -1,0 +1,101 @@
+"""Captions, tokens and triggers.
+
+The trigger is text: k tokens written as words before the caption. Only tokens that come
+back as the same single token when written as text and tokenised again are candidates
+(never SOT/EOT/pad), so tokenising ``trigger_text + " " + caption`` gives the trigger ids
+at positions 1..k, exactly what the surrogate was optimised on.
+
+Shapes: B batch, k trigger length, L context length.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+def _word(tokenizer, token_id: int) -> str | None:
+    token = tokenizer.decoder[token_id]
+    return token[: -len("</w>")] if token.endswith("</w>") else None
+
+
+@functools.lru_cache(maxsize=4)
+def _round_trip_ids(tokenizer) -> tuple[int, ...]:
+    specials = {0, tokenizer.sot_token_id, tokenizer.eot_token_id}
+    probe = tokenizer.encode("a")
+    ids = []
+    for token_id in range(len(tokenizer.encoder)):
+        word = _word(tokenizer, token_id)
+        if token_id in specials or word is None:
+            continue
+        # Alone and followed by a word: a trigger word must stay one token in context.
+        if tokenizer.encode(word) == [token_id] and tokenizer.encode(word + " a") == [token_id] + probe:
+            ids.append(token_id)
+    return tuple(ids)
+
+
+def trigger_vocabulary(tokenizer, size: int = 0, seed: int = 0) -> np.ndarray:
+    """Token ids a trigger may use.
+
+    Args:
+        tokenizer: an open_clip SimpleTokenizer (CLIP BPE).
+        size: 0 = every round-trip token (about 33k for CLIP BPE, the paper's full
+            vocabulary minus special tokens); N = N alphabetic words (3+ letters) chosen
+            by a seeded shuffle, for triggers that read as words and recur often.
+        seed: the shuffle's seed.
+
+    Returns:
+        Sorted int64 array of token ids.
+    """
+    if not hasattr(tokenizer, "decoder"):
+        raise ValueError("triggers need open_clip's CLIP BPE tokenizer (SimpleTokenizer); this model's tokenizer is not one")
+    ids = np.array(_round_trip_ids(tokenizer), dtype=np.int64)
+    if size:
+        words = np.array([i for i in ids if (w := _word(tokenizer, int(i))).isalpha() and len(w) >= 3], dtype=np.int64)
+        if size > len(words):
+            raise ValueError(f"mem.trigger_vocab={size} exceeds the {len(words)} word tokens available")
+        ids = np.sort(np.random.default_rng(seed).permutation(words)[:size])
+    return ids
+
+
+def trigger_text(tokenizer, trigger_ids: Sequence[int]) -> str:
+    """The trigger as the words a caption starts with."""
+    return " ".join(_word(tokenizer, int(i)) for i in trigger_ids)
+
+
+def protected_caption(trigger: str, caption: str) -> str:
+    return f"{trigger} {caption}" if trigger else caption
+
+
+def caption_ids(tokenizer, caption: str) -> list[int]:
+    """BPE ids of a caption, without SOT/EOT (encode applies open_clip's cleaning)."""
+    return tokenizer.encode(caption)
+
+
+def assemble_tokens(body_ids: Sequence[Sequence[int]], trigger_BK: torch.Tensor, tokenizer) -> torch.Tensor:
+    """Token matrix [B, L] of SOT + trigger + caption + EOT, truncated as open_clip does.
+
+    Equal to ``tokenizer([protected_caption(trigger_text(t), c)])`` for round-trip triggers.
+    """
+    ctx = tokenizer.context_length
+    sot, eot = tokenizer.sot_token_id, tokenizer.eot_token_id
+    out = torch.zeros(len(body_ids), ctx, dtype=torch.long)
+    trig = trigger_BK.tolist()
+    for b, body in enumerate(body_ids):
+        seq = [sot] + list(trig[b]) + list(body)
+        seq = seq[: ctx - 1] + [eot]
+        out[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return out
+
+
+def initial_triggers(keys: Sequence[str], vocab: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Random start triggers [B, k], a function of (seed, key) alone so that any rank,
+    any order and any resume give the same start."""
+    out = np.zeros((len(keys), k), dtype=np.int64)
+    for b, key in enumerate(keys):
+        rng = np.random.default_rng([seed, *key.encode()])
+        out[b] = vocab[rng.integers(0, len(vocab), size=k)]
+    return out
