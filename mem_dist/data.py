@@ -1,0 +1,195 @@
+"""Source shards: shard lists, ownership per rank, decoding a shard into canvases.
+
+A shard is read whole (webdataset's tar iterator over an fsspec stream), each sample's
+image becomes the *canvas* (the pixels the protected shard will store, see
+:func:`to_canvas`), and every sample that cannot be used is skipped with a counted reason:
+
+  ``decode_error``   the image bytes do not decode
+  ``no_image``       no member with one of ``data.image_keys``
+  ``no_caption``     no caption member, or an empty caption
+  ``wrong_size``     ``resize_mode: no`` and the image is not image_size x image_size
+  ``truncated_tar``  the tar ends mid-member (samples before the break are kept)
+  ``missing_shard``  the shard does not exist (``data.on_missing: skip``)
+  ``empty_shard``    the shard holds no samples
+
+Shapes: N samples, H = W = data.image_size, C = 3; canvases are uint8 [N, H, W, C].
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import tarfile
+from dataclasses import dataclass, field
+
+import braceexpand
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from mem_dist import storage
+from mem_dist.config import ConfigError, DataConfig
+
+
+@dataclass
+class Shard:
+    """One decoded source shard."""
+
+    url: str
+    keys: list[str]
+    canvases: np.ndarray  # uint8 [N, H, W, C]
+    captions: list[str]
+    skipped: collections.Counter = field(default_factory=collections.Counter)
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.url)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def shard_name(url: str) -> str:
+    """The shard's file name without ``.tar`` ("00003"): the name its state and
+    protected output carry."""
+    name = storage.basename(url)
+    return name[: -len(".tar")] if name.endswith(".tar") else name
+
+
+def expand_shards(spec: str) -> list[str]:
+    """Shard URLs of a brace-expanded spec; several specs may be joined with "::"."""
+    urls: list[str] = []
+    for part in spec.split("::"):
+        urls.extend(braceexpand.braceexpand(part.strip()))
+    names = [shard_name(u) for u in urls]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"config key 'data.shards': shard name '{dupes[0]}' appears twice (outputs are named after shards)")
+    return urls
+
+
+def check_shards(cfg: DataConfig) -> list[str]:
+    """The shard list, checked before any work starts: a missing shard is a ConfigError
+    unless ``data.on_missing`` is ``skip`` (then it is counted when its turn comes)."""
+    urls = expand_shards(cfg.shards)
+    if not urls:
+        raise ConfigError("config key 'data.shards' names no shards")
+    if cfg.on_missing == "error":
+        for url in urls:
+            if not storage.exists(url):
+                raise ConfigError(f"config key 'data.shards': shard not found: {url} (set data.on_missing=skip to count and skip it)")
+    return urls
+
+
+def owned(items: list, rank: int, world: int) -> list:
+    """Round-robin ownership: item i belongs to rank i % world (exactly one owner)."""
+    return items[rank::world]
+
+
+def to_canvas(img: Image.Image, size: int, mode: str) -> np.ndarray | None:
+    """A source image as the canvas, uint8 [size, size, 3]; None if mode "no" and the
+    image has the wrong size.
+
+    center_crop: shorter side to ``size`` (bicubic), centre crop.
+    border: longer side to ``size`` (bicubic), pad with white to a square.
+    no: as it is.
+    """
+    img = img.convert("RGB")
+    w, h = img.size
+    if mode == "no":
+        return np.asarray(img, dtype=np.uint8).copy() if (w, h) == (size, size) else None
+    if mode == "center_crop":
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        img = img.crop((left, top, left + size, top + size))
+    else:  # border
+        scale = size / max(w, h)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), Image.BICUBIC)
+        board = Image.new("RGB", (size, size), (255, 255, 255))
+        board.paste(img, ((size - nw) // 2, (size - nh) // 2))
+        img = board
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+def iter_samples(url: str, skipped: collections.Counter):
+    """Raw samples of a tar shard as dicts (``__key__`` plus member bytes by extension).
+    A truncated or unreadable tar ends the iteration and counts ``truncated_tar``."""
+
+    def reraise(exn: Exception) -> bool:
+        raise exn
+
+    with storage.open_file(url, "rb") as stream:
+        members = (dict(m, __url__=url) for m in wds.tariterators.tar_file_iterator(stream, handler=reraise))
+        try:
+            yield from wds.tariterators.group_by_keys(members, handler=reraise)
+        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+            skipped["truncated_tar"] += 1
+            _warn(f"{url}: tar is truncated or corrupt after the samples read so far ({type(e).__name__}: {e})")
+
+
+def load_shard(url: str, cfg: DataConfig) -> Shard:
+    """Decode every usable sample of a shard into its canvas and caption."""
+    skipped: collections.Counter = collections.Counter()
+    keys, canvases, captions = [], [], []
+    if not storage.exists(url):
+        skipped["missing_shard"] += 1
+        _warn(f"{url}: shard not found, skipped")
+        return Shard(url, [], np.zeros((0, cfg.image_size, cfg.image_size, 3), np.uint8), [], skipped)
+    for sample in iter_samples(url, skipped):
+        key = sample.get("__key__", "?")
+        raw = next((sample[k] for k in cfg.image_keys if k in sample), None)
+        if raw is None:
+            skipped["no_image"] += 1
+            continue
+        caption = sample.get(cfg.caption_key)
+        caption = caption.decode("utf-8", errors="replace").strip() if caption is not None else ""
+        if not caption:
+            skipped["no_caption"] += 1
+            continue
+        try:
+            with Image.open(io.BytesIO(raw)) as img:
+                img.load()
+                canvas = to_canvas(img, cfg.image_size, cfg.resize_mode)
+        except Exception:  # PIL raises many types for bad bytes
+            skipped["decode_error"] += 1
+            continue
+        if canvas is None:
+            skipped["wrong_size"] += 1
+            continue
+        keys.append(key)
+        canvases.append(canvas)
+        captions.append(caption)
+    if not keys and not skipped:
+        skipped["empty_shard"] += 1
+    if sum(v for k, v in skipped.items() if k not in ("truncated_tar",)):
+        _warn(f"{url}: skipped {dict(skipped)}")
+    stack = np.stack(canvases) if canvases else np.zeros((0, cfg.image_size, cfg.image_size, 3), np.uint8)
+    return Shard(url, keys, stack, captions, skipped)
+
+
+class ShardCache:
+    """The last ``capacity`` decoded shards, so rounds do not decode the same tar again."""
+
+    def __init__(self, cfg: DataConfig, capacity: int):
+        self.cfg, self.capacity = cfg, capacity
+        self._shards: collections.OrderedDict[str, Shard] = collections.OrderedDict()
+
+    def get(self, url: str) -> Shard:
+        if url in self._shards:
+            self._shards.move_to_end(url)
+            return self._shards[url]
+        shard = load_shard(url, self.cfg)
+        if self.capacity > 0:
+            self._shards[url] = shard
+            while len(self._shards) > self.capacity:
+                self._shards.popitem(last=False)
+        return shard
+
+
+def _warn(msg: str) -> None:
+    print(f"mem-dist: warning: {msg}", flush=True)

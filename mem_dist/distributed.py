@@ -1,0 +1,83 @@
+"""Processes: the Accelerate setup, and the few collectives generation needs.
+
+One process per GPU (or per CPU slot), started by ``accelerate launch`` / torchrun, or a
+single ``python`` process. Collectives happen only between phases (barriers, a parameter
+checksum, small reductions); the surrogate's gradients are all-reduced by DDP.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
+
+
+class LaunchError(RuntimeError):
+    """The processes are not set up the way they were launched."""
+
+
+@dataclass
+class Dist:
+    accelerator: Accelerator
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum over ranks (float64)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(t)
+        return t.tolist()
+
+    def gather(self, obj) -> list:
+        """``obj`` from every rank, in rank order."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+
+def init(device: str = "auto") -> Dist:
+    """Start (or join) the process group.
+
+    ``device``: auto = CUDA when available, else CPU. On CPU, several processes need
+    ``ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu ...`` (or torchrun); a process
+    that was launched as one of several (``WORLD_SIZE`` > 1) but ends up alone stops with
+    :class:`LaunchError` instead of silently doing every rank's work.
+    """
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LaunchError("device=cuda but CUDA is not available on this machine")
+    # Ranks reach the barriers at different times when shards are uneven; the default
+    # gloo timeout (30 min) is too short for a shard of 10k samples on a slow rank.
+    acc = Accelerator(cpu=cpu, kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=6))])
+    launched_as = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched_as > 1 and acc.num_processes != launched_as:
+        raise LaunchError(
+            f"launched as one of {launched_as} processes (WORLD_SIZE={launched_as}) but no process group formed "
+            f"(this process would work as if alone); on CPU launch with "
+            f"'ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {launched_as} ...' or torchrun"
+        )
+    return Dist(acc, acc.process_index, acc.num_processes, acc.device)
+
+
+def checksum(model: torch.nn.Module) -> float:
+    """A float64 checksum of every parameter (sum of |p| weighted by position), to
+    compare the surrogate across ranks."""
+    total = torch.zeros((), dtype=torch.float64)
+    for i, p in enumerate(model.parameters()):
+        total += (p.detach().double().abs().sum() * (1 + (i % 7))).cpu()
+    return float(total)

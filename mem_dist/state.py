@@ -1,0 +1,122 @@
+"""Per-shard generation state: one Parquet object per shard per round, committed atomically.
+
+``{output}/state/round-{r:03d}/{shard}.parquet``, one row per usable source sample:
+
+  key            string        the source ``__key__``
+  delta          binary        int8 bytes, row-major [H, W, C], in 1/255 units
+  delta_shape    list<int32>   [H, W, C]
+  trigger_ids    list<int64>   k CLIP BPE ids (empty for EM)
+  trigger_text   string        the trigger as words; tokenises back to trigger_ids
+  loss           float32       the sample's contrastive loss (trigger + caption, canvas + delta, in its batch)
+  clean_loss     float32       the same without delta and trigger (the shortcut shows as loss << clean_loss)
+
+The shard's skip counts travel in the file's metadata (``mem_dist.skipped``), so a
+shard's state and its stats exist together or not at all. A state file that exists is
+complete: it is written to a temp name and moved (local) or PUT in one request (S3).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mem_dist import storage
+
+SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("delta", pa.binary()),
+    ("delta_shape", pa.list_(pa.int32())),
+    ("trigger_ids", pa.list_(pa.int64())),
+    ("trigger_text", pa.string()),
+    ("loss", pa.float32()),
+    ("clean_loss", pa.float32()),
+])
+
+
+@dataclass
+class ShardState:
+    """The state of one shard after a round (rows aligned with ``keys``)."""
+
+    keys: list[str]
+    delta: np.ndarray  # int8 [N, H, W, C]
+    trigger_ids: np.ndarray  # int64 [N, k]
+    trigger_text: list[str]
+    loss: np.ndarray  # float32 [N]
+    clean_loss: np.ndarray  # float32 [N]
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def by_key(self) -> dict[str, int]:
+        return {k: i for i, k in enumerate(self.keys)}
+
+
+def round_dir(output: str, round_: int) -> str:
+    return storage.join(output, "state", f"round-{round_:03d}")
+
+
+def state_url(output: str, round_: int, shard: str) -> str:
+    return storage.join(round_dir(output, round_), f"{shard}.parquet")
+
+
+def write_state(url: str, state: ShardState) -> None:
+    """Write a shard's state as one atomic object."""
+    n = len(state.keys)
+    shape = list(state.delta.shape[1:]) if n else []
+    table = pa.table({
+        "key": pa.array(state.keys, pa.string()),
+        "delta": pa.array([d.tobytes() for d in state.delta], pa.binary()),
+        "delta_shape": pa.array([shape] * n, pa.list_(pa.int32())),
+        "trigger_ids": pa.array([list(map(int, t)) for t in state.trigger_ids], pa.list_(pa.int64())),
+        "trigger_text": pa.array(state.trigger_text, pa.string()),
+        "loss": pa.array(state.loss.astype(np.float32), pa.float32()),
+        "clean_loss": pa.array(state.clean_loss.astype(np.float32), pa.float32()),
+    }, schema=SCHEMA)
+    table = table.replace_schema_metadata({"mem_dist.skipped": json.dumps(state.skipped, sort_keys=True)})
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    storage.write_bytes_atomic(url, buf.getvalue())
+
+
+def read_state(url: str) -> ShardState:
+    """Read a shard's state back (delta as int8 [N, H, W, C])."""
+    with storage.open_file(url, "rb") as f:
+        table = pq.read_table(f)
+    meta = table.schema.metadata or {}
+    skipped = json.loads(meta.get(b"mem_dist.skipped", b"{}"))
+    cols = table.to_pydict()
+    n = len(cols["key"])
+    if n:
+        shape = tuple(cols["delta_shape"][0])
+        delta = np.stack([np.frombuffer(b, dtype=np.int8).reshape(shape) for b in cols["delta"]])
+    else:
+        delta = np.zeros((0, 0, 0, 3), np.int8)
+    k = len(cols["trigger_ids"][0]) if n else 0
+    trig = np.array(cols["trigger_ids"], dtype=np.int64).reshape(n, k)
+    return ShardState(cols["key"], delta, trig, cols["trigger_text"], np.array(cols["loss"], np.float32),
+                      np.array(cols["clean_loss"], np.float32), skipped)
+
+
+def completed(output: str, round_: int) -> set[str]:
+    """Names of the shards whose state for ``round_`` exists (and so is complete)."""
+    return {storage.basename(p)[: -len(".parquet")] for p in storage.listdir(round_dir(output, round_)) if p.endswith(".parquet")}
+
+
+def latest_round(output: str) -> int:
+    """The highest round with a state folder (0 if none)."""
+    rounds = [int(storage.basename(p).split("-")[1]) for p in storage.listdir(storage.join(output, "state"))
+              if storage.basename(p).startswith("round-")]
+    return max(rounds, default=0)
+
+
+def prune(output: str, keep_latest: int, upto: int) -> None:
+    """Delete state rounds older than the newest ``keep_latest`` (0 = keep all)."""
+    if keep_latest <= 0:
+        return
+    for r in range(1, upto - keep_latest + 1):
+        url = round_dir(output, r)
+        if storage.exists(url):
+            storage.remove(url, recursive=True)

@@ -1,0 +1,58 @@
+"""Bad configs fail before any work: one line naming the problem, exit code 2."""
+
+import os
+import subprocess
+
+import pytest
+
+from mem_dist.config import ConfigError, RunConfig, load_config
+from mem_dist.generate import main
+from tests.conftest import ROOT, python_cmd, tiny_overrides
+
+
+def test_defaults_follow_the_paper(demo_dir):
+    cfg = load_config(RunConfig, None, [f"data.shards={demo_dir}/train/00000.tar"])
+    m = cfg.mem
+    assert (m.rounds, m.surrogate_steps, m.pgd_steps, m.hotflip_rounds, m.trigger_len) == (20, 200, 8, 5, 3)
+    assert (m.epsilon, m.step_size, m.batch_size, m.lr) == (8, 1, 128, 1e-4)
+    assert cfg.surrogate.model == "RN50" and cfg.surrogate.pretrained is None
+
+
+def test_overrides_and_yaml(tmp_path, demo_dir):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"data:\n  shards: {demo_dir}/train/00000.tar\nmem:\n  rounds: 3\n")
+    cfg = load_config(RunConfig, str(path), ["mem.rounds=5", "surrogate.pretrained=null", "output=s3://b/run"])
+    assert cfg.mem.rounds == 5 and cfg.output == "s3://b/run" and cfg.surrogate.pretrained is None
+
+
+@pytest.mark.parametrize("override, words", [
+    ("mem.roundz=2", "unknown config key 'mem.roundz'"),
+    ("mem.rounds=two", "config key 'mem.rounds' must be an integer"),
+    ("mem.epsilon=0", "config key 'mem.epsilon' must be at least 1"),
+    ("data.resize_mode=stretch", "config key 'data.resize_mode' must be one of"),
+    ("mem=3", "config key 'mem' must be a section"),
+    ("rounds", "override 'rounds' must look like key=value"),
+])
+def test_bad_config_is_one_line_exit_2(override, words, demo_dir, tmp_path, capsys):
+    args = tiny_overrides(f"{demo_dir}/train/00000.tar", str(tmp_path / "run")) + [override]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1, err
+    assert not os.path.exists(tmp_path / "run")  # nothing was started
+
+
+def test_missing_shard_and_file(tmp_path, capsys):
+    assert main(tiny_overrides(f"{tmp_path}/nope/{{00000..00001}}.tar", str(tmp_path / "run"))) == 2
+    err = capsys.readouterr().err.strip()
+    assert "shard not found" in err and "nope/00000.tar" in err and len(err.splitlines()) == 1
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(RunConfig, str(tmp_path / "missing.yaml"))
+
+
+def test_exit_code_from_the_command_line(tmp_path, demo_dir):
+    """The real entry point, as users run it."""
+    res = subprocess.run(python_cmd(os.path.join(ROOT, "mem_dist", "generate.py"), *tiny_overrides(
+        f"{demo_dir}/train/00000.tar", str(tmp_path / "run")), "mem.bogus=1"), capture_output=True, text=True)
+    assert res.returncode == 2
+    assert res.stderr.strip() == "mem-dist: error: unknown config key 'mem.bogus' (known in this section: " + \
+        res.stderr.strip().split("(known in this section: ")[1]

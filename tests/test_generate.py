@@ -1,0 +1,74 @@
+"""Single-process generation end to end on demo shards and the tiny RN surrogate."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from mem_dist import state, storage
+from mem_dist.config import RunConfig, load_config
+from mem_dist.data import expand_shards, load_shard
+from mem_dist.generate import main
+from tests.conftest import tiny_overrides
+
+
+@pytest.fixture(scope="module")
+def run_dir(demo_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("gen") / "run")
+    args = tiny_overrides(f"{demo_dir}/train/{{00000..00002}}.tar", out, **{
+        "mem.rounds": 3, "mem.surrogate_steps": 8, "mem.pgd_steps": 4, "mem.lr": 1e-3})
+    assert main(args) == 0
+    return out, args
+
+
+def test_state_has_one_valid_row_per_sample(run_dir, demo_dir, tokenizer):
+    out, args = run_dir
+    cfg = load_config(RunConfig, None, args)
+    assert state.latest_round(out) == 3
+    for url in expand_shards(cfg.data.shards):
+        src = load_shard(url, cfg.data)
+        st = state.read_state(state.state_url(out, 3, src.name))
+        assert st.keys == src.keys and len(st.keys) == 40
+        assert st.delta.shape == (40, 32, 32, 3) and st.delta.dtype == np.int8
+        assert np.abs(st.delta.astype(int)).max() <= cfg.mem.epsilon
+        canvas = src.canvases.astype(int) + st.delta
+        assert canvas.min() >= 0 and canvas.max() <= 255
+        assert np.abs(st.delta).sum() > 0
+        for ids, words in zip(st.trigger_ids, st.trigger_text):
+            assert len(ids) == 3 and tokenizer.encode(words) == list(ids)
+        assert np.isfinite(st.loss).all()
+
+
+def test_run_json_and_falling_loss(run_dir):
+    out, args = run_dir
+    run = storage.read_json(os.path.join(out, "run.json"))
+    assert run["rounds_done"] == 3 and run["world_size"] == 1 and len(run["shards"]) == 3
+    assert run["config_hash"] == load_config(RunConfig, None, args).config_hash()
+    metrics = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [m["round"] for m in metrics] == [1, 2, 3]
+    losses = [m["loss"] for m in metrics]
+    assert losses[-1] < losses[0], losses
+    assert metrics[-1]["loss"] < metrics[-1]["clean_loss"]  # the shortcut: protected pairs are easier than clean ones
+    # old rounds are pruned to state.keep_rounds (2)
+    assert storage.listdir(os.path.join(out, "state")) == ["round-002", "round-003"]
+
+
+def test_rerun_is_a_no_op_and_other_config_is_refused(run_dir, capsys):
+    out, args = run_dir
+    before = os.path.getmtime(state.state_url(out, 3, "00000"))
+    assert main(args) == 0
+    assert os.path.getmtime(state.state_url(out, 3, "00000")) == before
+    assert main(args + ["mem.epsilon=4"]) == 2
+    err = capsys.readouterr().err
+    assert "different configuration" in err
+
+
+def test_em_and_random_baselines(demo_dir, tmp_path, tokenizer):
+    shards = f"{demo_dir}/train/00000.tar"
+    assert main(tiny_overrides(shards, str(tmp_path / "em"), **{"mem.trigger_len": 0, "mem.rounds": 1})) == 0
+    st = state.read_state(state.state_url(str(tmp_path / "em"), 1, "00000"))
+    assert st.trigger_ids.shape == (40, 0) and set(st.trigger_text) == {""}
+    assert main(tiny_overrides(shards, str(tmp_path / "rnd"), **{"mem.method": "random"})) == 0
+    st = state.read_state(state.state_url(str(tmp_path / "rnd"), 1, "00000"))
+    assert np.abs(st.delta.astype(int)).max() == 8 and st.trigger_ids.shape == (40, 0)

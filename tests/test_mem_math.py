@@ -1,0 +1,143 @@
+"""The MEM building blocks on tiny models: CLIP loss, PGD, HotFlip, trigger round trip."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mem_dist import hotflip, pgd, surrogate, text
+from tests.conftest import TINY_RN, TINY_VIT
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model, tok, spec = surrogate.create_surrogate(TINY_VIT)
+    return model.eval(), tok, spec
+
+
+def batch(tok, n=8, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    canvas = torch.randint(0, 256, (n, 3, size, size), generator=g).float()
+    caps = [f"a {c} {s} on the left" for c, s in zip(["red", "blue", "green", "pink"] * 4, ["circle", "square"] * 8)][:n]
+    return canvas, caps
+
+
+def test_clip_loss_matches_direct_computation():
+    torch.manual_seed(1)
+    img, txt = torch.randn(6, 16), torch.randn(6, 16)
+    scale = torch.tensor(2.3)
+    got = surrogate.clip_loss(img, txt, scale).mean()
+    i, t = F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
+    logits = scale.exp() * i @ t.T
+    direct = 0
+    for b in range(6):  # the textbook formula, one pair at a time
+        direct += -torch.log_softmax(logits[b], 0)[b] / 2 - torch.log_softmax(logits[:, b], 0)[b] / 2
+    assert torch.allclose(got, direct / 6, atol=1e-5)
+    # and open_clip's own ClipLoss agrees
+    import open_clip
+
+    ref = open_clip.ClipLoss()(i, t, scale.exp())
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_encode_text_from_embeds_matches_open_clip(tiny):
+    model, tok, _ = tiny
+    ids = tok(["a red circle", "two blue squares at the top"])
+    emb = surrogate.token_embedding_weight(model)[ids]
+    assert torch.allclose(surrogate.encode_text_from_embeds(model, emb, ids), model.encode_text(ids), atol=1e-5)
+
+
+def test_pgd_step_lowers_loss_and_keeps_bounds(tiny):
+    model, tok, spec = tiny
+    canvas, caps = batch(tok)
+    canvas[0] = 255  # saturated pixels: canvas + delta must stay in [0, 255]
+    ids = tok(caps)
+
+    def loss_fn(pix, step=0):
+        img = model.encode_image(surrogate.to_model_input(pix, spec))
+        return surrogate.clip_loss(img, model.encode_text(ids), model.logit_scale).mean()
+
+    delta0 = torch.zeros_like(canvas)
+    with torch.no_grad():
+        before = loss_fn(canvas).item()
+    delta = pgd.minimize_delta(loss_fn, delta0, canvas, steps=3, epsilon=8, step_size=1)
+    with torch.no_grad():
+        after = loss_fn(canvas + delta).item()
+    assert after < before
+    assert delta.abs().max() <= 8 and torch.equal(delta, delta.round())  # integer 1/255 steps: int8 exactly
+    assert ((canvas + delta) >= 0).all() and ((canvas + delta) <= 255).all()
+    assert (delta[0] <= 0).all()
+
+
+def test_hotflip_never_raises_the_loss_of_changed_samples(tiny):
+    model, tok, spec = tiny
+    canvas, caps = batch(tok, n=8)
+    vocab = torch.tensor(text.trigger_vocabulary(tok, 500, seed=0))
+    bodies = [text.caption_ids(tok, c) for c in caps]
+    trig = torch.tensor(text.initial_triggers([str(i) for i in range(8)], vocab.numpy(), 3, seed=0))
+    with torch.no_grad():
+        image = F.normalize(model.encode_image(surrogate.to_model_input(canvas, spec)), dim=-1)
+
+    def text_features(t):
+        return F.normalize(model.encode_text(text.assemble_tokens(bodies, t, tok)), dim=-1)
+
+    ids = text.assemble_tokens(bodies, trig, tok)
+    emb = surrogate.token_embedding_weight(model)[ids].detach().requires_grad_(True)
+    loss = surrogate.clip_loss(image, surrogate.encode_text_from_embeds(model, emb, ids), model.logit_scale).mean()
+    (grad,) = torch.autograd.grad(loss, emb)
+    cands = hotflip.candidate_tokens(grad[:, 1:4], surrogate.token_embedding_weight(model).detach(), vocab, 6)
+    assert set(cands.flatten().tolist()) <= set(vocab.tolist())
+    with torch.no_grad():
+        before = hotflip.pair_losses(image, text_features(trig), model.logit_scale)
+        new, after_reported = hotflip.select_triggers(text_features, image, trig, cands, model.logit_scale)
+        after = hotflip.pair_losses(image, text_features(new), model.logit_scale)
+    assert torch.allclose(after, after_reported, atol=1e-5)
+    changed = (new != trig).any(1)
+    assert changed.any(), "HotFlip changed nothing: the test would not test anything"
+    # Each sample's choice holds the rest fixed, so judge each changed sample alone.
+    for b in torch.nonzero(changed).flatten().tolist():
+        alone = trig.clone()
+        alone[b] = new[b]
+        with torch.no_grad():
+            loss_b = hotflip.pair_losses(image, text_features(alone), model.logit_scale)[b]
+        assert loss_b <= before[b] + 1e-5
+
+
+def test_swapped_pair_losses_match_recomputation():
+    torch.manual_seed(2)
+    img, txt, new = (F.normalize(torch.randn(5, 8), dim=-1) for _ in range(3))
+    scale = torch.tensor(1.0)
+    got = hotflip.swapped_pair_losses(img, txt, new, scale)
+    for b in range(5):
+        t = txt.clone()
+        t[b] = new[b]
+        assert torch.allclose(got[b], hotflip.pair_losses(img, t, scale)[b], atol=1e-5)
+
+
+def test_every_trigger_token_round_trips(tokenizer):
+    vocab = text.trigger_vocabulary(tokenizer)
+    assert len(vocab) > 30000
+    specials = {0, tokenizer.sot_token_id, tokenizer.eot_token_id}
+    assert not specials & set(vocab.tolist())
+    for token_id in vocab.tolist():  # every candidate, alone, as the words a caption starts with
+        assert tokenizer.encode(text.trigger_text(tokenizer, [token_id]) + " a red circle")[0] == token_id
+
+
+def test_protected_caption_tokenises_to_trigger_ids(tokenizer):
+    vocab = text.trigger_vocabulary(tokenizer)
+    rng = np.random.default_rng(0)
+    caps = ["a red circle at the top", "Two BLUE squares, far left!", "an orange star " * 30]
+    for k in (1, 3, 5):
+        trig = torch.tensor(vocab[rng.integers(0, len(vocab), (len(caps), k))])
+        got = text.assemble_tokens([text.caption_ids(tokenizer, c) for c in caps], trig, tokenizer)
+        for b, cap in enumerate(caps):
+            words = text.protected_caption(text.trigger_text(tokenizer, trig[b]), cap)
+            ref = tokenizer([words])[0]
+            assert torch.equal(got[b], ref)
+            assert ref[1:1 + k].tolist() == trig[b].tolist()
+
+
+def test_tiny_rn_surrogate_builds():
+    model, tok, spec = surrogate.create_surrogate(TINY_RN)
+    assert spec.size == 64 and hasattr(tok, "encode")
