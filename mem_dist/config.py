@@ -49,14 +49,15 @@ class DataConfig:
     """A shard that does not exist: error = stop before any work (exit 2); skip = count it
     as "missing_shard" and go on."""
     cache_shards: int = 8
-    """Decoded shards kept in memory per process (0 = decode every time)."""
+    """Decoded shards kept in memory per process (at least 1: the surrogate phase reads
+    its batches shard by shard)."""
 
     def __post_init__(self) -> None:
         if not self.shards:
             raise ConfigError("config key 'data.shards' is required (a shard URL such as 'data/demo/train/{00000..00007}.tar')")
         _check(self.image_size >= 8, "data.image_size", "must be at least 8")
         _check(len(self.image_keys) > 0, "data.image_keys", "must name at least one extension")
-        _check(self.cache_shards >= 0, "data.cache_shards", "must be 0 or more")
+        _check(self.cache_shards >= 1, "data.cache_shards", "must be at least 1")
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ image becomes the *canvas* (the pixels the protected shard will store, see
   ``no_image``       no member with one of ``data.image_keys``
   ``no_caption``     no caption member, or an empty caption
   ``wrong_size``     ``resize_mode: no`` and the image is not image_size x image_size
-  ``truncated_tar``  the tar ends mid-member (samples before the break are kept)
+  ``truncated_tar``  the tar ends mid-member (complete samples before the break are kept)
   ``missing_shard``  the shard does not exist (``data.on_missing: skip``)
   ``empty_shard``    the shard holds no samples
 
@@ -116,30 +116,60 @@ def to_canvas(img: Image.Image, size: int, mode: str) -> np.ndarray | None:
     return np.asarray(img, dtype=np.uint8).copy()
 
 
+def tar_is_complete(url: str) -> bool:
+    """Whether a tar ends the way every tar writer ends it: a size that is a multiple of
+    512 and two zero blocks. Python's tarfile (and so webdataset) treats a header cut
+    short as the end of the archive, so truncation must be checked at the tail."""
+    fs, path = storage.url_to_fs(url)
+    size = fs.size(path)
+    if size < 1024 or size % 512:
+        return False
+    return fs.cat_file(path, start=size - 1024, end=size) == bytes(1024)
+
+
 def iter_samples(url: str, skipped: collections.Counter):
     """Raw samples of a tar shard as dicts (``__key__`` plus member bytes by extension).
-    A truncated or unreadable tar ends the iteration and counts ``truncated_tar``."""
+
+    A truncated or unreadable tar counts ``truncated_tar`` once; the samples before the
+    break are yielded except the last one, which may be missing members.
+    """
 
     def reraise(exn: Exception) -> bool:
         raise exn
 
+    complete = tar_is_complete(url)
+    previous = None
     with storage.open_file(url, "rb") as stream:
         members = (dict(m, __url__=url) for m in wds.tariterators.tar_file_iterator(stream, handler=reraise))
         try:
-            yield from wds.tariterators.group_by_keys(members, handler=reraise)
+            for sample in wds.tariterators.group_by_keys(members, handler=reraise):
+                if previous is not None:
+                    yield previous
+                previous = sample
         except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-            skipped["truncated_tar"] += 1
-            _warn(f"{url}: tar is truncated or corrupt after the samples read so far ({type(e).__name__}: {e})")
+            complete = False
+            _warn(f"{url}: not a valid tar after the samples read so far ({type(e).__name__}: {e})")
+    if previous is not None and complete:
+        yield previous
+    if not complete:
+        skipped["truncated_tar"] += 1
+        _warn(f"{url}: tar is truncated; kept the complete samples before the break")
 
 
 def load_shard(url: str, cfg: DataConfig) -> Shard:
     """Decode every usable sample of a shard into its canvas and caption."""
     skipped: collections.Counter = collections.Counter()
     keys, canvases, captions = [], [], []
-    if not storage.exists(url):
+    empty = np.zeros((0, cfg.image_size, cfg.image_size, 3), np.uint8)
+    fs, path = storage.url_to_fs(url)
+    if not fs.exists(path):
         skipped["missing_shard"] += 1
         _warn(f"{url}: shard not found, skipped")
-        return Shard(url, [], np.zeros((0, cfg.image_size, cfg.image_size, 3), np.uint8), [], skipped)
+        return Shard(url, [], empty, [], skipped)
+    if fs.size(path) == 0:
+        skipped["empty_shard"] += 1
+        _warn(f"{url}: shard is empty (0 bytes), skipped")
+        return Shard(url, [], empty, [], skipped)
     for sample in iter_samples(url, skipped):
         key = sample.get("__key__", "?")
         raw = next((sample[k] for k in cfg.image_keys if k in sample), None)
@@ -168,7 +198,7 @@ def load_shard(url: str, cfg: DataConfig) -> Shard:
         skipped["empty_shard"] += 1
     if sum(v for k, v in skipped.items() if k not in ("truncated_tar",)):
         _warn(f"{url}: skipped {dict(skipped)}")
-    stack = np.stack(canvases) if canvases else np.zeros((0, cfg.image_size, cfg.image_size, 3), np.uint8)
+    stack = np.stack(canvases) if canvases else empty
     return Shard(url, keys, stack, captions, skipped)
 
 
@@ -184,10 +214,9 @@ class ShardCache:
             self._shards.move_to_end(url)
             return self._shards[url]
         shard = load_shard(url, self.cfg)
-        if self.capacity > 0:
-            self._shards[url] = shard
-            while len(self._shards) > self.capacity:
-                self._shards.popitem(last=False)
+        self._shards[url] = shard
+        while len(self._shards) > self.capacity:
+            self._shards.popitem(last=False)
         return shard
 
 

@@ -63,21 +63,39 @@ def init(device: str = "auto") -> Dist:
         raise LaunchError("device=cuda but CUDA is not available on this machine")
     # Ranks reach the barriers at different times when shards are uneven; the default
     # gloo timeout (30 min) is too short for a shard of 10k samples on a slow rank.
-    acc = Accelerator(cpu=cpu, kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=6))])
     launched_as = int(os.environ.get("WORLD_SIZE", "1"))
+    hint = (f"on CPU launch with 'ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {launched_as} ...' "
+            f"or torchrun")
+    try:
+        acc = Accelerator(cpu=cpu, kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=6))])
+    except (ValueError, RuntimeError) as e:
+        if launched_as <= 1:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LaunchError(f"launched as one of {launched_as} processes (WORLD_SIZE={launched_as}) but no process group "
+                          f"could start ({first}); {hint}") from None
     if launched_as > 1 and acc.num_processes != launched_as:
         raise LaunchError(
             f"launched as one of {launched_as} processes (WORLD_SIZE={launched_as}) but no process group formed "
-            f"(this process would work as if alone); on CPU launch with "
-            f"'ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {launched_as} ...' or torchrun"
+            f"(this process would work as if alone); {hint}"
         )
     return Dist(acc, acc.process_index, acc.num_processes, acc.device)
 
 
+def broadcast_buffers(model: torch.nn.Module, dist: Dist) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank. DDP syncs them
+    at the start of each forward, but the last training forward leaves each rank with
+    its own; the sample phase and the checkpoint must see one surrogate."""
+    if dist.world > 1:
+        for b in model.buffers():
+            torch.distributed.broadcast(b.data, src=0)
+
+
 def checksum(model: torch.nn.Module) -> float:
-    """A float64 checksum of every parameter (sum of |p| weighted by position), to
-    compare the surrogate across ranks."""
+    """A float64 checksum of every parameter and buffer (sum of |x| weighted by
+    position), to compare the surrogate across ranks."""
     total = torch.zeros((), dtype=torch.float64)
-    for i, p in enumerate(model.parameters()):
-        total += (p.detach().double().abs().sum() * (1 + (i % 7))).cpu()
+    for i, t in enumerate(model.state_dict().values()):
+        if t.is_floating_point():
+            total += (t.detach().double().abs().sum() * (1 + (i % 7))).cpu()
     return float(total)

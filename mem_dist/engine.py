@@ -79,6 +79,7 @@ def setup(cfg: RunConfig, dist: distributed.Dist) -> Run:
     optimizer = torch.optim.AdamW(surrogate.param_groups(model, cfg.mem.weight_decay), lr=cfg.mem.lr, betas=(0.9, 0.999), eps=1e-8)
     if dist.world > 1:
         model, optimizer = dist.accelerator.prepare(model, optimizer)
+    model.eval()  # train mode only inside the surrogate phase (BatchNorm in RN surrogates)
     return Run(cfg, dist, urls, mine, mine or [urls[dist.rank % len(urls)]], model, optimizer, tokenizer, spec, vocab,
                ShardCache(cfg.data, cfg.data.cache_shards))
 
@@ -141,7 +142,7 @@ def save_checkpoint(run: Run, round_: int) -> None:
 
 def load_checkpoint(run: Run, round_: int) -> None:
     with storage.open_file(checkpoint_url(run.cfg.output, round_), "rb") as f:
-        ck = torch.load(io.BytesIO(f.read()), map_location=run.dist.device, weights_only=True)
+        ck = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
     run.bare.load_state_dict(ck["model"])
     run.optimizer.load_state_dict(ck["optimizer"])
 
@@ -250,7 +251,9 @@ def surrogate_phase(run: Run, round_: int, bar: bool) -> float:
         for s, i in refs:
             url = run.stream[s]
             shard = run.cache.get(url)
-            if url not in starts:
+            if url not in starts:  # batches are shard-blocked: keep the last two shards' state
+                if len(starts) == 2:
+                    del starts[next(iter(starts))]
                 starts[url] = start_state(run, shard, round_)
             canvas.append(shard.canvases[i])
             delta.append(starts[url][0][i])
@@ -369,8 +372,9 @@ def generate(cfg: RunConfig, dist: distributed.Dist, log=print) -> dict:
     dist.barrier()
     last = 1 if cfg.mem.method == "random" else cfg.mem.rounds
     first = resume_point(run)
-    if 1 < first <= last:
-        log(f"mem-dist: resuming {cfg.output} at round {first} ({done} rounds done)")
+    if old is not None and first <= last and dist.is_main:
+        n = len(state.completed(cfg.output, first))
+        log(f"mem-dist: resuming {cfg.output} at round {first} ({done} rounds done, {n} shards of round {first} committed)")
     record = None
     for round_ in range(first, last + 1):
         record = one_round(run, round_, bar=cfg.progress and dist.is_main, log=log)
@@ -402,6 +406,7 @@ def one_round(run: Run, round_: int, bar: bool, log) -> dict:
             if round_ > 1 and run.at_round != round_ - 1:
                 load_checkpoint(run, round_ - 1)
             train_loss = surrogate_phase(run, round_, bar)
+            distributed.broadcast_buffers(run.bare, dist)
             sums = dist.gather(distributed.checksum(run.bare))
             if len(set(sums)) != 1:
                 raise RuntimeError(f"round {round_}: the surrogate differs across ranks (parameter checksums {sums}); "

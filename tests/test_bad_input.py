@@ -1,0 +1,58 @@
+"""Bad input: each bad sample or shard is skipped with a counted reason; the rest is processed."""
+
+import io
+import os
+
+import webdataset as wds
+
+from mem_dist import state, storage
+from mem_dist.generate import main
+from tests.conftest import tiny_overrides
+
+
+def write_bad_shards(demo_dir: str, out: str) -> dict[str, int]:
+    """Shards with known damage; returns the number of good samples per shard."""
+    os.makedirs(out)
+    good = list(wds.WebDataset(f"{demo_dir}/train/00000.tar", shardshuffle=False))[:12]
+    with wds.TarWriter(f"{out}/00000.tar") as tw:  # 8 good samples and 4 bad ones
+        for i, s in enumerate(good):
+            s = {k: v for k, v in s.items() if not k.startswith("__") or k == "__key__"}
+            if i == 3:
+                s["jpg"] = b"\xff\xd8\xff\xe0 this is not a jpeg"
+            if i == 5:
+                del s["txt"]
+            if i == 7:
+                s["txt"] = b"   "
+            if i == 9:
+                del s["jpg"]
+            tw.write(s)
+    data = open(f"{demo_dir}/train/00001.tar", "rb").read()
+    with open(f"{out}/00001.tar", "wb") as f:  # cut in the middle of a member
+        f.write(data[: len(data) // 2 + 100])
+    with wds.TarWriter(f"{out}/00002.tar"):  # a valid tar with no samples
+        pass
+    open(f"{out}/00003.tar", "wb").close()  # zero bytes
+    # 00004.tar is missing
+    return {"00000": 8, "00002": 0, "00003": 0, "00004": 0}
+
+
+def test_bad_samples_and_shards_are_counted(demo_dir, tmp_path, capsys):
+    src = str(tmp_path / "src")
+    expected = write_bad_shards(demo_dir, src)
+    out = str(tmp_path / "run")
+    args = tiny_overrides(f"{src}/{{00000..00004}}.tar", out, **{"data.on_missing": "skip", "mem.rounds": 1})
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "not a valid tar" in printed or "truncated" in printed
+    rows = {name: state.read_state(state.state_url(out, 1, name)) for name in ["00000", "00001", "00002", "00003", "00004"]}
+    for name, n in expected.items():
+        assert len(rows[name].keys) == n, name
+    assert 0 < len(rows["00001"].keys) < 40  # the samples before the break are kept
+    assert rows["00000"].skipped == {"decode_error": 1, "no_caption": 2, "no_image": 1}
+    assert rows["00001"].skipped == {"truncated_tar": 1}
+    assert rows["00002"].skipped == {"empty_shard": 1}
+    assert rows["00003"].skipped == {"empty_shard": 1}
+    assert rows["00004"].skipped == {"missing_shard": 1}
+    run = storage.read_json(os.path.join(out, "run.json"))
+    assert run["skipped"] == {"decode_error": 1, "no_caption": 2, "no_image": 1, "truncated_tar": 1,
+                              "empty_shard": 2, "missing_shard": 1}

@@ -1,0 +1,159 @@
+"""Several processes, object storage, resume: real accelerate launches against moto's S3 server."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import s3fs
+
+from mem_dist import state
+from tests.conftest import ROOT, tiny_overrides
+
+SHARDS = "s3://src/train/{00000..00002}.tar"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3(demo_dir):
+    """moto's S3 server on 127.0.0.1 with the demo train shards in bucket 'src'."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    fs = s3fs.S3FileSystem(use_listings_cache=False)
+    for bucket in ("src", "out"):
+        fs.mkdir(bucket)
+    for name in os.listdir(f"{demo_dir}/train"):
+        fs.put_file(f"{demo_dir}/train/{name}", f"src/train/{name}")
+    yield fs, env
+    server.stop()
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def launch(overrides: list[str], env: dict, processes: int = 2) -> subprocess.Popen:
+    """``accelerate launch`` with N CPU processes, the way launch/cpu-multiprocess.sh does it."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(free_port()), os.path.join(ROOT, "mem_dist", "generate.py"), *overrides]
+    full_env = dict(os.environ, **env, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 240) -> str:
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def children(pid: int) -> list[int]:
+    """Descendant process ids of ``pid`` (from /proc)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = [c for c, pp in parents.items() if pp == p]
+        found += kids
+        todo += kids
+    return found
+
+
+def final_state(fs, prefix: str, rounds: int) -> dict[str, bytes]:
+    return {p.rsplit("/", 1)[1]: fs.cat_file(p) for p in fs.ls(f"{prefix}/state/round-{rounds:03d}")}
+
+
+ARGS = {"mem.rounds": 2, "mem.surrogate_steps": 4, "mem.pgd_steps": 2, "data.cache_shards": 1}
+
+
+@pytest.fixture(scope="module")
+def reference(s3):
+    """An uninterrupted 2-process run, shards and state on S3."""
+    fs, env = s3
+    out = finish(launch(tiny_overrides(SHARDS, "s3://out/ref", **ARGS), env))
+    return out, final_state(fs, "out/ref", 2)
+
+
+def test_two_processes_on_s3_cover_every_key_once(s3, reference, demo_dir):
+    fs, _ = s3
+    log, finals = reference
+    assert "round 2/2" in log
+    assert sorted(finals) == ["00000.parquet", "00001.parquet", "00002.parquet"]
+    keys = []
+    for name in finals:
+        with fs.open(f"out/ref/state/round-002/{name}") as f:
+            import pyarrow.parquet as pq
+
+            keys += pq.read_table(f, columns=["key"]).column("key").to_pylist()
+    from mem_dist.data import iter_samples
+    import collections
+
+    source = [s["__key__"] for n in ("00000", "00001", "00002") for s in iter_samples(f"{demo_dir}/train/{n}.tar", collections.Counter())]
+    assert sorted(keys) == sorted(source) and len(set(keys)) == len(keys) == 120
+    run = __import__("json").loads(fs.cat_file("out/ref/run.json"))
+    assert run["world_size"] == 2 and run["rounds_done"] == 2
+
+
+@pytest.mark.parametrize("kill_when", ["state/round-001", "checkpoints/round-002.pt"])
+def test_sigkill_and_resume_is_byte_identical(s3, reference, kill_when):
+    fs, env = s3
+    prefix = f"out/killed-{kill_when.split('/')[0]}"
+    args = tiny_overrides(SHARDS, f"s3://{prefix}", **ARGS)
+    proc = launch(args, env)
+    deadline = time.time() + 180
+    while not fs.exists(f"{prefix}/{kill_when}"):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before the kill point"
+        time.sleep(0.05)
+    ranks = [p for p in children(proc.pid) if "generate.py" in open(f"/proc/{p}/cmdline").read()]
+    assert ranks, "no rank process found"
+    os.kill(ranks[-1], signal.SIGKILL)  # one rank dies; the launcher takes the others down
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert fs.cat_file(f"{prefix}/run.json")  # the run is recorded, unfinished
+    log = finish(launch(args, env))
+    assert "resuming" in log
+    assert final_state(fs, prefix, 2) == reference[1]
+
+
+def test_resume_refuses_another_world_size(s3, reference, capsys):
+    from mem_dist.generate import main
+
+    assert main(tiny_overrides(SHARDS, "s3://out/ref", **ARGS)) == 2
+    assert "started with 2 processes" in capsys.readouterr().err
+
+
+def test_a_lone_process_of_several_stops(demo_dir, tmp_path):
+    """WORLD_SIZE says 2 but there is no process group (accelerate launch --cpu does this)."""
+    env = dict(os.environ, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "mem_dist", "generate.py"),
+                          *tiny_overrides(f"{demo_dir}/train/00000.tar", str(tmp_path / "run"))],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "no process group" in res.stderr, res.stderr[-2000:]
