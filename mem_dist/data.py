@@ -40,6 +40,7 @@ class Shard:
     canvases: np.ndarray  # uint8 [N, H, W, C]
     captions: list[str]
     skipped: collections.Counter = field(default_factory=collections.Counter)
+    meta: list[bytes | None] = field(default_factory=list)  # the raw KEY.json of each sample, if any
 
     @property
     def name(self) -> str:
@@ -159,7 +160,7 @@ def iter_samples(url: str, skipped: collections.Counter):
 def load_shard(url: str, cfg: DataConfig) -> Shard:
     """Decode every usable sample of a shard into its canvas and caption."""
     skipped: collections.Counter = collections.Counter()
-    keys, canvases, captions = [], [], []
+    keys, canvases, captions, metas = [], [], [], []
     empty = np.zeros((0, cfg.image_size, cfg.image_size, 3), np.uint8)
     fs, path = storage.url_to_fs(url)
     if not fs.exists(path):
@@ -194,12 +195,13 @@ def load_shard(url: str, cfg: DataConfig) -> Shard:
         keys.append(key)
         canvases.append(canvas)
         captions.append(caption)
+        metas.append(sample.get("json"))
     if not keys and not skipped:
         skipped["empty_shard"] += 1
     if sum(v for k, v in skipped.items() if k not in ("truncated_tar",)):
         _warn(f"{url}: skipped {dict(skipped)}")
     stack = np.stack(canvases) if canvases else empty
-    return Shard(url, keys, stack, captions, skipped)
+    return Shard(url, keys, stack, captions, skipped, metas)
 
 
 class ShardCache:
