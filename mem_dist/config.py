@@ -55,9 +55,9 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not self.shards:
             raise ConfigError("config key 'data.shards' is required (a shard URL such as 'data/demo/train/{00000..00007}.tar')")
-        _check(self.image_size >= 8, "data.image_size", "must be at least 8")
-        _check(len(self.image_keys) > 0, "data.image_keys", "must name at least one extension")
-        _check(self.cache_shards >= 1, "data.cache_shards", "must be at least 1")
+        check(self.image_size >= 8, "data.image_size", "must be at least 8")
+        check(len(self.image_keys) > 0, "data.image_keys", "must name at least one extension")
+        check(self.cache_shards >= 1, "data.cache_shards", "must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -110,12 +110,12 @@ class MemConfig:
 
     def __post_init__(self) -> None:
         for key in ("rounds", "batch_size", "epsilon", "step_size", "hotflip_candidates"):
-            _check(getattr(self, key) >= 1, f"mem.{key}", "must be at least 1")
+            check(getattr(self, key) >= 1, f"mem.{key}", "must be at least 1")
         for key in ("surrogate_steps", "pgd_steps", "hotflip_rounds", "trigger_len", "trigger_vocab"):
-            _check(getattr(self, key) >= 0, f"mem.{key}", "must be 0 or more")
-        _check(self.epsilon <= 127, "mem.epsilon", "must be at most 127 (delta is int8)")
-        _check(self.trigger_len <= 20, "mem.trigger_len", "must be at most 20")
-        _check(self.lr > 0, "mem.lr", "must be positive")
+            check(getattr(self, key) >= 0, f"mem.{key}", "must be 0 or more")
+        check(self.epsilon <= 127, "mem.epsilon", "must be at most 127 (delta is int8)")
+        check(self.trigger_len <= 20, "mem.trigger_len", "must be at most 20")
+        check(self.lr > 0, "mem.lr", "must be positive")
 
 
 @dataclass(frozen=True)
@@ -126,8 +126,8 @@ class StateConfig:
     """Surrogate checkpoints kept (the newest); resume needs the last one."""
 
     def __post_init__(self) -> None:
-        _check(self.keep_rounds == 0 or self.keep_rounds >= 2, "state.keep_rounds", "must be 0 (keep all) or at least 2")
-        _check(self.checkpoint_keep >= 1, "state.checkpoint_keep", "must be at least 1")
+        check(self.keep_rounds == 0 or self.keep_rounds >= 2, "state.keep_rounds", "must be 0 (keep all) or at least 2")
+        check(self.checkpoint_keep >= 1, "state.checkpoint_keep", "must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ class MergeConfig:
     """Worker processes per machine (each also per rank under accelerate launch)."""
 
     def __post_init__(self) -> None:
-        _check(self.processes >= 1, "merge.processes", "must be at least 1")
+        check(self.processes >= 1, "merge.processes", "must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -224,7 +224,7 @@ def load_config(cls: type[T], path: Optional[str] = None, overrides: typing.Sequ
         except yaml.YAMLError:
             parsed = value
         _set_dotted(raw, key.strip(), parsed)
-    return _build(cls, raw, prefix="")
+    return build(cls, raw, prefix="")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -243,7 +243,8 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _build(cls: type, raw: Any, prefix: str) -> Any:
+def build(cls: type, raw: Any, prefix: str) -> Any:
+    """A ``cls`` config section from a raw mapping; ``prefix`` names it in errors ("mem.")."""
     if not isinstance(raw, dict):
         raise ConfigError(f"config key '{prefix.rstrip('.')}' must be a section (a mapping of keys)")
     hints = typing.get_type_hints(cls)
@@ -271,7 +272,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key + ".")
+        return build(tp, value, key + ".")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -315,6 +316,7 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     raise ConfigError(f"config key '{key}' has an unsupported type {tp}")  # pragma: no cover
 
 
-def _check(ok: bool, key: str, what: str) -> None:
+def check(ok: bool, key: str, what: str) -> None:
+    """Raise a one-line ConfigError "config key 'KEY' WHAT" unless ``ok``."""
     if not ok:
         raise ConfigError(f"config key '{key}' {what}")

@@ -29,7 +29,7 @@ from PIL import Image
 from skimage.metrics import structural_similarity
 
 from mem_dist import state, storage, text
-from mem_dist.config import ConfigError, RunConfig, load_config
+from mem_dist.config import ConfigError, RunConfig, build
 from mem_dist.data import expand_shards, load_shard, shard_name
 from mem_dist.merge import protected_url
 from mem_dist.surrogate import resolve_model_name
@@ -45,18 +45,7 @@ def run_config(output: str) -> RunConfig:
     url = storage.join(output, "run.json")
     if not storage.exists(url):
         raise ConfigError(f"{url} not found: is {output} a mem-dist run folder?")
-    record = storage.read_json(url)
-    flat = []
-
-    def walk(prefix, node):
-        for k, v in node.items():
-            if isinstance(v, dict):
-                walk(f"{prefix}{k}.", v)
-            else:
-                flat.append((f"{prefix}{k}", v))
-
-    walk("", record["config"])
-    return load_config(RunConfig, None, [f"{k}={json.dumps(v)}" for k, v in flat])
+    return build(RunConfig, storage.read_json(url)["config"], "")
 
 
 def verify(output: str, log=print) -> dict:

@@ -1,0 +1,233 @@
+"""The victim side: retrieval metrics, defences, condition config and mixes, and a tiny
+end-to-end victim that learns real retrieval on clean demo data."""
+
+import io
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from mem_dist import defences, report
+from mem_dist.config import ConfigError, DataConfig, load_config
+from mem_dist.data import load_shard
+from mem_dist.defences import DefenceConfig
+from mem_dist.evaluate import (EvalConfig, chance_metrics, grid_samples, load_condition, main,
+                               retrieval_metrics, run)
+from tests.conftest import TINY_VIT
+
+# --------------------------------------------------------------------------------------
+# Retrieval metrics
+# --------------------------------------------------------------------------------------
+
+
+def test_identical_features_retrieve_perfectly():
+    feats = torch.randn(50, 16)
+    m = retrieval_metrics(feats, feats.clone())
+    for d in ("i2t", "t2i"):
+        assert m[d] == {"r1": 1.0, "r5": 1.0, "r10": 1.0, "median_rank": 1.0, "mean_rank": 1.0}
+
+
+def test_known_ranks_both_directions():
+    # Circulant similarities: every row and column holds 4, 3, 2, 1 and the true pair
+    # scores 2, so every query ranks its partner third in both directions.
+    v = torch.tensor([2.0, 4.0, 3.0, 1.0])
+    image = torch.eye(4)
+    text = torch.stack([v.roll(j) for j in range(4)])  # sim[i, j] = v[(i - j) % 4]
+    m = retrieval_metrics(image, text)
+    for d in ("i2t", "t2i"):
+        assert m[d] == {"r1": 0.0, "r5": 1.0, "r10": 1.0, "median_rank": 3.0, "mean_rank": 3.0}
+
+
+def test_reversed_pairs_and_ties_take_the_mean_rank():
+    # Captions in reverse order: query i's best match is caption 4 - i; its own caption
+    # ties with three others at 0, so its rank is 2 + 3/2 = 3.5 (the middle pair: 1).
+    image = torch.eye(5)
+    m = retrieval_metrics(image, image.flip(0))
+    assert m["i2t"]["r1"] == pytest.approx(0.2) and m["i2t"]["r5"] == 1.0
+    assert m["i2t"]["mean_rank"] == pytest.approx((4 * 3.5 + 1) / 5)
+    assert m["i2t"]["median_rank"] == 3.0  # floor(3.5)
+    collapsed = retrieval_metrics(torch.ones(11, 4), torch.ones(11, 4))  # no information: chance
+    assert collapsed["t2i"]["r1"] == 0.0 and collapsed["t2i"]["median_rank"] == 6.0
+    assert chance_metrics(11)["median_rank"] == 6.0 and chance_metrics(100)["r10"] == pytest.approx(0.1)
+
+
+# --------------------------------------------------------------------------------------
+# Defences
+# --------------------------------------------------------------------------------------
+
+
+def _pixels(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(6, 3, 32, 32, generator=g) * 255
+
+
+@pytest.mark.parametrize("image", ["jpeg", "gaussian", "cutout", "mixup"])
+def test_image_defences_keep_shapes_and_repeat_with_a_seed(image):
+    cfg = DefenceConfig(image=image)
+    pixels = _pixels()
+    out, targets = defences.defend_images(pixels, cfg, torch.Generator().manual_seed(1))
+    again, _ = defences.defend_images(pixels, cfg, torch.Generator().manual_seed(1))
+    assert out.shape == pixels.shape and out.dtype == pixels.dtype
+    assert out.min() >= 0 and out.max() <= 255
+    assert torch.equal(out, again)
+    assert not torch.equal(out, pixels)
+    if image == "mixup":
+        assert targets.shape == (6, 6)
+        assert torch.allclose(targets.sum(0), torch.ones(6)) and torch.allclose(targets.sum(1), torch.ones(6))
+    else:
+        assert targets is None
+    if image == "cutout":
+        assert (out == 127.5).all(dim=1).sum() >= 6  # a grey hole in every image (at least a pixel)
+
+
+def test_none_and_adv_pass_through_the_batch_transforms():
+    pixels = _pixels()
+    for image in ("none", "adv"):
+        out, targets = defences.defend_images(pixels, DefenceConfig(image=image), torch.Generator())
+        assert out is pixels and targets is None
+
+
+def test_adversarial_pixels_raise_the_loss_inside_the_ball():
+    pixels = _pixels()
+    w = torch.randn(pixels.shape, generator=torch.Generator().manual_seed(2))
+    loss_fn = lambda px: (px * w).sum()  # noqa: E731 - the gradient sign is known: sign(w)
+    cfg = DefenceConfig(image="adv", adv_epsilon=8, adv_steps=3, adv_step_size=4)
+    adv = defences.adversarial_pixels(loss_fn, pixels, cfg, torch.Generator().manual_seed(3))
+    again = defences.adversarial_pixels(loss_fn, pixels, cfg, torch.Generator().manual_seed(3))
+    assert torch.equal(adv, again) and adv.shape == pixels.shape
+    assert (adv - pixels).abs().max() <= 8 + 1e-4 and adv.min() >= 0 and adv.max() <= 255
+    assert loss_fn(adv) > loss_fn(pixels)
+
+
+def test_soft_clip_loss_with_identity_targets_is_clip_loss():
+    from mem_dist.surrogate import clip_loss
+
+    g = torch.Generator().manual_seed(0)
+    image, text, scale = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g), torch.tensor(2.0)
+    assert defences.soft_clip_loss(image, text, scale, torch.eye(8)).item() == pytest.approx(clip_loss(image, text, scale).mean().item(), rel=1e-5)
+
+
+CAPTION = "a photo of a small red circle in the middle, striped background"
+
+
+@pytest.mark.parametrize("op", ["insert", "delete", "swap", "synonym"])
+def test_text_defences_change_captions_and_repeat_with_a_seed(op):
+    cfg = DefenceConfig(text=op, text_rate=0.3)
+    out = defences.defend_captions([CAPTION] * 20, cfg, random.Random(0))
+    assert out == defences.defend_captions([CAPTION] * 20, cfg, random.Random(0))
+    assert any(o != CAPTION for o in out)
+    words = CAPTION.split()
+    for o in out:
+        new = o.split()
+        if op == "insert":
+            assert len(new) > len(words)
+        elif op == "delete":
+            assert 1 <= len(new) <= len(words)
+        elif op == "swap":
+            assert sorted(new) == sorted(words)
+        else:  # synonym: same length, punctuation kept, replacements come from the table
+            assert len(new) == len(words) and new[words.index("middle,")].endswith(",")
+            assert all(a == b or b.rstrip(",") in defences.SYNONYMS[a.rstrip(",")] for a, b in zip(words, new))
+    assert defences.defend_captions([CAPTION], DefenceConfig(), random.Random(0)) == [CAPTION]
+
+
+# --------------------------------------------------------------------------------------
+# Config, mixes, grid
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def protected_dir(demo_dir, tmp_path_factory):
+    """A stand-in for merged protected shards: the demo train shards with the same keys,
+    brightened images stored as PNG and captions prefixed with a trigger word."""
+    out = tmp_path_factory.mktemp("protected")
+    for name in ("00000", "00001", "00002"):
+        shard = load_shard(f"{demo_dir}/train/{name}.tar", DataConfig(shards="unused", image_size=32))
+        with wds.TarWriter(str(out / f"{name}.tar")) as tw:
+            for key, canvas, caption in zip(shard.keys, shard.canvases, shard.captions):
+                buf = io.BytesIO()
+                Image.fromarray(np.clip(canvas.astype(int) + 40, 0, 255).astype(np.uint8)).save(buf, format="PNG")
+                tw.write({"__key__": key, "png": buf.getvalue(), "txt": "zqx " + caption})
+    return str(out)
+
+
+def _cfg(demo_dir, output, *extra):
+    return load_config(EvalConfig, None, [
+        f"conditions.clean={demo_dir}/train/{{00000..00002}}.tar", f"val_shards={demo_dir}/val/00000.tar",
+        "image_size=32", f"output={output}", "device=cpu", f"victim.model={TINY_VIT}", *extra,
+    ])
+
+
+def test_conditions_read_as_specs_or_mixes(demo_dir, protected_dir, tmp_path):
+    cfg = _cfg(demo_dir, str(tmp_path), f"conditions.half={{shards: '{protected_dir}/{{00000..00002}}.tar', clean_shards: '{demo_dir}/train/{{00000..00002}}.tar', fraction: 0.5}}")
+    assert list(cfg.conditions) == ["clean", "half"] and cfg.conditions["half"].fraction == 0.5
+    mix = load_condition(cfg.conditions["half"], cfg)
+    assert len(mix) == 120 and mix.protected == 60
+    assert sum(c.startswith("zqx ") for c in mix.captions) == 60
+    clean = load_condition(cfg.conditions["clean"], cfg)
+    assert mix.keys == clean.keys and clean.protected is None
+
+
+@pytest.mark.parametrize("override, words", [
+    ("conditions.half={shards: a.tar, fraction: 0.5}", "conditions.half.clean_shards' is required"),
+    ("conditions.half={shards: a.tar, clean: b.tar}", "unknown config key 'conditions.half.clean'"),
+    ("conditions.half={shards: a.tar, clean_shards: b.tar, fraction: 2}", "conditions.half.fraction' must be between 0 and 1"),
+    ("defence.image=blur", "config key 'defence.image' must be one of"),
+    ("victim.epochs=0", "config key 'victim.epochs' must be at least 1"),
+])
+def test_bad_configs_name_the_key(demo_dir, tmp_path, override, words):
+    with pytest.raises(ConfigError, match=words.replace("'", ".")):
+        _cfg(demo_dir, str(tmp_path), override)
+
+
+def test_missing_shards_and_keys_exit_2(demo_dir, tmp_path, capsys):
+    assert main([f"conditions.clean={demo_dir}/train/0000{{0..9}}.tar", f"val_shards={demo_dir}/val/00000.tar", f"output={tmp_path}"]) == 2
+    assert "config key 'conditions.clean': shard not found" in capsys.readouterr().err
+    assert main([f"conditions.clean={demo_dir}/train/00000.tar"]) == 2
+    assert "config key 'val_shards' is required" in capsys.readouterr().err
+
+
+def test_grid_shows_conditions_that_share_keys(demo_dir, protected_dir, tmp_path):
+    cfg = _cfg(demo_dir, str(tmp_path), f"conditions.mem={protected_dir}/00000.tar", f"conditions.other={demo_dir}/val/00000.tar")
+    columns = grid_samples(cfg)
+    assert [name for name, _ in columns] == ["clean", "mem"]
+    (_, clean), (_, mem) = columns
+    assert len(clean) == 4 and all(m[1] == "zqx " + c[1] for c, m in zip(clean, mem))
+    png = report.image_grid(columns)
+    assert Image.open(io.BytesIO(png)).size[0] > 100
+
+
+# --------------------------------------------------------------------------------------
+# End to end
+# --------------------------------------------------------------------------------------
+
+
+def test_tiny_victim_learns_clean_retrieval_and_writes_the_report(tmp_path):
+    from mem_dist.demo import make_demo_data
+
+    make_demo_data(str(tmp_path / "data"), train=400, val=100, size=32, per_shard=200)
+    out = str(tmp_path / "eval")
+    cfg = load_config(EvalConfig, None, [
+        f"conditions.clean={tmp_path}/data/train/{{00000..00001}}.tar", f"val_shards={tmp_path}/data/val/00000.tar",
+        "image_size=32", f"output={out}", "device=cpu", f"victim.model={TINY_VIT}",
+        "victim.epochs=2", "victim.batch_size=32", "victim.lr=1e-3", "victim.warmup_steps=5",
+        "num_threads=1",  # steady on a busy CI box; run() restores torch's thread count
+    ])
+    threads = torch.get_num_threads()
+    metrics = run(cfg)
+    assert torch.get_num_threads() == threads
+    hist = metrics["conditions"]["clean"]
+    assert (hist["n_train"], hist["n_val"]) == (400, 100)
+    assert [e["epoch"] for e in hist["epochs"]] == [0, 1, 2]
+    assert hist["epochs"][0]["train_loss"] is None and hist["epochs"][2]["train_loss"] < hist["epochs"][1]["train_loss"]
+    assert hist["final"]["i2t"]["r10"] > 2 * 10 / 100  # well above random guessing
+    for name in ("metrics.json", "loss.png", "median_rank.png", "report.md"):
+        assert os.path.getsize(os.path.join(out, name)) > 0
+    saved = json.load(open(os.path.join(out, "metrics.json")))
+    assert saved["config"]["victim"]["epochs"] == 2 and saved["chance"]["r10"] == pytest.approx(0.1)
+    assert "| clean | 400 |" in open(os.path.join(out, "report.md")).read()
