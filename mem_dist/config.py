@@ -103,7 +103,8 @@ class MemConfig:
     """Surrogate AdamW weight decay (not on biases, norms, logit_scale)."""
     shuffle_captions: bool = True
     """PGD pairs each image (and its own trigger) with a caption shuffled inside the
-    batch, so delta can only bind to the trigger (the paper's "_shuffle" runs)."""
+    batch, so delta can only bind to the trigger (the paper's "_shuffle" runs). Ignored
+    when trigger_len is 0 (EM): delta then minimises the loss of the true pairs."""
     augment: bool = False
     """Expectation over transformation: the surrogate sees each image through a random
     resized crop (scale 0.8-1) so delta survives a victim's crops."""

@@ -296,7 +296,10 @@ def process_batch(run: Run, round_: int, shard: Shard, rows: np.ndarray, delta_B
         trig = hotflip_batch(run, canvas + delta, trig, assemble)
 
     def loss_fn(pix, step):
-        order = torch.randperm(len(rows), generator=gen).tolist() if cfg.mem.shuffle_captions else None
+        # Shuffled captions leave delta only the trigger to bind to; without a trigger
+        # (EM) delta is optimised against the true captions, as error-minimising noise is.
+        shuffle = cfg.mem.shuffle_captions and cfg.mem.trigger_len > 0
+        order = torch.randperm(len(rows), generator=gen).tolist() if shuffle else None
         return pair_losses(run, model, pix, assemble(trig, order), crop()).mean()
 
     delta = minimize_delta(loss_fn, delta, canvas, cfg.mem.pgd_steps, cfg.mem.epsilon, cfg.mem.step_size)
