@@ -1,21 +1,25 @@
 """Merge: source shards + final-round state -> protected WebDataset shards.
 
 ``python -m mem_dist.merge --config C [key=value ...]`` (or ``mem-dist merge``). For each
-source shard, every sample with state becomes:
+source shard, every sample with a state row becomes:
 
-  KEY.png   canvas + delta, uint8, lossless (merge.image_format png | webp)
+  KEY.png   canvas + delta, uint8, lossless (merge.image_format: png | webp)
   KEY.txt   trigger_text + " " + caption
-  KEY.json  the source metadata plus a "mem_dist" section (method, epsilon, trigger,
-            config hash, package version, round)
+  KEY.json  the source metadata plus a "mem_dist" section (protected, method, epsilon,
+            trigger_len, trigger_text, trigger_ids, config_hash, version, round)
 
-written to ``{output}/protected/{shard}.tar`` with a ``{shard}.parquet`` (one row per
-written sample) and ``{shard}_stats.json`` (counts, skips with reasons, duration) beside
-it. The stats file is written last: it marks the shard as finished, so re-running skips
-it. A sample without state is dropped and counted (``no_state``) unless
-``merge.copy_unprotected`` copies it through unprotected (counted too).
+written to ``{output}/protected/{shard}.tar``, with ``{shard}.parquet`` (one row per
+written sample: key, caption, width, height, status, protected) and ``{shard}_stats.json``
+(counts, skips with reasons, duration) beside it, as img2dataset writes its shards. The
+stats file is written last: it marks the shard as finished, so re-running skips it.
 
-Shards are spread over ranks (``RANK``/``WORLD_SIZE`` from the launcher, no process group
-needed) and over ``merge.processes`` worker processes per rank.
+A sample without a state row is dropped and counted (``no_state``), unless
+``merge.copy_unprotected`` copies it through (the canvas, the original caption,
+``"protected": false``; counted as ``copied_unprotected``). Samples the source reader
+skipped (``decode_error``, ``no_caption``, ...) are counted with the reader's reasons.
+
+Shards are spread over ranks (``RANK``/``WORLD_SIZE`` as set by ``accelerate launch`` or
+torchrun; no process group is needed) and over ``merge.processes`` worker processes.
 """
 
 from __future__ import annotations
@@ -34,21 +38,33 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
-
-if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tqdm import tqdm
 
 from mem_dist import __version__, state, storage, text
 from mem_dist.config import ConfigError, RunConfig, load_config
 from mem_dist.data import check_shards, load_shard, owned, shard_name
 
+PARQUET_SCHEMA = pa.schema([
+    ("key", pa.string()),
+    ("caption", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("status", pa.string()),
+    ("protected", pa.bool_()),
+])
 
-def protected_url(output: str, name: str, ext: str) -> str:
-    return storage.join(output, "protected", f"{name}{ext}")
+# Reasons data.load_shard counts per shard rather than per sample.
+SHARD_LEVEL_SKIPS = ("truncated_tar", "missing_shard", "empty_shard")
+
+
+def protected_url(output: str, name: str, suffix: str) -> str:
+    """``{output}/protected/{name}{suffix}`` (suffix: ".tar", ".parquet", "_stats.json")."""
+    return storage.join(output, "protected", f"{name}{suffix}")
 
 
 def encode_image(pixels_HWC: np.ndarray, fmt: str) -> bytes:
-    """Lossless encoding of a uint8 image (PNG at zlib level 1: fast, still exact)."""
+    """Lossless encoding of a uint8 [H, W, 3] image: PNG at zlib level 1 (fast, still
+    exact) or lossless WebP."""
     buf = io.BytesIO()
     img = Image.fromarray(pixels_HWC)
     if fmt == "png":
@@ -58,62 +74,21 @@ def encode_image(pixels_HWC: np.ndarray, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def protection_meta(cfg: RunConfig, round_: int, trigger_ids, trigger_text: str, protected: bool) -> dict:
-    method = "random" if cfg.mem.method == "random" else ("mem" if cfg.mem.trigger_len else "em")
-    return {"protected": protected, "method": method, "epsilon": cfg.mem.epsilon, "trigger_len": cfg.mem.trigger_len,
-            "trigger_text": trigger_text, "trigger_ids": [int(i) for i in trigger_ids], "config_hash": cfg.config_hash(),
-            "version": __version__, "round": round_}
+def method_name(cfg: RunConfig) -> str:
+    """mem, em (MEM without a trigger) or random."""
+    if cfg.mem.method == "random":
+        return "random"
+    return "mem" if cfg.mem.trigger_len else "em"
 
 
-def merge_shard(cfg: RunConfig, url: str, round_: int, dest: str | None = None) -> dict:
-    """Write one protected shard under ``dest`` (default: the run's output); returns its stats."""
-    dest = cfg.output if dest is None else dest
-    start = time.time()
-    name = shard_name(url)
-    src = load_shard(url, cfg.data)
-    st = state.read_state(state.state_url(cfg.output, round_, name))
-    row_of = st.by_key()
-    counts = collections.Counter()
-    rows = []
-    ext = cfg.merge.image_format
-    buf = io.BytesIO()
-    with wds.TarWriter(buf, mtime=0) as tw:
-        for i, key in enumerate(src.keys):
-            j = row_of.get(key)
-            if j is None and not cfg.merge.copy_unprotected:
-                counts["no_state"] += 1
-                continue
-            if j is None:
-                pixels, caption = src.canvases[i], src.captions[i]
-                meta = protection_meta(cfg, round_, [], "", protected=False)
-                counts["copied_unprotected"] += 1
-            else:
-                pixels = (src.canvases[i].astype(np.int16) + st.delta[j]).astype(np.uint8)
-                caption = text.protected_caption(st.trigger_text[j], src.captions[i])
-                meta = protection_meta(cfg, round_, st.trigger_ids[j], st.trigger_text[j], protected=True)
-            record = dict(source_meta(src.meta[i]), key=key, caption=caption, mem_dist=meta)
-            tw.write({"__key__": key, ext: encode_image(pixels, ext), "txt": caption, "json": json.dumps(record).encode()})
-            rows.append({"key": key, "caption": caption, "status": "success", "width": int(pixels.shape[1]),
-                         "height": int(pixels.shape[0]), "protected": j is not None})
-    storage.write_bytes_atomic(protected_url(dest, name, ".tar"), buf.getvalue())
-    pbuf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=pa.schema([
-        ("key", pa.string()), ("caption", pa.string()), ("status", pa.string()), ("width", pa.int32()),
-        ("height", pa.int32()), ("protected", pa.bool_())])), pbuf)
-    storage.write_bytes_atomic(protected_url(dest, name, ".parquet"), pbuf.getvalue())
-    skipped = dict(src.skipped)
-    if counts["no_state"]:
-        skipped["no_state"] = counts["no_state"]
-    end = time.time()
-    stats = {"count": len(src) + sum(src.skipped.values()), "successes": len(rows),
-             "protected": len(rows) - counts["copied_unprotected"], "copied_unprotected": counts["copied_unprotected"],
-             "skipped": skipped, "round": round_, "duration": round(end - start, 3), "start_time": start, "end_time": end}
-    storage.write_json(protected_url(dest, name, "_stats.json"), stats)  # last: the completion marker
-    return stats
+def run_meta(cfg: RunConfig, round_: int) -> dict:
+    """The per-run part of every sample's "mem_dist" json section."""
+    return {"method": method_name(cfg), "epsilon": cfg.mem.epsilon, "trigger_len": cfg.mem.trigger_len,
+            "config_hash": cfg.config_hash(), "version": __version__, "round": round_}
 
 
 def source_meta(raw: bytes | None) -> dict:
-    """A source sample's json metadata ({} when missing or invalid)."""
+    """A source sample's json metadata ({} when missing or not a JSON object)."""
     try:
         meta = json.loads(raw) if raw else {}
     except (ValueError, UnicodeDecodeError):
@@ -121,48 +96,166 @@ def source_meta(raw: bytes | None) -> dict:
     return meta if isinstance(meta, dict) else {}
 
 
-def _merge_one(args) -> tuple[str, dict]:
-    cfg, url, round_ = args
-    return shard_name(url), merge_shard(cfg, url, round_)
+def merge_shard(cfg: RunConfig, url: str, round_: int, dest: str | None = None) -> dict:
+    """Write the protected version of one source shard.
+
+    Args:
+        cfg: the generation config (data, mem and merge sections are used).
+        url: the source shard.
+        round_: the state round to apply (the final one).
+        dest: the run folder to write ``protected/`` under; default ``cfg.output``
+            (the state is always read from ``cfg.output``).
+
+    Returns:
+        The shard's stats, as written to ``{shard}_stats.json``.
+    """
+    start = time.time()
+    dest = cfg.output if dest is None else dest
+    name = shard_name(url)
+    src = load_shard(url, cfg.data)
+    st = state.read_state(state.state_url(cfg.output, round_, name))
+    row_of = st.by_key()
+    base_meta = run_meta(cfg, round_)
+    fmt = cfg.merge.image_format
+    dropped, copied, rows = 0, 0, []
+    tar_url = protected_url(dest, name, ".tar")
+    tmp = storage.local_tempfile(tar_url, ".tar")
+    try:
+        with wds.TarWriter(tmp, mtime=0) as tw:
+            for i, key in enumerate(src.keys):
+                j = row_of.get(key)
+                if j is None and not cfg.merge.copy_unprotected:
+                    dropped += 1
+                    continue
+                if j is None:
+                    copied += 1
+                    pixels, caption = src.canvases[i], src.captions[i]
+                    protection = dict(base_meta, protected=False, trigger_text="", trigger_ids=[])
+                else:
+                    # int16 so the sum cannot wrap; the state keeps canvas + delta in [0, 255].
+                    pixels = (src.canvases[i].astype(np.int16) + st.delta[j]).astype(np.uint8)
+                    caption = text.protected_caption(st.trigger_text[j], src.captions[i])
+                    protection = dict(base_meta, protected=True, trigger_text=st.trigger_text[j],
+                                      trigger_ids=st.trigger_ids[j].tolist())
+                meta = dict(source_meta(src.meta[i]), key=key, caption=caption, mem_dist=protection)
+                tw.write({"__key__": key, fmt: encode_image(pixels, fmt), "txt": caption, "json": json.dumps(meta).encode()})
+                rows.append({"key": key, "caption": caption, "width": pixels.shape[1], "height": pixels.shape[0],
+                             "status": "success", "protected": j is not None})
+        storage.put_file_atomic(tmp, tar_url)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    pbuf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA), pbuf)
+    storage.write_bytes_atomic(protected_url(dest, name, ".parquet"), pbuf.getvalue())
+    skipped = dict(src.skipped, **({"no_state": dropped} if dropped else {}))
+    end = time.time()
+    stats = {
+        "count": len(src) + sum(c for r, c in src.skipped.items() if r not in SHARD_LEVEL_SKIPS),
+        "successes": len(rows),
+        "protected": len(rows) - copied,
+        "copied_unprotected": copied,
+        "skipped": skipped,
+        "round": round_,
+        "duration": round(end - start, 3),
+        "start_time": start,
+        "end_time": end,
+    }
+    storage.write_json(protected_url(dest, name, "_stats.json"), stats)  # last: the completion marker
+    return stats
 
 
-def merge(cfg: RunConfig, rank: int | None = None, world: int | None = None, log=print) -> dict:
-    """Merge this rank's shards (all of them on one process); returns a summary."""
-    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
-    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
+def check_same_run(cfg: RunConfig) -> None:
+    """Refuse a config whose generation settings differ from those run.json recorded
+    (merge.* and mem.rounds may differ): the state would be labelled, or applied, wrongly."""
+    url = storage.join(cfg.output, "run.json")
+    recorded = storage.read_json(url).get("config_hash") if storage.exists(url) else None
+    if recorded not in (None, cfg.config_hash()):
+        raise ConfigError(f"this config's generation settings differ from the run in {cfg.output} (config hash "
+                          f"{cfg.config_hash()} here, {recorded} in run.json); merge with the config generate used")
+
+
+def env_rank_world() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) as the launcher (accelerate launch, torchrun) sets them; (0, 1) without one."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _merge_job(job: tuple[RunConfig, str, int]) -> dict:
+    cfg, url, round_ = job
+    return merge_shard(cfg, url, round_)
+
+
+def merge(cfg: RunConfig, rank: int | None = None, world: int | None = None, progress: bool | None = None) -> dict:
+    """Write the protected shards this rank owns, skipping those already finished.
+
+    Args:
+        cfg: the generation config; its output must hold the generated state.
+        rank, world: shard ownership (shard i belongs to rank i % world); None reads
+            ``RANK`` / ``WORLD_SIZE`` from the environment (0 and 1 without them).
+        progress: a progress bar over shards; None follows ``cfg.progress``.
+
+    Returns:
+        A summary: shards written and already done, samples written, protected and
+        copied unprotected, skips by reason, seconds.
+
+    Raises:
+        ConfigError: no state, the final round's state is incomplete, or ``cfg`` is not
+            the config the run was generated with.
+    """
+    env_rank, env_world = env_rank_world()
+    rank = env_rank if rank is None else rank
+    world = env_world if world is None else world
+    progress = cfg.progress if progress is None else progress
     urls = check_shards(cfg.data)
+    check_same_run(cfg)
     round_ = state.latest_round(cfg.output)
     if round_ == 0:
-        raise ConfigError(f"no generation state under {cfg.output}/state; run generate first")
+        raise ConfigError(f"no generation state under {storage.join(cfg.output, 'state')}; run generate first")
     missing = sorted({shard_name(u) for u in urls} - state.completed(cfg.output, round_))
     if missing:
-        raise ConfigError(f"round {round_} state is incomplete under {cfg.output} (missing {missing[0]} and "
-                          f"{len(missing) - 1} more); finish generate first")
-    todo = [u for u in owned(urls, rank, world) if not storage.exists(protected_url(cfg.output, shard_name(u), "_stats.json"))]
+        raise ConfigError(f"the state of round {round_} under {cfg.output} lacks shard {missing[0]} "
+                          f"(and {len(missing) - 1} more); finish generate first")
+    mine = owned(urls, rank, world)
+    todo = [u for u in mine if not storage.exists(protected_url(cfg.output, shard_name(u), "_stats.json"))]
     start = time.time()
     jobs = [(cfg, u, round_) for u in todo]
+    bar = tqdm(total=len(jobs), desc="merge", unit="shard", disable=not (progress and jobs))
+    stats: list[dict] = []
     if cfg.merge.processes > 1 and len(jobs) > 1:
+        # spawn: the parent may hold torch threads (accelerate launch), which fork does not copy safely.
         with multiprocessing.get_context("spawn").Pool(min(cfg.merge.processes, len(jobs))) as pool:
-            results = dict(pool.imap_unordered(_merge_one, jobs))
+            for s in pool.imap_unordered(_merge_job, jobs):
+                stats.append(s)
+                bar.update()
     else:
-        results = dict(map(_merge_one, jobs))
-    total = collections.Counter()
-    for stats in results.values():
-        total["samples"] += stats["successes"]
-        total["copied_unprotected"] += stats["copied_unprotected"]
-        for reason, c in stats["skipped"].items():
-            total[f"skipped_{reason}"] += c
-    secs = time.time() - start
-    log(f"mem-dist merge: {len(results)} shards written, {len(urls) - len(todo)} already done on this run "
-        f"(rank {rank}/{world}); {total['samples']} samples in {secs:.1f}s; {dict(total)}")
-    return {"shards": len(results), "seconds": secs, **total}
+        for job in jobs:
+            stats.append(_merge_job(job))
+            bar.update()
+    bar.close()
+    skipped: collections.Counter = collections.Counter()
+    for s in stats:
+        skipped.update(s["skipped"])
+    summary = {
+        "rank": rank, "world": world, "round": round_,
+        "shards": len(stats), "already_done": len(mine) - len(todo),
+        "samples": sum(s["successes"] for s in stats),
+        "protected": sum(s["protected"] for s in stats),
+        "copied_unprotected": sum(s["copied_unprotected"] for s in stats),
+        "skipped": dict(skipped),
+        "seconds": round(time.time() - start, 3),
+    }
+    print(f"mem-dist merge (rank {rank}/{world}, round {round_}): {summary['shards']} shards written, "
+          f"{summary['already_done']} already done; {summary['samples']} samples ({summary['protected']} protected, "
+          f"{summary['copied_unprotected']} copied unprotected), skipped {summary['skipped'] or 0}, "
+          f"{summary['seconds']:.1f}s -> {storage.join(cfg.output, 'protected')}", flush=True)
+    return summary
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="mem-dist merge", description="Write protected shards from source shards + final state.")
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mem-dist merge", description="Write protected shards from the source shards and the final state.")
     p.add_argument("--config", help="the generation config (YAML)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    args = p.parse_args(argv)
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. merge.processes=8")
+    args = p.parse_intermixed_args(argv)
     try:
         merge(load_config(RunConfig, args.config, args.overrides))
     except ConfigError as e:

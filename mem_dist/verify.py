@@ -1,16 +1,22 @@
-"""``mem-dist verify OUTPUT``: re-read every protected sample and check it independently.
+"""``mem-dist verify OUTPUT [--config C]``: re-read every protected sample and check it.
 
-For each protected shard (read with webdataset's own pipeline, not with mem-dist's reader)
-and each sample, against the source shard's canvas and the final-round state:
+Each protected shard is read with webdataset's own tar iterators (not mem-dist's reader),
+each source shard is decoded to canvases again, and every sample is checked against the
+final-round state. Mismatch kinds:
 
-  pixels    decoded protected image - source canvas == stored delta, exactly
-  bound     |delta| <= epsilon
-  caption   == trigger_text + " " + source caption
-  tokens    open_clip's tokenizer gives trigger_ids at positions 1..k
-  missing   a state row with no protected sample
+  pixels          decoded protected image - source canvas != stored delta (exactly)
+  bound           |delta| > mem.epsilon
+  caption         caption != trigger_text + " " + source caption
+  tokens          open_clip's tokenizer does not give trigger_ids at positions 1..k
+  meta            the json's "mem_dist" section disagrees with the state (trigger ids, round)
+  no_state        a sample with no state row that is not marked "protected": false
+  unknown_sample  a key the source lacks, or a sample without its image
+  missing_sample  a state row with no protected sample
+  missing_shard   a protected shard (or its state) that does not exist
 
-Prints a summary with PSNR and SSIM of protected against source (mean, min) and exits 1 on
-any mismatch, 0 otherwise. The config is taken from ``OUTPUT/run.json``.
+Prints one summary line with PSNR and SSIM of protected against source (mean, min) and
+exits 1 on any mismatch, 0 otherwise. The config comes from ``OUTPUT/run.json`` (written
+by generate), or from ``--config`` when the run folder has none.
 """
 
 from __future__ import annotations
@@ -29,111 +35,154 @@ from PIL import Image
 from skimage.metrics import structural_similarity
 
 from mem_dist import state, storage, text
-from mem_dist.config import ConfigError, RunConfig, build
+from mem_dist.config import ConfigError, RunConfig, build, load_config
 from mem_dist.data import expand_shards, load_shard, shard_name
 from mem_dist.merge import protected_url
 from mem_dist.surrogate import resolve_model_name
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+def run_config(output: str, cfg: RunConfig | None = None) -> RunConfig:
+    """The run's config as generate recorded it in ``run.json``; ``cfg`` when there is none.
 
-
-def run_config(output: str) -> RunConfig:
-    """The run's config as generate recorded it in run.json."""
+    Raises:
+        ConfigError: neither is available, or run.json's config does not validate.
+    """
     url = storage.join(output, "run.json")
-    if not storage.exists(url):
-        raise ConfigError(f"{url} not found: is {output} a mem-dist run folder?")
-    return build(RunConfig, storage.read_json(url)["config"], "")
+    if storage.exists(url):
+        return build(RunConfig, storage.read_json(url)["config"], "")
+    if cfg is None:
+        raise ConfigError(f"{url} not found: is {output} a mem-dist run folder? (or pass --config)")
+    return cfg
 
 
-def verify(output: str, log=print) -> dict:
-    """Check every protected sample of a run; returns the counts and image-quality stats."""
-    cfg = run_config(output)
-    tok = open_clip.get_tokenizer(resolve_model_name(cfg.surrogate.model))
-    round_ = state.latest_round(output)
-    errors: collections.Counter = collections.Counter()
-    first_error: dict[str, str] = {}
-    psnrs, ssims, checked = [], [], 0
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of two uint8 images in dB (inf when equal)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
-    def bad(kind: str, where: str) -> None:
-        errors[kind] += 1
-        first_error.setdefault(kind, where)
 
-    for url in expand_shards(cfg.data.shards):
-        name = shard_name(url)
-        tar = protected_url(output, name, ".tar")
-        if not storage.exists(tar):
-            bad("missing_shard", tar)
+def protected_samples(url: str):
+    """Samples of a protected tar, grouped by key with webdataset's iterators."""
+    with storage.open_file(url, "rb") as stream:
+        members = (dict(m, __url__=url) for m in wds.tariterators.tar_file_iterator(stream))
+        yield from wds.tariterators.group_by_keys(members)
+
+
+class Checker:
+    """Mismatch counts (with the first place each kind was seen) and image-quality figures."""
+
+    def __init__(self):
+        self.errors: collections.Counter = collections.Counter()
+        self.first: dict[str, str] = {}
+        self.psnrs: list[float] = []
+        self.ssims: list[float] = []
+        self.checked = 0
+
+    def expect(self, ok: bool, kind: str, where: str) -> None:
+        if not ok:
+            self.errors[kind] += 1
+            self.first.setdefault(kind, where)
+
+    def quality(self, protected: np.ndarray, source: np.ndarray) -> None:
+        self.psnrs.append(psnr(protected, source))
+        self.ssims.append(float(structural_similarity(protected, source, channel_axis=-1, data_range=255)))
+
+    def report(self) -> dict:
+        finite = [p for p in self.psnrs if math.isfinite(p)]
+        return {
+            "checked": self.checked, "mismatches": sum(self.errors.values()), "errors": dict(self.errors),
+            "first_error": dict(self.first),
+            "psnr_mean": float(np.mean(finite)) if finite else math.inf,
+            "psnr_min": float(min(finite)) if finite else math.inf,
+            "ssim_mean": float(np.mean(self.ssims)) if self.ssims else 1.0,
+            "ssim_min": float(min(self.ssims)) if self.ssims else 1.0,
+        }
+
+
+def verify_shard(output: str, url: str, round_: int, cfg: RunConfig, tokenizer, check: Checker) -> None:
+    """Check one protected shard against its source shard and its final-round state."""
+    name = shard_name(url)
+    tar, state_url = protected_url(output, name, ".tar"), state.state_url(output, round_, name)
+    for what in (tar, state_url):
+        if not storage.exists(what):
+            check.expect(False, "missing_shard", what)
+            return
+    src = load_shard(url, cfg.data)
+    source = {k: (c, cap) for k, c, cap in zip(src.keys, src.canvases, src.captions)}
+    st = state.read_state(state_url)
+    row_of = st.by_key()
+    seen = set()
+    for s in protected_samples(tar):
+        key, where = s["__key__"], f"{name}/{s['__key__']}"
+        seen.add(key)
+        img_bytes = s.get("png", s.get("webp"))  # whichever merge.image_format the merge used
+        if key not in source or img_bytes is None or "txt" not in s:
+            check.expect(False, "unknown_sample", where)
             continue
-        src = load_shard(url, cfg.data)
-        canvas = dict(zip(src.keys, src.canvases))
-        caption = dict(zip(src.keys, src.captions))
-        st = state.read_state(state.state_url(output, round_, name))
-        row_of = st.by_key()
-        seen = set()
-        for s in _read_tar(storage.read_bytes(tar)):
-            key = s["__key__"]
-            where = f"{name}/{key}"
-            seen.add(key)
-            img_bytes = s.get(cfg.merge.image_format)
-            if key not in canvas or img_bytes is None:
-                bad("unknown_sample", where)
-                continue
-            meta = json.loads(s["json"])
-            if key not in row_of:
-                if not meta.get("mem_dist", {}).get("protected", True):
-                    continue  # copied through unprotected on request, and marked so
-                bad("no_state", where)
-                continue
-            j = row_of[key]
-            pixels = np.asarray(Image.open(io.BytesIO(img_bytes)).convert("RGB"))
-            delta = st.delta[j]
-            checked += 1
-            if pixels.shape != canvas[key].shape or not np.array_equal(pixels.astype(np.int16) - canvas[key], delta):
-                bad("pixels", where)
-            if np.abs(delta.astype(np.int16)).max(initial=0) > cfg.mem.epsilon:
-                bad("bound", where)
-            cap = s["txt"].decode()
-            if cap != text.protected_caption(st.trigger_text[j], caption[key]):
-                bad("caption", where)
-            k = len(st.trigger_ids[j])
-            if tok([cap])[0][1:1 + k].tolist() != [int(i) for i in st.trigger_ids[j]]:
-                bad("tokens", where)
-            if pixels.shape == canvas[key].shape:
-                psnrs.append(psnr(pixels, canvas[key]))
-                ssims.append(structural_similarity(pixels, canvas[key], channel_axis=-1, data_range=255))
-        lost = len(set(st.keys) - seen)
-        if lost:
-            bad("missing_sample", f"{name} ({lost} state rows without a protected sample)")
-    finite = [p for p in psnrs if math.isfinite(p)]
-    report = {
-        "checked": checked, "mismatches": sum(errors.values()), "errors": dict(errors), "first_error": first_error,
-        "psnr_mean": float(np.mean(finite)) if finite else math.inf, "psnr_min": float(min(finite)) if finite else math.inf,
-        "ssim_mean": float(np.mean(ssims)) if ssims else 1.0, "ssim_min": float(min(ssims)) if ssims else 1.0,
-    }
-    verdict = "OK" if not errors else "FAILED"
-    log(f"mem-dist verify {output}: {verdict}: {checked} samples checked, {report['mismatches']} mismatches "
-        f"{dict(errors) or ''}| PSNR mean {report['psnr_mean']:.2f} dB, min {report['psnr_min']:.2f} dB | "
-        f"SSIM mean {report['ssim_mean']:.4f}, min {report['ssim_min']:.4f}")
-    for kind, where in first_error.items():
-        log(f"  first {kind} mismatch: {where}")
+        canvas, src_caption = source[key]
+        protection = json.loads(s.get("json", b"{}")).get("mem_dist", {})
+        j = row_of.get(key)
+        if j is None:  # fine only if merge copied it through on request and said so
+            check.expect(protection.get("protected") is False, "no_state", where)
+            continue
+        check.checked += 1
+        with Image.open(io.BytesIO(img_bytes)) as img:
+            pixels = np.asarray(img.convert("RGB"))
+        delta, ids = st.delta[j], st.trigger_ids[j].tolist()
+        same_shape = pixels.shape == canvas.shape == delta.shape
+        check.expect(same_shape and np.array_equal(pixels.astype(np.int16) - canvas, delta), "pixels", where)
+        check.expect(int(np.abs(delta.astype(np.int16)).max(initial=0)) <= cfg.mem.epsilon, "bound", where)
+        caption = s["txt"].decode("utf-8")
+        check.expect(caption == text.protected_caption(st.trigger_text[j], src_caption), "caption", where)
+        check.expect(tokenizer([caption])[0][1:1 + len(ids)].tolist() == ids, "tokens", where)
+        check.expect(protection.get("trigger_ids") == ids and protection.get("round") == round_, "meta", where)
+        if pixels.shape == canvas.shape:
+            check.quality(pixels, canvas)
+    lost = len(set(st.keys) - seen)
+    check.expect(lost == 0, "missing_sample", f"{name} ({lost} state rows without a protected sample)")
+
+
+def verify(output: str, cfg: RunConfig | None = None) -> dict:
+    """Check every protected sample of a run and print a one-line summary.
+
+    Args:
+        output: the run folder (generate's ``output``), any fsspec URL; protected shards
+            and state are read from here.
+        cfg: the config to use when ``output`` has no run.json.
+
+    Returns:
+        {"checked", "mismatches", "errors" (by kind), "first_error" (by kind),
+        "psnr_mean", "psnr_min", "ssim_mean", "ssim_min"}.
+
+    Raises:
+        ConfigError: no config, or no state under ``output``.
+    """
+    cfg = run_config(output, cfg)
+    round_ = state.latest_round(output)
+    if round_ == 0:
+        raise ConfigError(f"no generation state under {storage.join(output, 'state')}")
+    tokenizer = open_clip.get_tokenizer(resolve_model_name(cfg.surrogate.model))
+    check = Checker()
+    for url in expand_shards(cfg.data.shards):
+        verify_shard(output, url, round_, cfg, tokenizer, check)
+    report = check.report()
+    verdict = "FAILED" if report["mismatches"] else "OK"
+    print(f"mem-dist verify {output}: {verdict}: {report['checked']} samples checked, {report['mismatches']} mismatches"
+          f"{' ' + str(report['errors']) if report['errors'] else ''} | PSNR mean {report['psnr_mean']:.2f} dB, "
+          f"min {report['psnr_min']:.2f} dB | SSIM mean {report['ssim_mean']:.4f}, min {report['ssim_min']:.4f}", flush=True)
+    for kind, where in report["first_error"].items():
+        print(f"  first {kind} mismatch: {where}", flush=True)
     return report
 
 
-def _read_tar(data: bytes) -> list[dict]:
-    """Samples of a tar held in memory, grouped by key with webdataset's iterators."""
-    members = wds.tariterators.tar_file_iterator(io.BytesIO(data))
-    return list(wds.tariterators.group_by_keys(dict(m, __url__="protected") for m in members))
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="mem-dist verify", description="Check every protected sample of a run.")
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mem-dist verify", description="Re-check every protected sample of a run; exit 1 on any mismatch.")
     p.add_argument("output", help="the run folder (generate's output), any fsspec URL")
+    p.add_argument("--config", help="the generation config, used only when OUTPUT has no run.json")
     args = p.parse_args(argv)
     try:
-        report = verify(args.output)
+        cfg = load_config(RunConfig, args.config) if args.config else None
+        report = verify(args.output, cfg)
     except ConfigError as e:
         print(f"mem-dist: error: {e}", file=sys.stderr)
         return 2

@@ -1,4 +1,11 @@
-"""Merge and verify: protected shards are exactly what was optimised."""
+"""Merge and verify: protected shards hold exactly canvas + delta and trigger + caption.
+
+The generation state is fabricated here (random delta within epsilon, random round-trip
+triggers) with state.write_state, so these tests exercise merge and verify alone, on real
+webdataset tars, Parquet files and the local fsspec filesystem.
+"""
+
+from __future__ import annotations
 
 import argparse
 import io
@@ -7,114 +14,246 @@ import os
 import shutil
 
 import numpy as np
+import open_clip
+import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
+import yaml
 from PIL import Image
 
-from mem_dist import merge, state, verify
-from mem_dist.config import RunConfig, load_config
-from mem_dist.data import load_shard
-from mem_dist.generate import main as generate
-from tests.conftest import tiny_overrides
+from mem_dist import __version__, bench, merge, state, storage, text, verify
+from mem_dist.config import RunConfig, load_config, to_dict
+from mem_dist.data import check_shards, load_shard
+from mem_dist.demo import make_demo_data
+from mem_dist.surrogate import resolve_model_name
+
+TINY_RN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models", "tiny-rn.json")
+NAMES = ("00000", "00001", "00002")  # 25 + 25 + 10 samples
 
 
 @pytest.fixture(scope="module")
-def merged(demo_dir, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("merge") / "run")
-    args = tiny_overrides(f"{demo_dir}/train/{{00000..00001}}.tar", out, **{"mem.rounds": 1})
-    assert generate(args) == 0
-    cfg = load_config(RunConfig, None, args)
+def demo(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("demo"))
+    make_demo_data(out, train=60, val=10, size=32, per_shard=25, seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return open_clip.get_tokenizer(resolve_model_name(TINY_RN))
+
+
+@pytest.fixture(scope="module")
+def vocab(tokenizer) -> np.ndarray:
+    return text.trigger_vocabulary(tokenizer)
+
+
+def make_run(output: str, shards: str, tokenizer, vocab, drop: int = 0, extra: tuple[str, ...] = ()) -> RunConfig:
+    """A run folder as generate leaves it after round 1: state for every shard (the
+    first ``drop`` samples of shard 00000 left out) and run.json."""
+    cfg = load_config(RunConfig, None, [f"data.shards={shards}", f"output={output}", f"surrogate.model={TINY_RN}",
+                                        "data.image_size=32", "progress=false", "device=cpu", *extra])
+    for url in check_shards(cfg.data):
+        src = load_shard(url, cfg.data)
+        rng = np.random.default_rng([0, int(src.name)])
+        noise = rng.integers(-8, 9, src.canvases.shape)
+        delta = (np.clip(src.canvases.astype(np.int16) + noise, 0, 255) - src.canvases).astype(np.int8)
+        ids = rng.choice(vocab, (len(src), cfg.mem.trigger_len))
+        keep = slice(drop if src.name == "00000" else 0, None)
+        st = state.ShardState(src.keys[keep], delta[keep], ids[keep], [text.trigger_text(tokenizer, t) for t in ids][keep],
+                              np.zeros(len(src), np.float32)[keep], np.zeros(len(src), np.float32)[keep], dict(src.skipped))
+        state.write_state(state.state_url(output, 1, src.name), st)
+    storage.write_json(storage.join(output, "run.json"), {"config": to_dict(cfg), "config_hash": cfg.config_hash()})
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def run(demo, tokenizer, vocab, tmp_path_factory) -> RunConfig:
+    cfg = make_run(str(tmp_path_factory.mktemp("run")), f"{demo}/train/{{00000..00002}}.tar", tokenizer, vocab)
     merge.merge(cfg)
-    return out, cfg, args
+    return cfg
 
 
-def read_tar(path):
+def read_tar(path: str) -> list[dict]:
     return list(wds.WebDataset(path, shardshuffle=False))
 
 
-def test_protected_shards_are_canvas_plus_delta(merged, demo_dir, tokenizer):
-    out, cfg, _ = merged
-    for name in ("00000", "00001"):
-        src = load_shard(f"{demo_dir}/train/{name}.tar", cfg.data)
-        st = state.read_state(state.state_url(out, 1, name))
-        samples = read_tar(f"{out}/protected/{name}.tar")
-        assert [s["__key__"] for s in samples] == src.keys
+def pixels_of(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)))
+
+
+def rewrite_sample(tar: str, index: int, change) -> None:
+    """Rewrite a protected tar with ``change(sample)`` applied to its index-th sample."""
+    samples = read_tar(tar)
+    with wds.TarWriter(tar) as tw:
         for i, s in enumerate(samples):
-            pixels = np.asarray(Image.open(io.BytesIO(s["png"])))
-            assert np.array_equal(pixels.astype(int) - src.canvases[i], st.delta[i])
+            s = {k: v for k, v in s.items() if k in ("__key__", "png", "txt", "json")}
+            tw.write(change(s) if i == index else s)
+
+
+def test_protected_shards_are_canvas_plus_delta(run, demo, tokenizer):
+    for name in NAMES:
+        src = load_shard(f"{demo}/train/{name}.tar", run.data)
+        st = state.read_state(state.state_url(run.output, 1, name))
+        samples = read_tar(f"{run.output}/protected/{name}.tar")
+        assert [s["__key__"] for s in samples] == src.keys == st.keys
+        for i, s in enumerate(samples):
+            assert np.array_equal(pixels_of(s["png"]).astype(np.int16) - src.canvases[i], st.delta[i])
             caption = s["txt"].decode()
             assert caption == st.trigger_text[i] + " " + src.captions[i]
             assert tokenizer([caption])[0][1:4].tolist() == st.trigger_ids[i].tolist()
             meta = json.loads(s["json"])
-            assert meta["mem_dist"]["method"] == "mem" and meta["mem_dist"]["epsilon"] == 8
-            assert meta["mem_dist"]["config_hash"] == cfg.config_hash() and "scene" in meta  # source metadata kept
-        stats = json.load(open(f"{out}/protected/{name}_stats.json"))
-        assert stats["successes"] == stats["protected"] == 40
-        assert os.path.exists(f"{out}/protected/{name}.parquet")
+            assert "scene" in meta and meta["key"] == src.keys[i]  # the source metadata is kept
+            assert meta["mem_dist"] == {
+                "protected": True, "method": "mem", "epsilon": 8, "trigger_len": 3, "trigger_text": st.trigger_text[i],
+                "trigger_ids": st.trigger_ids[i].tolist(), "config_hash": run.config_hash(), "version": __version__, "round": 1}
+        rows = pq.read_table(f"{run.output}/protected/{name}.parquet").to_pylist()
+        assert [r["key"] for r in rows] == src.keys
+        assert all(r["protected"] and r["status"] == "success" and r["width"] == r["height"] == 32 for r in rows)
+        stats = json.load(open(f"{run.output}/protected/{name}_stats.json"))
+        assert stats["count"] == stats["successes"] == stats["protected"] == len(src)
+        assert stats["skipped"] == {} and stats["copied_unprotected"] == 0 and stats["end_time"] >= stats["start_time"]
 
 
-def test_verify_passes_then_catches_tampering(merged, tmp_path):
-    out, _, _ = merged
-    report = verify.verify(out)
-    assert report["checked"] == 80 and report["mismatches"] == 0
-    assert 30 < report["psnr_mean"] < 60 and 0 < report["ssim_min"] <= report["ssim_mean"] < 1
-    assert verify.main([out]) == 0
-    for what in ("pixel", "caption"):
-        copy = str(tmp_path / what)
-        shutil.copytree(out, copy)
-        samples = read_tar(f"{copy}/protected/00001.tar")
-        with wds.TarWriter(f"{copy}/protected/00001.tar") as tw:
-            for i, s in enumerate(samples):
-                s = {k: v for k, v in s.items() if k in ("__key__", "png", "txt", "json")}
-                if i == 7 and what == "pixel":
-                    px = np.asarray(Image.open(io.BytesIO(s["png"]))).copy()
-                    px[3, 4, 1] ^= 1
-                    buf = io.BytesIO()
-                    Image.fromarray(px).save(buf, format="PNG")
-                    s["png"] = buf.getvalue()
-                if i == 7 and what == "caption":
-                    s["txt"] = s["txt"].decode().split(" ", 1)[1].encode()  # trigger removed
-                tw.write(s)
-        report = verify.verify(copy)
-        assert report["mismatches"] >= 1 and "00001/" in str(report["first_error"])
+def test_verify_passes_then_catches_tampering(run, tmp_path, capsys):
+    assert verify.main([run.output]) == 0
+    assert "OK: 60 samples checked, 0 mismatches" in capsys.readouterr().out
+    report = verify.verify(run.output)
+    assert report["checked"] == 60 and report["mismatches"] == 0
+    assert 30 < report["psnr_min"] <= report["psnr_mean"] < 60
+    assert 0 < report["ssim_min"] <= report["ssim_mean"] < 1
+
+    def one_pixel(s):
+        px = pixels_of(s["png"]).copy()
+        px[3, 4, 1] = px[3, 4, 1] + 1 if px[3, 4, 1] < 255 else 254
+        buf = io.BytesIO()
+        Image.fromarray(px).save(buf, format="PNG")
+        return dict(s, png=buf.getvalue())
+
+    def one_caption(s):
+        return dict(s, txt=s["txt"] + b" too")
+
+    for kind, change in (("pixels", one_pixel), ("caption", one_caption)):
+        copy = str(tmp_path / kind)
+        shutil.copytree(run.output, copy)
+        rewrite_sample(f"{copy}/protected/00001.tar", 7, change)
         assert verify.main([copy]) == 1
+        report = verify.verify(copy)
+        assert report["errors"] == {kind: 1} and report["first_error"][kind].startswith("00001/")
 
 
-def test_samples_without_state_are_dropped_or_copied(merged, demo_dir, tmp_path):
-    out, cfg, args = merged
+def test_verify_takes_config_when_run_json_is_missing(run, tmp_path, capsys):
     copy = str(tmp_path / "run")
-    shutil.copytree(out, copy)
-    shutil.rmtree(f"{copy}/protected")
-    st = state.read_state(state.state_url(copy, 1, "00000"))
-    keep = np.arange(40) != 5
-    state.write_state(state.state_url(copy, 1, "00000"), state.ShardState(
-        [k for k, m in zip(st.keys, keep) if m], st.delta[keep], st.trigger_ids[keep],
-        [t for t, m in zip(st.trigger_text, keep) if m], st.loss[keep], st.clean_loss[keep], st.skipped))
-    cfg2 = load_config(RunConfig, None, [a.replace(out, copy) for a in args])
-    merge.merge(cfg2)
-    stats = json.load(open(f"{copy}/protected/00000_stats.json"))
-    assert stats["successes"] == 39 and stats["skipped"] == {"no_state": 1}
-    assert verify.verify(copy)["mismatches"] == 0
-    first = os.path.getmtime(f"{copy}/protected/00000.tar")
-    merge.merge(cfg2)  # finished shards are skipped
-    assert os.path.getmtime(f"{copy}/protected/00000.tar") == first
-    shutil.rmtree(f"{copy}/protected")
-    merge.merge(load_config(RunConfig, None, [a.replace(out, copy) for a in args] + ["merge.copy_unprotected=true"]))
-    stats = json.load(open(f"{copy}/protected/00000_stats.json"))
-    assert stats["successes"] == 40 and stats["copied_unprotected"] == 1 and stats["protected"] == 39
-    assert verify.verify(copy)["mismatches"] == 0  # the copied sample is marked unprotected
+    shutil.copytree(run.output, copy)
+    os.remove(f"{copy}/run.json")
+    assert verify.main([copy]) == 2
+    assert capsys.readouterr().err.startswith("mem-dist: error: ")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(to_dict(run)))
+    assert verify.main([copy, "--config", str(config)]) == 0
 
 
-def test_open_clip_train_reads_protected_shards(merged):
-    """open_clip's own training data pipeline loads the protected shards unchanged."""
-    import open_clip
+def test_samples_without_state_are_dropped_or_copied(demo, tokenizer, vocab, tmp_path):
+    # A fourth source shard with one undecodable image: the reader's skip is counted too.
+    good = read_tar(f"{demo}/train/00002.tar")[:2]
+    os.makedirs(tmp_path / "bad")
+    with wds.TarWriter(str(tmp_path / "bad" / "00003.tar")) as tw:
+        for s in good + [dict(good[0], __key__="broken", jpg=b"not a jpeg")]:
+            tw.write({k: s[k] for k in ("__key__", "jpg", "txt", "json")})
+    shards = f"{demo}/train/{{00000..00001}}.tar::{tmp_path}/bad/00003.tar"
+
+    cfg = make_run(str(tmp_path / "drop"), shards, tokenizer, vocab, drop=2)
+    summary = merge.merge(cfg)
+    assert summary["samples"] == 23 + 25 + 2 and summary["skipped"] == {"no_state": 2, "decode_error": 1}
+    stats = json.load(open(f"{cfg.output}/protected/00000_stats.json"))
+    assert stats["count"] == 25 and stats["successes"] == 23 and stats["skipped"] == {"no_state": 2}
+    stats = json.load(open(f"{cfg.output}/protected/00003_stats.json"))
+    assert stats["count"] == 3 and stats["successes"] == 2 and stats["skipped"] == {"decode_error": 1}
+    assert verify.verify(cfg.output)["mismatches"] == 0
+
+    cfg = make_run(str(tmp_path / "copy"), shards, tokenizer, vocab, drop=2, extra=("merge.copy_unprotected=true",))
+    summary = merge.merge(cfg)
+    assert summary["samples"] == 25 + 25 + 2 and summary["copied_unprotected"] == 2
+    stats = json.load(open(f"{cfg.output}/protected/00000_stats.json"))
+    assert stats["successes"] == 25 and stats["protected"] == 23 and stats["copied_unprotected"] == 2
+    assert "no_state" not in stats["skipped"]
+    src = load_shard(f"{demo}/train/00000.tar", cfg.data)
+    for i, s in enumerate(read_tar(f"{cfg.output}/protected/00000.tar")[:2]):  # the two without state
+        assert np.array_equal(pixels_of(s["png"]), src.canvases[i]) and s["txt"].decode() == src.captions[i]
+        assert json.loads(s["json"])["mem_dist"]["protected"] is False
+    rows = pq.read_table(f"{cfg.output}/protected/00000.parquet").to_pylist()
+    assert [r["protected"] for r in rows] == [False] * 2 + [True] * 23
+    assert verify.verify(cfg.output)["mismatches"] == 0
+
+
+def test_rerun_skips_finished_shards(demo, tokenizer, vocab, tmp_path):
+    cfg = make_run(str(tmp_path / "run"), f"{demo}/train/{{00000..00002}}.tar", tokenizer, vocab)
+    assert merge.merge(cfg)["shards"] == 3
+    tars = {n: f"{cfg.output}/protected/{n}.tar" for n in NAMES}
+    before = {n: os.stat(p).st_mtime_ns for n, p in tars.items()}
+    os.remove(f"{cfg.output}/protected/00001_stats.json")  # as if the job died before the marker
+    summary = merge.merge(cfg)
+    assert summary["shards"] == 1 and summary["already_done"] == 2
+    assert os.stat(tars["00000"]).st_mtime_ns == before["00000"] and os.stat(tars["00002"]).st_mtime_ns == before["00002"]
+    assert os.stat(tars["00001"]).st_mtime_ns != before["00001"]
+    assert os.path.exists(f"{cfg.output}/protected/00001_stats.json")
+    assert not [f for f in os.listdir(f"{cfg.output}/protected") if f.startswith(".tmp")]
+
+
+def test_ranks_and_processes_give_the_same_bytes(run, demo, tokenizer, vocab, tmp_path, monkeypatch):
+    cfg = make_run(str(tmp_path / "run"), f"{demo}/train/{{00000..00002}}.tar", tokenizer, vocab,
+                   extra=("merge.processes=2",))
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert merge.merge(cfg)["shards"] == 1  # rank 1 of 2 owns shard 00001 only
+    assert sorted(f for f in os.listdir(f"{cfg.output}/protected") if f.endswith(".tar")) == ["00001.tar"]
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    summary = merge.merge(cfg)  # one rank, two worker processes: the two shards left
+    assert summary["shards"] == 2 and summary["already_done"] == 1
+    for name in NAMES:  # state and config hash are the same as the module run's, so are the shards
+        for suffix in (".tar", ".parquet"):
+            a, b = f"{cfg.output}/protected/{name}{suffix}", f"{run.output}/protected/{name}{suffix}"
+            assert open(a, "rb").read() == open(b, "rb").read(), a
+
+
+def test_cli_errors_are_one_line_exit_2(run, demo, tmp_path, capsys):
+    assert merge.main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert merge.main([f"data.shards={demo}/train/00000.tar", f"output={tmp_path}/empty", "merge.processes=0"]) == 2
+    assert merge.main([f"data.shards={demo}/train/00000.tar", f"output={tmp_path}/empty"]) == 2  # no state yet
+    assert verify.main([str(tmp_path / "empty")]) == 2
+    same_run = [f"data.shards={run.data.shards}", f"output={run.output}", f"surrogate.model={TINY_RN}", "data.image_size=32",
+                "progress=false"]
+    assert merge.main(same_run + ["merge.copy_unprotected=true", "mem.rounds=5"]) == 0  # may differ; all shards done
+    assert merge.main(same_run + ["mem.epsilon=4"]) == 2  # a different run
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 5 and all(line.startswith("mem-dist: error: ") for line in err)
+    assert "merge.processes" in err[1] and "run generate first" in err[2] and "config hash" in err[4]
+
+
+def test_bench_merge_runs(run, capsys):
+    rows = bench.bench_merge(run, repeats=1)
+    assert [label for label, _ in rows][1] == "mem-dist merge_shard" and all(rate > 0 for _, rate in rows)
+
+
+def test_open_clip_train_reads_protected_shards(run, tokenizer):
+    """open_clip's own training data pipeline loads the protected shards as they are."""
     from open_clip_train.data import get_wds_dataset
 
-    out, _, _ = merged
-    _, _, preprocess = open_clip.create_model_and_transforms("RN50", pretrained=None)
     args = argparse.Namespace(
-        train_data=f"{out}/protected/{{00000..00001}}.tar", train_num_samples=80, train_data_upsampling_factors=None,
-        dataset_resampled=False, batch_size=16, workers=1, world_size=1, seed=0, distributed=False)
-    data = get_wds_dataset(args, preprocess, is_train=True, epoch=0, tokenizer=open_clip.get_tokenizer("RN50"))
+        train_data=f"{run.output}/protected/{{00000..00002}}.tar", train_num_samples=60, train_data_upsampling_factors=None,
+        dataset_resampled=False, batch_size=8, workers=0, world_size=1, seed=0, distributed=False)
+    preprocess = open_clip.image_transform(64, is_train=True)
+    data = get_wds_dataset(args, preprocess, is_train=True, epoch=0, tokenizer=tokenizer)
     images, texts = next(iter(data.dataloader))
-    assert images.shape == (16, 3, 224, 224) and texts.shape == (16, 77)
+    assert images.shape == (8, 3, 64, 64) and texts.shape == (8, tokenizer.context_length)
+
+
+def test_merge_and_verify_on_a_remote_filesystem(demo, tokenizer, vocab):
+    """Output on fsspec's in-memory filesystem: every read and write goes through storage."""
+    output = f"memory://mem-dist-test-{os.getpid()}/run"
+    cfg = make_run(output, f"{demo}/train/{{00000..00001}}.tar", tokenizer, vocab)
+    assert merge.merge(cfg)["samples"] == 50
+    assert storage.listdir(f"{output}/protected") == sorted(f"{n}{s}" for n in NAMES[:2] for s in (".parquet", ".tar", "_stats.json"))
+    assert verify.verify(output)["checked"] == 50 and verify.main([output]) == 0
+    storage.remove(output, recursive=True)
