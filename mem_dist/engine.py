@@ -442,12 +442,12 @@ def finish_round(run: Run, round_: int, surrogate_s: float, sample_s: float, sam
     shard), metrics.jsonl, run.json, pruning."""
     cfg = run.cfg
     losses, clean, skipped, n = [], [], {}, 0
-    for url in run.urls:
-        st = state.read_state(state.state_url(cfg.output, round_, shard_name(url)))
-        losses.append(st.loss)
-        clean.append(st.clean_loss)
-        n += len(st.keys)
-        for reason, c in st.skipped.items():
+    for url in run.urls:  # only the loss columns: rank 0 reads every shard's summary
+        loss_, clean_, skips = state.read_summary(state.state_url(cfg.output, round_, shard_name(url)))
+        losses.append(loss_)
+        clean.append(clean_)
+        n += len(loss_)
+        for reason, c in skips.items():
             skipped[reason] = skipped.get(reason, 0) + c
     mem = n and cfg.mem.method == "mem"
     loss = float(np.mean(np.concatenate(losses))) if mem else float("nan")

@@ -100,6 +100,14 @@ def read_state(url: str) -> ShardState:
                       np.array(cols["clean_loss"], np.float32), skipped)
 
 
+def read_summary(url: str) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
+    """(loss, clean_loss, skip counts) of a shard's state, without reading delta."""
+    with storage.open_file(url, "rb") as f:
+        table = pq.read_table(f, columns=["loss", "clean_loss"])
+    skipped = json.loads((table.schema.metadata or {}).get(b"mem_dist.skipped", b"{}"))
+    return table.column("loss").to_numpy(), table.column("clean_loss").to_numpy(), skipped
+
+
 def completed(output: str, round_: int) -> set[str]:
     """Names of the shards whose state for ``round_`` exists (and so is complete)."""
     return {storage.basename(p)[: -len(".parquet")] for p in storage.listdir(round_dir(output, round_)) if p.endswith(".parquet")}
