@@ -19,7 +19,6 @@ Shapes: B batch, C = 3, H = W canvas side, k trigger length, L context length.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import io
 import json
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mem_dist import __version__, distributed, hotflip, state, storage, surrogate, text
-from mem_dist.config import ConfigError, RunConfig, to_dict
+from mem_dist.config import RunConfig, to_dict
 from mem_dist.data import Shard, ShardCache, check_shards, owned, shard_name
 from mem_dist.pgd import minimize_delta
 
