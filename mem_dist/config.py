@@ -98,10 +98,7 @@ class MemConfig:
     batch_size: int = 128
     """Samples per batch, per rank, in both phases."""
     lr: float = 1.0e-4
-    """Surrogate AdamW learning rate (constant, as in the paper's code). The strongest lever
-    we measured (docs/efficacy.md): a surrogate trained slowly stays near its random init, so
-    delta binds to the trigger through features a freshly initialised victim picks up in its
-    first steps; on the demo 3e-5 protects far better than 1e-4 or 5e-4."""
+    """Surrogate AdamW learning rate (constant, as in the paper's code)."""
     weight_decay: float = 0.2
     """Surrogate AdamW weight decay (not on biases, norms, logit_scale)."""
     shuffle_captions: bool = True
@@ -178,6 +175,11 @@ class RunConfig:
 
     def config_hash(self) -> str:
         return config_hash(self.fingerprint())
+
+
+def seed_of(*parts) -> int:
+    """A 63-bit seed from any parts (stable across processes and runs)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
 def config_hash(obj: Any) -> str:

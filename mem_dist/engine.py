@@ -19,7 +19,6 @@ Shapes: B batch, C = 3, H = W canvas side, k trigger length, L context length.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import sys
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mem_dist import __version__, distributed, hotflip, state, storage, surrogate, text
-from mem_dist.config import RunConfig, to_dict
+from mem_dist.config import RunConfig, seed_of, to_dict
 from mem_dist.data import Shard, ShardCache, check_shards, owned, shard_name
 from mem_dist.pgd import minimize_delta
 
@@ -149,11 +148,6 @@ def load_checkpoint(run: Run, round_: int) -> None:
 # --------------------------------------------------------------------------------------
 # Batches: pixels, tokens, losses
 # --------------------------------------------------------------------------------------
-
-
-def seed_of(*parts) -> int:
-    """A 63-bit seed from any parts (stable across processes and runs)."""
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
 
 
 def autocast(run: Run):

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from mem_dist import defences, report, storage, surrogate
-from mem_dist.config import ConfigError, DataConfig, build, check, load_config, to_dict
+from mem_dist.config import ConfigError, DataConfig, build, check, load_config, seed_of, to_dict
 from mem_dist.data import expand_shards, load_shard
 from mem_dist.defences import DefenceConfig
 
@@ -94,7 +94,8 @@ class Condition:
 @dataclass(frozen=True)
 class EvalConfig:
     seed: int = 0
-    """Seeds the victim's init (the same for every condition), batch order and augmentations."""
+    """Seeds the victim's init (the same for every condition; derived so that it never equals
+    a surrogate's init from the same seed), batch order and augmentations."""
     output: str = "runs/eval"
     """Report folder: any fsspec URL."""
     conditions: Any = field(default_factory=dict)
@@ -274,8 +275,13 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def create_victim(cfg: VictimConfig, device: torch.device):
-    """(model, tokenizer, pixel spec) of the victim; config errors name the victim's keys."""
+def create_victim(cfg: VictimConfig, device: torch.device, seed: int):
+    """(model, tokenizer, pixel spec) of the victim; config errors name the victim's keys.
+
+    The init is seeded from ``(seed, "victim")``, never from ``seed`` alone as generation
+    seeds the surrogate: a victim of the surrogate's architecture would otherwise start from
+    the surrogate's exact weights and measure a shortcut no attacker gets."""
+    torch.manual_seed(seed_of(seed, "victim"))
     try:
         return surrogate.create_surrogate(cfg.model, cfg.pretrained, device)
     except ConfigError as e:
@@ -333,8 +339,7 @@ def train_victim(train_shards: str | Condition, val_shards: str, cfg: EvalConfig
     if cfg.reencode_jpeg is not None:
         train.canvases = defences.jpeg_roundtrip(train.canvases, cfg.reencode_jpeg)
 
-    torch.manual_seed(cfg.seed)  # the same initial victim for every condition
-    model, tokenizer, spec = create_victim(vcfg, device)
+    model, tokenizer, spec = create_victim(vcfg, device, cfg.seed)  # the same initial victim for every condition
     optimizer = torch.optim.AdamW(surrogate.param_groups(model, vcfg.weight_decay), lr=vcfg.lr)
     order_gen = torch.Generator().manual_seed(cfg.seed)
     augment_gen = torch.Generator().manual_seed(cfg.seed + 1)

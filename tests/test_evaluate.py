@@ -12,13 +12,31 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from mem_dist import defences, report
+from mem_dist import defences, report, surrogate
 from mem_dist.config import ConfigError, DataConfig, load_config
 from mem_dist.data import load_shard
 from mem_dist.defences import DefenceConfig
-from mem_dist.evaluate import (EvalConfig, chance_metrics, grid_samples, load_condition, main,
-                               retrieval_metrics, run)
-from tests.conftest import TINY_VIT
+from mem_dist.evaluate import (EvalConfig, VictimConfig, chance_metrics, create_victim, grid_samples,
+                               load_condition, main, retrieval_metrics, run)
+from tests.conftest import TINY_RN, TINY_VIT
+
+# --------------------------------------------------------------------------------------
+# The victim's init
+# --------------------------------------------------------------------------------------
+
+
+def test_victim_never_starts_from_the_surrogates_init():
+    """Generation seeds the surrogate with torch.manual_seed(seed). A victim of the same
+    architecture and seed that started from those weights would take delta's shortcut as no
+    attacker's model does (this inflated our efficacy numbers once: docs/efficacy.md)."""
+    torch.manual_seed(0)  # as engine.setup does for seed 0
+    sur = surrogate.create_surrogate(TINY_RN)[0].state_dict()
+    victim = create_victim(VictimConfig(model=TINY_RN), torch.device("cpu"), 0)[0].state_dict()
+    again = create_victim(VictimConfig(model=TINY_RN), torch.device("cpu"), 0)[0].state_dict()
+    weights = [k for k, v in sur.items() if v.is_floating_point() and v.numel() > 1 and v.std() > 0]
+    assert weights and not any(torch.equal(sur[k], victim[k]) for k in weights)
+    assert all(torch.equal(victim[k], again[k]) for k in victim)  # and it repeats for a seed
+
 
 # --------------------------------------------------------------------------------------
 # Retrieval metrics
