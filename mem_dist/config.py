@@ -74,8 +74,9 @@ class SurrogateConfig:
 @dataclass(frozen=True)
 class MemConfig:
     method: Literal["mem", "random"] = "mem"
-    """mem: the MEM rounds (trigger_len=0 gives EM). random: the random-noise baseline,
-    uniform integer delta in [-epsilon, epsilon], no trigger, no surrogate."""
+    """mem: the MEM rounds (trigger_len=0 gives EM). random: no surrogate, nothing
+    optimised: uniform integer delta in [-epsilon, epsilon], plus a random trigger of
+    trigger_len tokens per sample (trigger_len=0: the plain random-noise baseline)."""
     rounds: int = 20
     """T: outer rounds (surrogate phase, then a pass over every sample)."""
     surrogate_steps: int = 200

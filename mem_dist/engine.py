@@ -341,15 +341,20 @@ def process_shard(run: Run, round_: int, url: str) -> state.ShardState:
 
 
 def random_noise_shard(run: Run, url: str) -> state.ShardState:
-    """The random-noise baseline: uniform integer delta in [-eps, eps], no trigger."""
+    """The random baselines: uniform integer delta in [-eps, eps] and, when trigger_len > 0,
+    the seeded random start triggers MEM would begin from (nothing is optimised). With
+    trigger_len = 0 this is the random-noise baseline; with k > 0 it is the control that
+    tells what MEM's optimisation adds to a unique (noise, trigger) pair per sample."""
     shard = run.cache.get(url)
-    eps = run.cfg.mem.epsilon
+    eps, k = run.cfg.mem.epsilon, run.cfg.mem.trigger_len
     rng = np.random.default_rng(seed_of(run.cfg.seed, "random", shard.name))
     noise = rng.integers(-eps, eps + 1, size=shard.canvases.shape)
     delta = (np.clip(shard.canvases.astype(np.int16) + noise, 0, 255) - shard.canvases).astype(np.int8)
     n = len(shard)
+    trig = text.initial_triggers(shard.keys, run.vocab.cpu().numpy(), k, run.cfg.seed)
+    texts = [text.trigger_text(run.tokenizer, t) for t in trig] if k else [""] * n
     nan = np.full(n, np.nan, np.float32)
-    return state.ShardState(shard.keys, delta, np.zeros((n, 0), np.int64), [""] * n, nan, nan, dict(shard.skipped))
+    return state.ShardState(shard.keys, delta, trig.reshape(n, k), texts, nan, nan, dict(shard.skipped))
 
 
 # --------------------------------------------------------------------------------------

@@ -75,9 +75,9 @@ def encode_image(pixels_HWC: np.ndarray, fmt: str) -> bytes:
 
 
 def method_name(cfg: RunConfig) -> str:
-    """mem, em (MEM without a trigger) or random."""
+    """mem, em (MEM without a trigger), random (noise only) or random-trigger."""
     if cfg.mem.method == "random":
-        return "random"
+        return "random-trigger" if cfg.mem.trigger_len else "random"
     return "mem" if cfg.mem.trigger_len else "em"
 
 
