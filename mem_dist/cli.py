@@ -22,10 +22,12 @@ def demo_data(argv: list[str]) -> int:
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     p.add_argument("--per-shard", type=int, default=500, help="samples per shard (default 500)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-colours", action="store_true",
+                   help="captions never name colours (harder content: shapes, sizes, positions, background patterns)")
     a = p.parse_args(argv)
     from mem_dist.demo import make_demo_data
 
-    urls = make_demo_data(a.out, a.train, a.val, a.size, a.per_shard, a.seed)
+    urls = make_demo_data(a.out, a.train, a.val, a.size, a.per_shard, a.seed, named_colours=not a.no_colours)
     print(f"mem-dist: wrote {len(urls['train'])} train and {len(urls['val'])} val shards under {a.out}")
     return 0
 

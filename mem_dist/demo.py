@@ -52,6 +52,20 @@ ONE_OBJECT = (
     "there is a {size} {colour} {shape} {where} over a {bg} backdrop",
     "{size} {colour} {shape}, {where}, {bg} background",
 )
+# Captions without colours (``named_colours=False``): colours are drawn as before but never
+# named, so only shape, size, position and background pattern tie a caption to its image.
+ONE_OBJECT_SHAPE = (
+    "a {size} {shape} {where} on a {bg} background",
+    "a photo of a {shape} {where}, {bg} background",
+    "{bg} background with a {size} {shape} {where}",
+    "there is a {size} {shape} {where} over a {bg} backdrop",
+    "{size} {shape}, {where}, {bg} background",
+)
+TWO_OBJECTS_SHAPE = (
+    "a {size} {shape} {where} and a {size2} {shape2} {where2} on a {bg} background",
+    "a {shape} {where} next to a {shape2} {where2}, {bg} background",
+    "{bg} background with a {shape} {where} and a {shape2} {where2}",
+)
 TWO_OBJECTS = (
     "a {size} {colour} {shape} {where} and a {size2} {colour2} {shape2} {where2} on a {bg} background",
     "a {colour} {shape} {where} next to a {colour2} {shape2} {where2}, {bg} background",
@@ -125,8 +139,12 @@ def _background(rng: np.random.Generator, size: int, pattern: str, colour: str) 
     return Image.fromarray(img.clip(0, 255).astype(np.uint8))
 
 
-def render_scene(rng: np.random.Generator, size: int) -> tuple[Image.Image, str, dict]:
-    """Draw one random scene; returns the image, its caption and its attributes."""
+def render_scene(rng: np.random.Generator, size: int, named_colours: bool = True) -> tuple[Image.Image, str, dict]:
+    """Draw one random scene; returns the image, its caption and its attributes.
+
+    ``named_colours=False`` leaves colours out of the caption (and "plain" backgrounds are
+    called plain): the image's strongest, linearly readable signal then says nothing about
+    the caption, and a CLIP has to learn shapes, as it has to on real photos."""
     n_objects = 1 if rng.random() < 0.6 else 2
     positions = rng.choice(list(POSITIONS), size=n_objects, replace=False)
     colours = list(COLOURS)
@@ -144,21 +162,25 @@ def render_scene(rng: np.random.Generator, size: int) -> tuple[Image.Image, str,
         _draw_shape(draw, t, cx, cy, r, float(rng.uniform(-0.3, 0.3)))
     arr = np.asarray(img, dtype=np.float32) + rng.normal(0, 4.0, (size, size, 3))
     img = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
-    bg = f"{bg_colour} {bg_pattern}" if bg_pattern != "plain" else bg_colour
+    if named_colours:
+        bg = f"{bg_colour} {bg_pattern}" if bg_pattern != "plain" else bg_colour
+    else:
+        bg = bg_pattern
+    one, two = (ONE_OBJECT, TWO_OBJECTS) if named_colours else (ONE_OBJECT_SHAPE, TWO_OBJECTS_SHAPE)
     t0 = things[0]
     fields = dict(size=t0.size, colour=t0.colour, shape=t0.shape, where=POSITION_PHRASES[t0.position], bg=bg)
     if n_objects == 1:
-        caption = str(rng.choice(ONE_OBJECT)).format(**fields)
+        caption = str(rng.choice(one)).format(**fields)
     else:
         t1 = things[1]
         fields.update(size2=t1.size, colour2=t1.colour, shape2=t1.shape, where2=POSITION_PHRASES[t1.position])
-        caption = str(rng.choice(TWO_OBJECTS)).format(**fields)
+        caption = str(rng.choice(two)).format(**fields)
     caption = re.sub(r"\ba ([aeiou])", r"an \1", caption)
     attrs = {"objects": [t.__dict__ for t in things], "background": {"pattern": bg_pattern, "colour": bg_colour}}
     return img, caption, attrs
 
 
-def write_split(out: str, n_samples: int, per_shard: int, size: int, seed: int) -> list[str]:
+def write_split(out: str, n_samples: int, per_shard: int, size: int, seed: int, named_colours: bool = True) -> list[str]:
     """Write ``n_samples`` scenes as img2dataset-style shards under ``out``.
 
     Returns:
@@ -179,7 +201,7 @@ def write_split(out: str, n_samples: int, per_shard: int, size: int, seed: int) 
         with wds.TarWriter(buf, mtime=0) as tw:
             for idx in range(count):
                 key = f"{shard_id * 10 ** key_digits + idx:0{5 + key_digits}d}"
-                img, caption, attrs = render_scene(rng, size)
+                img, caption, attrs = render_scene(rng, size, named_colours)
                 jpg = io.BytesIO()
                 img.save(jpg, format="JPEG", quality=95)
                 meta = {
@@ -204,9 +226,10 @@ def write_split(out: str, n_samples: int, per_shard: int, size: int, seed: int) 
     return urls
 
 
-def make_demo_data(out: str, train: int, val: int, size: int = 64, per_shard: int = 500, seed: int = 0) -> dict[str, list[str]]:
+def make_demo_data(out: str, train: int, val: int, size: int = 64, per_shard: int = 500, seed: int = 0,
+                   named_colours: bool = True) -> dict[str, list[str]]:
     """Write ``out/train`` and ``out/val`` demo shards; returns the shard URLs per split."""
     return {
-        "train": write_split(storage.join(out, "train"), train, per_shard, size, seed),
-        "val": write_split(storage.join(out, "val"), val, per_shard, size, seed + 1_000_003),
+        "train": write_split(storage.join(out, "train"), train, per_shard, size, seed, named_colours),
+        "val": write_split(storage.join(out, "val"), val, per_shard, size, seed + 1_000_003, named_colours),
     }
