@@ -56,10 +56,14 @@ class DefenceConfig:
     """adv: PGD steps (maximising the CLIP loss) before each training step."""
     adv_step_size: float = 4.0
     """adv: PGD step, in 1/255 units (after a uniform random start in the ball)."""
-    text: Literal["none", "insert", "delete", "swap", "synonym"] = "none"
-    """Text defence applied to every training caption, anew each time it is drawn."""
+    text: Literal["none", "insert", "delete", "swap", "synonym", "drop_prefix"] = "none"
+    """Text defence applied to every training caption, anew each time it is drawn: EDA's
+    four (the paper's table 2), or drop_prefix, a trainer who knows that the tool puts a
+    k-word trigger before each caption and cuts the first prefix_words words."""
     text_rate: float = 0.1
     """EDA's alpha: the fraction of a caption's words changed (at least one word)."""
+    prefix_words: int = 3
+    """drop_prefix: how many leading words to cut from every caption."""
 
     def __post_init__(self) -> None:
         check(1 <= self.jpeg_quality <= 95, "defence.jpeg_quality", "must be between 1 and 95")
@@ -69,6 +73,7 @@ class DefenceConfig:
         check(self.adv_epsilon > 0 and self.adv_step_size > 0, "defence.adv_epsilon", "and defence.adv_step_size must be positive")
         check(self.adv_steps >= 1, "defence.adv_steps", "must be at least 1")
         check(0 < self.text_rate <= 1, "defence.text_rate", "must be in (0, 1]")
+        check(self.prefix_words >= 1, "defence.prefix_words", "must be at least 1")
 
     def describe(self) -> str:
         """One line naming the defences that are on, with their settings."""
@@ -80,7 +85,8 @@ class DefenceConfig:
             "mixup": f"mixup alpha={self.mixup_alpha:g}",
             "adv": f"adversarial training eps={self.adv_epsilon:g}/255, {self.adv_steps} PGD steps of {self.adv_step_size:g}/255",
         }[self.image]
-        text = "none" if self.text == "none" else f"EDA {self.text} rate={self.text_rate:g}"
+        text = {"none": "none", "drop_prefix": f"first {self.prefix_words} words of every caption cut"}.get(
+            self.text, f"EDA {self.text} rate={self.text_rate:g}")
         return f"image defence: {image}; text defence: {text}"
 
 
@@ -275,6 +281,8 @@ TEXT_DEFENCES: dict[str, Callable[[list[str], float, random.Random], list[str]]]
 
 def defend_captions(captions: Sequence[str], cfg: DefenceConfig, rng: random.Random) -> list[str]:
     """Apply the text defence of ``cfg`` to each caption (``none`` returns them as they are)."""
+    if cfg.text == "drop_prefix":
+        return [" ".join(c.split()[cfg.prefix_words:]) for c in captions]
     fn = TEXT_DEFENCES.get(cfg.text)
     if fn is None:
         return list(captions)

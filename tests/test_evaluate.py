@@ -154,6 +154,12 @@ def test_text_defences_change_captions_and_repeat_with_a_seed(op):
     assert defences.defend_captions([CAPTION], DefenceConfig(), random.Random(0)) == [CAPTION]
 
 
+def test_drop_prefix_cuts_the_trigger_words():
+    cfg = DefenceConfig(text="drop_prefix", prefix_words=3)
+    assert defences.defend_captions(["told boredom fdn " + CAPTION, "two words"], cfg, random.Random(0)) == [CAPTION, ""]
+    assert "first 3 words" in cfg.describe()
+
+
 # --------------------------------------------------------------------------------------
 # Config, mixes, grid
 # --------------------------------------------------------------------------------------
