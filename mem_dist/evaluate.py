@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import math
 import random
 import sys
@@ -120,6 +121,9 @@ class EvalConfig:
     num_threads: int = 0
     """torch CPU threads while training; 0 = torch's default (all cores). On a shared,
     busy machine 1 can be several times faster than oversubscribed cores."""
+    save_victims: bool = False
+    """Also write each trained victim's weights to {output}/victims/{condition}.pt (an
+    open_clip state dict: victim.pretrained / surrogate.pretrained can load it)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "conditions", parse_conditions(self.conditions))
@@ -317,7 +321,8 @@ def evaluate_retrieval(model, spec: surrogate.PixelSpec, canvases_NHWC: torch.Te
     return retrieval_metrics(torch.cat(images), torch.cat(texts))
 
 
-def train_victim(train_shards: str | Condition, val_shards: str, cfg: EvalConfig, log: Log = print) -> dict:
+def train_victim(train_shards: str | Condition, val_shards: str, cfg: EvalConfig, log: Log = print,
+                 save_to: str | None = None) -> dict:
     """Train a victim CLIP on ``train_shards``, evaluating on ``val_shards`` every epoch.
 
     Args:
@@ -325,6 +330,7 @@ def train_victim(train_shards: str | Condition, val_shards: str, cfg: EvalConfig
         val_shards: the clean validation shard spec.
         cfg: the evaluation config (``victim``, ``defence``, ``reencode_jpeg``, data keys).
         log: where progress lines go.
+        save_to: if given, the URL the trained victim's state dict is written to.
 
     Returns:
         History: {"n_train", "n_protected" (mixes; else None), "n_val", "epochs": [{"epoch" (0 = before
@@ -384,6 +390,11 @@ def train_victim(train_shards: str | Condition, val_shards: str, cfg: EvalConfig
                 loss = train_step(model, optimizer, spec, pixels, tokens.to(device), cfg, augment_gen)
             losses.append(loss)
         epochs.append(validate(epoch, float(np.mean(losses)), lr, time.time() - start))
+    if save_to:
+        buf = io.BytesIO()
+        torch.save(model.state_dict(), buf)
+        storage.write_bytes_atomic(save_to, buf.getvalue())
+        log(f"mem-dist: evaluate: victim weights written to {save_to}")
     return {"n_train": len(train), "n_protected": train.protected, "n_val": len(val), "epochs": epochs, "final": epochs[-1]}
 
 
@@ -434,7 +445,8 @@ def run(cfg: EvalConfig, log: Log = print) -> dict:
     try:
         for name, cond in cfg.conditions.items():
             log(f"mem-dist: evaluate: condition '{name}'")
-            history = train_victim(cond, cfg.val_shards, cfg, log)
+            save_to = storage.join(cfg.output, "victims", f"{name}.pt") if cfg.save_victims else None
+            history = train_victim(cond, cfg.val_shards, cfg, log, save_to)
             metrics["conditions"][name] = {"condition": dataclasses.asdict(cond), **history}
             metrics["chance"] = chance_metrics(history["n_val"])
             storage.write_json(storage.join(cfg.output, "metrics.json"), metrics)  # progress after each condition

@@ -17,7 +17,7 @@ from mem_dist.config import ConfigError, DataConfig, load_config
 from mem_dist.data import load_shard
 from mem_dist.defences import DefenceConfig
 from mem_dist.evaluate import (EvalConfig, VictimConfig, chance_metrics, create_victim, grid_samples,
-                               load_condition, main, retrieval_metrics, run)
+                               evaluate_retrieval, load_condition, load_pairs, main, retrieval_metrics, run)
 from tests.conftest import TINY_RN, TINY_VIT
 
 # --------------------------------------------------------------------------------------
@@ -241,6 +241,7 @@ def test_tiny_victim_learns_clean_retrieval_and_writes_the_report(tmp_path):
         "image_size=32", f"output={out}", "device=cpu", f"victim.model={TINY_VIT}",
         "victim.epochs=2", "victim.batch_size=32", "victim.lr=1e-3", "victim.warmup_steps=5",
         "num_threads=1",  # steady on a busy CI box; run() restores torch's thread count
+        "save_victims=true",
     ])
     threads = torch.get_num_threads()
     metrics = run(cfg)
@@ -255,3 +256,9 @@ def test_tiny_victim_learns_clean_retrieval_and_writes_the_report(tmp_path):
     saved = json.load(open(os.path.join(out, "metrics.json")))
     assert saved["config"]["victim"]["epochs"] == 2 and saved["chance"]["r10"] == pytest.approx(0.1)
     assert "| clean | 400 |" in open(os.path.join(out, "report.md")).read()
+    # the saved victim loads as a checkpoint (to fine-tune, or as a surrogate) and scores as it did
+    model, tokenizer, spec = create_victim(VictimConfig(model=TINY_VIT, pretrained=os.path.join(out, "victims", "clean.pt")),
+                                           torch.device("cpu"), seed=123)
+    val = load_pairs(f"{tmp_path}/data/val/00000.tar", cfg)
+    again = evaluate_retrieval(model, spec, torch.from_numpy(val.canvases), tokenizer(val.captions), 32)
+    assert again["i2t"] == pytest.approx(hist["final"]["i2t"]) and again["t2i"] == pytest.approx(hist["final"]["t2i"])
