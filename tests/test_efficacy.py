@@ -1,9 +1,18 @@
-"""A reduced demo: a victim trained on MEM-protected shards must stay well below one trained
-on the clean shards, so a regression in efficacy fails CI. Measured (victim from its own
-init, not the surrogate's): clean 0.85, MEM-3 0.425, chance 0.05; random noise or a lost
-delta/trigger would leave the protected victim at the clean one's level."""
+"""Reduced demos of the two threats, so a regression in efficacy fails CI.
+
+From scratch: a victim trained on MEM-protected shards must stay well below one trained on
+the clean shards (measured, victim from its own init: clean 0.85, MEM-3 0.425, chance 0.05;
+random noise or a lost delta/trigger would leave it at the clean one's level).
+
+Fine-tuning: victims fine-tuned from a "public checkpoint" that MEM's surrogate started
+from (surrogate lr 1e-5, so it stays near it) must gain much less from MEM-3 data than from
+clean data, and much less than from random noise with a random trigger: this is the regime
+where the optimisation itself counts (docs/efficacy.md). Measured: the checkpoint's R@10
+0.180; gains clean +0.295, random3 +0.160, MEM-3 -0.005."""
 
 import os
+
+import pytest
 
 from mem_dist import evaluate, merge
 from mem_dist.config import RunConfig, load_config
@@ -12,24 +21,60 @@ from mem_dist.generate import main as generate
 from tests.conftest import ROOT
 
 RN32 = os.path.join(ROOT, "configs", "models", "tiny-rn32.json")
+EVAL_DEMO = os.path.join(ROOT, "configs", "eval-demo.yaml")
 
 
-def test_protected_victim_is_far_below_clean_victim(tmp_path):
-    data = str(tmp_path / "data")
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    data = str(tmp_path_factory.mktemp("efficacy") / "data")
     make_demo_data(data, train=800, val=200, size=32, per_shard=400, seed=1)
-    shards = f"{data}/train/{{00000..00001}}.tar"
-    args = [f"data.shards={shards}", f"output={tmp_path}/mem3", "data.image_size=32", f"surrogate.model={RN32}",
+    return data, f"{data}/train/{{00000..00001}}.tar"
+
+
+def protect(shards: str, output: str, *extra: str) -> str:
+    """generate + merge with the reduced demo settings; returns the protected shard spec."""
+    args = [f"data.shards={shards}", f"output={output}", "data.image_size=32", f"surrogate.model={RN32}",
             "mem.rounds=4", "mem.surrogate_steps=25", "mem.pgd_steps=4", "mem.hotflip_rounds=1",
-            "mem.hotflip_candidates=4", "mem.lr=5e-4", "progress=false", "device=cpu"]
+            "mem.hotflip_candidates=4", "mem.lr=5e-4", "progress=false", "device=cpu", *extra]
     assert generate(args) == 0
     merge.merge(load_config(RunConfig, None, args))
-    cfg = load_config(evaluate.EvalConfig, os.path.join(ROOT, "configs", "eval-demo.yaml"), [
+    return f"{output}/protected/{{00000..00001}}.tar"
+
+
+def r10(result: dict, name: str) -> float:
+    return result["conditions"][name]["final"]["i2t"]["r10"]
+
+
+def test_protected_victim_is_far_below_clean_victim(demo, tmp_path):
+    data, shards = demo
+    mem3 = protect(shards, f"{tmp_path}/mem3")
+    cfg = load_config(evaluate.EvalConfig, EVAL_DEMO, [
         f"output={tmp_path}/eval", f"val_shards={data}/val/00000.tar", "victim.epochs=8", "victim.warmup_steps=20",
-        f"conditions={{clean: '{shards}', mem3: '{tmp_path}/mem3/protected/{{00000..00001}}.tar'}}"])
+        f"conditions={{clean: '{shards}', mem3: '{mem3}'}}"])
     result = evaluate.run(cfg)
-    clean = result["conditions"]["clean"]["final"]["i2t"]["r10"]
-    mem3 = result["conditions"]["mem3"]["final"]["i2t"]["r10"]
-    chance = result["chance"]["r10"]
+    clean, mem3, chance = r10(result, "clean"), r10(result, "mem3"), result["chance"]["r10"]
     print(f"i2t R@10: clean victim {clean:.3f}, MEM-3 victim {mem3:.3f}, chance {chance:.3f}")
     assert clean > 10 * chance, (clean, chance)  # the victim learns the clean data
     assert mem3 < 0.7 * clean, (mem3, clean)  # and much less from the protected data
+
+
+def test_fine_tuned_victim_gains_little_from_protected_data(demo, tmp_path):
+    data, shards = demo
+    public = str(tmp_path / "public")
+    make_demo_data(public, train=800, val=50, size=32, per_shard=400, seed=2, named_colours=False)
+    evaluate.run(load_config(evaluate.EvalConfig, EVAL_DEMO, [
+        f"output={tmp_path}/pretrain", f"val_shards={public}/val/00000.tar", "victim.epochs=8", "victim.warmup_steps=20",
+        "save_victims=true", "seed=2", f"conditions={{public: '{public}/train/{{00000..00001}}.tar'}}"]))
+    checkpoint = f"{tmp_path}/pretrain/victims/public.pt"
+    mem3 = protect(shards, f"{tmp_path}/mem3", f"surrogate.pretrained={checkpoint}", "mem.lr=1e-5")
+    random3 = protect(shards, f"{tmp_path}/random3", "mem.method=random")
+    result = evaluate.run(load_config(evaluate.EvalConfig, EVAL_DEMO, [
+        f"output={tmp_path}/eval", f"val_shards={data}/val/00000.tar", "victim.epochs=8", "victim.warmup_steps=20",
+        f"victim.pretrained={checkpoint}", "victim.lr=1e-4",
+        f"conditions={{clean: '{shards}', random3: '{random3}', mem3: '{mem3}'}}"]))
+    start = result["conditions"]["clean"]["epochs"][0]["i2t"]["r10"]
+    gain = {name: r10(result, name) - start for name in ("clean", "random3", "mem3")}
+    print(f"i2t R@10 of the checkpoint {start:.3f}; gains from fine-tuning: {gain}")
+    assert gain["clean"] > 0.2, gain  # fine-tuning on clean data teaches the victim a lot
+    assert gain["mem3"] < 0.5 * gain["clean"], gain  # MEM-3 data much less
+    assert gain["mem3"] < 0.5 * gain["random3"], gain  # and much less than an unoptimised trigger + noise
