@@ -336,8 +336,13 @@ def process_shard(run: Run, round_: int, url: str) -> state.ShardState:
     n_batches = -(-n // run.cfg.mem.batch_size)
     for b, rows in enumerate(np.array_split(np.arange(n), n_batches) if n else []):
         out_delta[rows], out_trig[rows], loss[rows], clean[rows] = process_batch(run, round_, shard, rows, delta[rows], trig[rows], b)
-    texts = [text.trigger_text(run.tokenizer, t) for t in out_trig] if k else [""] * n
-    return state.ShardState(shard.keys, out_delta, out_trig.reshape(n, k), texts, loss, clean, dict(shard.skipped))
+    return state.ShardState(shard.keys, out_delta, out_trig.reshape(n, k), trigger_texts(run, out_trig, n), loss, clean,
+                            dict(shard.skipped))
+
+
+def trigger_texts(run: Run, trig_Nk: np.ndarray, n: int) -> list[str]:
+    """Each sample's trigger as words ("" for every sample when k = 0)."""
+    return [text.trigger_text(run.tokenizer, t) for t in trig_Nk] if trig_Nk.size else [""] * n
 
 
 def random_noise_shard(run: Run, url: str) -> state.ShardState:
@@ -352,9 +357,8 @@ def random_noise_shard(run: Run, url: str) -> state.ShardState:
     delta = (np.clip(shard.canvases.astype(np.int16) + noise, 0, 255) - shard.canvases).astype(np.int8)
     n = len(shard)
     trig = text.initial_triggers(shard.keys, run.vocab.cpu().numpy(), k, run.cfg.seed)
-    texts = [text.trigger_text(run.tokenizer, t) for t in trig] if k else [""] * n
     nan = np.full(n, np.nan, np.float32)
-    return state.ShardState(shard.keys, delta, trig.reshape(n, k), texts, nan, nan, dict(shard.skipped))
+    return state.ShardState(shard.keys, delta, trig.reshape(n, k), trigger_texts(run, trig, n), nan, nan, dict(shard.skipped))
 
 
 # --------------------------------------------------------------------------------------
