@@ -336,13 +336,13 @@ def process_shard(run: Run, round_: int, url: str) -> state.ShardState:
     n_batches = -(-n // run.cfg.mem.batch_size)
     for b, rows in enumerate(np.array_split(np.arange(n), n_batches) if n else []):
         out_delta[rows], out_trig[rows], loss[rows], clean[rows] = process_batch(run, round_, shard, rows, delta[rows], trig[rows], b)
-    return state.ShardState(shard.keys, out_delta, out_trig.reshape(n, k), trigger_texts(run, out_trig, n), loss, clean,
+    return state.ShardState(shard.keys, out_delta, out_trig.reshape(n, k), trigger_texts(run, out_trig), loss, clean,
                             dict(shard.skipped))
 
 
-def trigger_texts(run: Run, trig_Nk: np.ndarray, n: int) -> list[str]:
+def trigger_texts(run: Run, trig_Nk: np.ndarray) -> list[str]:
     """Each sample's trigger as words ("" for every sample when k = 0)."""
-    return [text.trigger_text(run.tokenizer, t) for t in trig_Nk] if trig_Nk.size else [""] * n
+    return [text.trigger_text(run.tokenizer, t) for t in trig_Nk] if trig_Nk.size else [""] * len(trig_Nk)
 
 
 def random_noise_shard(run: Run, url: str) -> state.ShardState:
@@ -358,7 +358,7 @@ def random_noise_shard(run: Run, url: str) -> state.ShardState:
     n = len(shard)
     trig = text.initial_triggers(shard.keys, run.vocab.cpu().numpy(), k, run.cfg.seed)
     nan = np.full(n, np.nan, np.float32)
-    return state.ShardState(shard.keys, delta, trig.reshape(n, k), trigger_texts(run, trig, n), nan, nan, dict(shard.skipped))
+    return state.ShardState(shard.keys, delta, trig.reshape(n, k), trigger_texts(run, trig), nan, nan, dict(shard.skipped))
 
 
 # --------------------------------------------------------------------------------------
