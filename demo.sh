@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The whole pipeline on demo data, about 15 minutes on 2 CPU cores:
-# demo shards -> generate (random noise, random noise + random trigger, EM, MEM-3) -> merge
+# demo shards -> generate (random noise, random noise + random trigger, the same random
+# trigger on every caption, EM, MEM-3) -> merge
 # -> verify -> evaluate.
 set -euo pipefail
 cd "$(dirname "$0")"
 export PYTHONWARNINGS=ignore
 mem-dist demo-data data/demo --train 2000 --val 500 --size 32 --per-shard 500
-for run in "demo-random mem.method=random mem.trigger_len=0" "demo-random3 mem.method=random" "demo-em mem.trigger_len=0" "demo-mem3"; do
+for run in "demo-random mem.method=random mem.trigger_len=0" "demo-random3 mem.method=random" "demo-prefix3 mem.method=prefix" "demo-em mem.trigger_len=0" "demo-mem3"; do
   set -- $run
   name=$1; shift
   echo "== generate + merge: $name"

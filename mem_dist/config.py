@@ -73,10 +73,12 @@ class SurrogateConfig:
 
 @dataclass(frozen=True)
 class MemConfig:
-    method: Literal["mem", "random"] = "mem"
+    method: Literal["mem", "random", "prefix"] = "mem"
     """mem: the MEM rounds (trigger_len=0 gives EM). random: no surrogate, nothing
     optimised: uniform integer delta in [-epsilon, epsilon], plus a random trigger of
-    trigger_len tokens per sample (trigger_len=0: the plain random-noise baseline)."""
+    trigger_len tokens per sample (trigger_len=0: the plain random-noise baseline).
+    prefix: the same noise plus ONE random trigger shared by every sample, the control
+    for what any fixed caption prefix does to a victim evaluated on captions without it."""
     rounds: int = 20
     """T: outer rounds (surrogate phase, then a pass over every sample)."""
     surrogate_steps: int = 200
@@ -117,6 +119,7 @@ class MemConfig:
             check(getattr(self, key) >= 0, f"mem.{key}", "must be 0 or more")
         check(self.epsilon <= 127, "mem.epsilon", "must be at most 127 (delta is int8)")
         check(self.trigger_len <= 20, "mem.trigger_len", "must be at most 20")
+        check(self.method != "prefix" or self.trigger_len > 0, "mem.trigger_len", "must be at least 1 with mem.method=prefix")
         check(self.lr > 0, "mem.lr", "must be positive")
 
 

@@ -349,14 +349,16 @@ def random_noise_shard(run: Run, url: str) -> state.ShardState:
     """The random baselines: uniform integer delta in [-eps, eps] and, when trigger_len > 0,
     the seeded random start triggers MEM would begin from (nothing is optimised). With
     trigger_len = 0 this is the random-noise baseline; with k > 0 it is the control that
-    tells what MEM's optimisation adds to a unique (noise, trigger) pair per sample."""
+    tells what MEM's optimisation adds to a unique (noise, trigger) pair per sample. With
+    method "prefix" every sample gets the same trigger: what a fixed prefix alone does."""
     shard = run.cache.get(url)
     eps, k = run.cfg.mem.epsilon, run.cfg.mem.trigger_len
     rng = np.random.default_rng(seed_of(run.cfg.seed, "random", shard.name))
     noise = rng.integers(-eps, eps + 1, size=shard.canvases.shape)
     delta = (np.clip(shard.canvases.astype(np.int16) + noise, 0, 255) - shard.canvases).astype(np.int8)
     n = len(shard)
-    trig = text.initial_triggers(shard.keys, run.vocab.cpu().numpy(), k, run.cfg.seed)
+    keys = ["prefix"] * n if run.cfg.mem.method == "prefix" else shard.keys
+    trig = text.initial_triggers(keys, run.vocab.cpu().numpy(), k, run.cfg.seed)
     nan = np.full(n, np.nan, np.float32)
     return state.ShardState(shard.keys, delta, trig.reshape(n, k), trigger_texts(run, trig), nan, nan, dict(shard.skipped))
 
@@ -375,7 +377,7 @@ def generate(cfg: RunConfig, dist: distributed.Dist, log=print) -> dict:
     if dist.is_main:
         storage.write_json(storage.join(cfg.output, "run.json"), run_record(run, old, done, (old or {}).get("skipped", {})))
     dist.barrier()
-    last = 1 if cfg.mem.method == "random" else cfg.mem.rounds
+    last = cfg.mem.rounds if cfg.mem.method == "mem" else 1
     first = resume_point(run)
     if old is not None and first <= last and dist.is_main:
         n = len(state.completed(cfg.output, first))
@@ -393,7 +395,7 @@ def resume_point(run: Run) -> int:
     """The round to continue with: the newest checkpointed round if its state is not
     complete yet (its sample phase resumes), else the one after it."""
     all_shards = {shard_name(u) for u in run.urls}
-    ck = 1 if run.cfg.mem.method == "random" else latest_checkpoint(run.cfg.output)
+    ck = latest_checkpoint(run.cfg.output) if run.cfg.mem.method == "mem" else 1
     if ck and state.completed(run.cfg.output, ck) != all_shards:
         return ck
     return ck + 1
@@ -425,7 +427,7 @@ def one_round(run: Run, round_: int, bar: bool, log) -> dict:
     todo = [u for u in run.mine if shard_name(u) not in done]
     n_samples = 0
     for url in tqdm(todo, desc=f"round {round_} samples", disable=not bar, leave=False):
-        st = random_noise_shard(run, url) if cfg.mem.method == "random" else process_shard(run, round_, url)
+        st = process_shard(run, round_, url) if cfg.mem.method == "mem" else random_noise_shard(run, url)
         state.write_state(state.state_url(cfg.output, round_, shard_name(url)), st)
         n_samples += len(st.keys)
     t2 = time.time()

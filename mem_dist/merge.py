@@ -75,7 +75,10 @@ def encode_image(pixels_HWC: np.ndarray, fmt: str) -> bytes:
 
 
 def method_name(cfg: RunConfig) -> str:
-    """mem, em (MEM without a trigger), random (noise only) or random-trigger."""
+    """mem, em (MEM without a trigger), random (noise only), random-trigger or
+    random-prefix (one trigger shared by every sample)."""
+    if cfg.mem.method == "prefix":
+        return "random-prefix"
     if cfg.mem.method == "random":
         return "random-trigger" if cfg.mem.trigger_len else "random"
     return "mem" if cfg.mem.trigger_len else "em"

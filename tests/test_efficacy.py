@@ -2,7 +2,10 @@
 
 From scratch: a victim trained on MEM-protected shards must stay well below one trained on
 the clean shards (measured, victim from its own init: clean 0.85, MEM-3 0.425, chance 0.05;
-random noise or a lost delta/trigger would leave it at the clean one's level).
+random noise or a lost delta/trigger would leave it at the clean one's level). This guards
+that the trigger reaches the victim's captions, not MEM's optimisation: on the demo a single
+fixed prefix on every caption (`mem.method=prefix`) lowers a from-scratch victim about as much
+(docs/efficacy.md), which is why the fine-tuning test below compares against a control.
 
 Fine-tuning: victims fine-tuned from a "public checkpoint" that MEM's surrogate started
 from (surrogate lr 1e-5, so it stays near it) must gain much less from MEM-3 data than from

@@ -78,3 +78,8 @@ def test_em_and_random_baselines(demo_dir, tmp_path, tokenizer):
     assert np.array_equal(stk.delta, st.delta) and stk.trigger_ids.shape == (40, 4)
     assert len({tuple(t) for t in stk.trigger_ids}) == 40
     assert [tokenizer.encode(t) for t in stk.trigger_text] == stk.trigger_ids.tolist()
+    # prefix: the same noise and ONE trigger for every sample (the fixed-prefix control)
+    assert main(tiny_overrides(shards, str(tmp_path / "pre"), **{"mem.method": "prefix", "mem.trigger_len": 4})) == 0
+    stp = state.read_state(state.state_url(str(tmp_path / "pre"), 1, "00000"))
+    assert np.array_equal(stp.delta, st.delta) and stp.trigger_ids.shape == (40, 4)
+    assert len({tuple(t) for t in stp.trigger_ids}) == 1 and len(set(stp.trigger_text)) == 1
