@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
 # The fine-tuning threat on demo data, about 7 minutes on 2 CPU cores after demo.sh (which it
-# needs: data/demo, runs/demo-random3,
-# runs/demo-prefix3, runs/demo-mem3):
+# needs: data/demo, runs/demo-random3, runs/demo-prefix3, runs/demo-mem3):
 # a "public checkpoint" (a tiny CLIP trained on other, colour-free scenes) -> MEM-3 with the
 # surrogate started from it -> victims fine-tuned from it -> retrieval on clean val data.
 set -euo pipefail

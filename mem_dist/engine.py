@@ -357,8 +357,11 @@ def random_noise_shard(run: Run, url: str) -> state.ShardState:
     noise = rng.integers(-eps, eps + 1, size=shard.canvases.shape)
     delta = (np.clip(shard.canvases.astype(np.int16) + noise, 0, 255) - shard.canvases).astype(np.int8)
     n = len(shard)
-    keys = ["prefix"] * n if run.cfg.mem.method == "prefix" else shard.keys
-    trig = text.initial_triggers(keys, run.vocab.cpu().numpy(), k, run.cfg.seed)
+    vocab = run.vocab.cpu().numpy()
+    if run.cfg.mem.method == "prefix":
+        trig = np.repeat(text.initial_triggers(["prefix"], vocab, k, run.cfg.seed), n, axis=0)
+    else:
+        trig = text.initial_triggers(shard.keys, vocab, k, run.cfg.seed)
     nan = np.full(n, np.nan, np.float32)
     return state.ShardState(shard.keys, delta, trig.reshape(n, k), trigger_texts(run, trig), nan, nan, dict(shard.skipped))
 
