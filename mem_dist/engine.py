@@ -131,9 +131,8 @@ def latest_checkpoint(output: str) -> int:
 
 
 def save_checkpoint(run: Run, round_: int) -> None:
-    buf = io.BytesIO()
-    torch.save({"round": round_, "model": run.bare.state_dict(), "optimizer": run.optimizer.state_dict()}, buf)
-    storage.write_bytes_atomic(checkpoint_url(run.cfg.output, round_), buf.getvalue())
+    surrogate.save({"round": round_, "model": run.bare.state_dict(), "optimizer": run.optimizer.state_dict()},
+                   checkpoint_url(run.cfg.output, round_))
     for r in range(1, round_ - run.cfg.state.checkpoint_keep + 1):
         storage.remove(checkpoint_url(run.cfg.output, r))
 

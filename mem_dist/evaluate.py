@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import math
 import random
 import sys
@@ -391,9 +390,7 @@ def train_victim(train_shards: str | Condition, val_shards: str, cfg: EvalConfig
             losses.append(loss)
         epochs.append(validate(epoch, float(np.mean(losses)), lr, time.time() - start))
     if save_to:
-        buf = io.BytesIO()
-        torch.save(model.state_dict(), buf)
-        storage.write_bytes_atomic(save_to, buf.getvalue())
+        surrogate.save(model.state_dict(), save_to)
         log(f"mem-dist: evaluate: victim weights written to {save_to}")
     return {"n_train": len(train), "n_protected": train.protected, "n_val": len(val), "epochs": epochs, "final": epochs[-1]}
 

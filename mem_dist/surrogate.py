@@ -6,6 +6,7 @@ h/w model input side, C = 3 channels. Pixel tensors are float in [0, 255] units.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mem_dist import storage
 from mem_dist.config import ConfigError
 
 LOGIT_SCALE_MAX = math.log(100.0)
@@ -71,6 +73,14 @@ def create_surrogate(model: str, pretrained: str | None = None, device: str | to
     mean = tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
     std = tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
     return clip, tokenizer, PixelSpec(int(size), mean, std)
+
+
+def save(obj, url: str) -> None:
+    """torch.save ``obj`` (a state dict, or a checkpoint dict) to any fsspec URL, atomically;
+    a state dict written here loads as ``pretrained`` in :func:`create_surrogate`."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    storage.write_bytes_atomic(url, buf.getvalue())
 
 
 def to_model_input(pixels_BCHW: torch.Tensor, spec: PixelSpec) -> torch.Tensor:
