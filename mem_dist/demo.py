@@ -5,9 +5,9 @@ background (5 patterns x 12 colours), drawn with jitter and sensor noise and sto
 JPEG (quality 95, as img2dataset). Captions describe every attribute through varied
 templates, so a small CLIP trained from scratch on a few thousand pairs learns real
 image-text retrieval. ``named_colours=False`` (``mem-dist demo-data --no-colours``) draws
-the same scenes with captions that never name a colour: harder content. Output per split: ``00000.tar`` ... with 9-digit keys and
-``KEY.jpg`` / ``KEY.txt`` / ``KEY.json`` members, plus ``00000.parquet`` and
-``00000_stats.json`` beside each tar, as img2dataset writes them.
+the same scenes with captions that never name a colour: harder content. Output per split:
+``00000.tar`` ... with 9-digit keys and ``KEY.jpg`` / ``KEY.txt`` / ``KEY.json`` members,
+plus ``00000.parquet`` and ``00000_stats.json`` beside each tar, as img2dataset writes them.
 """
 
 from __future__ import annotations
