@@ -61,6 +61,14 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class MemberConfig:
+    model: Optional[str] = None
+    """open_clip model name or model-config JSON path; null = surrogate.model."""
+    pretrained: Optional[str] = None
+    """null = random init (seeded per member); or a local checkpoint path."""
+
+
+@dataclass(frozen=True)
 class SurrogateConfig:
     model: str = "RN50"
     """open_clip model name (RN50, ViT-B-32, ...) or the path of a model-config JSON
@@ -69,6 +77,13 @@ class SurrogateConfig:
     """null = random init (the paper's setting); or a local checkpoint path. Nothing is downloaded."""
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """Autocast precision of the surrogate's forward passes on GPU (fp32 on CPU always)."""
+    ensemble: tuple[MemberConfig, ...] = ()
+    """More surrogates trained alongside the first (each its own surrogate phase on the
+    protected pairs, its own optimizer); PGD and HotFlip minimise the members' mean loss.
+    A list of {model, pretrained}, e.g. [{pretrained: ckpt_b.pt}, {pretrained: ckpt_c.pt}]:
+    protection against fine-tuning holds for the checkpoints the surrogates start from, so
+    list every checkpoint attackers are likely to fine-tune. Members must share the first
+    member's tokenizer. Each member costs about one more surrogate's time and memory."""
 
 
 @dataclass(frozen=True)
@@ -173,7 +188,9 @@ class RunConfig:
         return {
             "seed": self.seed,
             "data": dataclasses.asdict(self.data),
-            "surrogate": {k: v for k, v in dataclasses.asdict(self.surrogate).items() if k != "precision"},
+            # ensemble is left out when empty, so runs started before it existed still resume
+            "surrogate": {k: v for k, v in dataclasses.asdict(self.surrogate).items()
+                          if k != "precision" and (k != "ensemble" or v)},
             "mem": mem,
         }
 

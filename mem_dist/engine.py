@@ -3,10 +3,12 @@
     for r in rounds:
         surrogate phase: M AdamW steps of the surrogate on (canvas + delta, trigger + caption),
                          DDP across ranks, each rank drawing from the shards it owns
+                         (every member of an ensemble, surrogate.ensemble, on the same batches)
                          -> parameter checksum compared across ranks -> checkpoint r
         sample phase:    for each shard this rank owns and whose round-r state is missing:
                          per batch, HotFlip on the trigger (r <= H), PGD on delta with
-                         shuffled captions -> state/round-r/{shard}.parquet (atomic)
+                         shuffled captions (the members' mean loss)
+                         -> state/round-r/{shard}.parquet (atomic)
         rank 0:          metrics.jsonl line, run.json progress, prune old rounds
 
 Everything random is a function of (seed, round, shard, batch) or (seed, rank, step), and
@@ -31,13 +33,26 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mem_dist import __version__, distributed, hotflip, state, storage, surrogate, text
-from mem_dist.config import RunConfig, seed_of, to_dict
+from mem_dist.config import ConfigError, RunConfig, seed_of, to_dict
 from mem_dist.data import Shard, ShardCache, check_shards, owned, shard_name
 from mem_dist.pgd import minimize_delta
 
 
 class ResumeError(RuntimeError):
     """The output folder holds a run that this command may not continue."""
+
+
+@dataclass
+class Member:
+    """One surrogate: the first is surrogate.model / pretrained, the rest surrogate.ensemble."""
+
+    model: torch.nn.Module  # DDP-wrapped when world > 1
+    optimizer: torch.optim.Optimizer
+    spec: surrogate.PixelSpec
+
+    @property
+    def bare(self) -> torch.nn.Module:
+        return surrogate.unwrap(self.model)
 
 
 @dataclass
@@ -49,17 +64,11 @@ class Run:
     urls: list[str]  # every shard of the run
     mine: list[str]  # the shards this rank owns (sample phase)
     stream: list[str]  # the shards this rank trains on (its own, or a borrowed one)
-    model: torch.nn.Module  # DDP-wrapped when world > 1
-    optimizer: torch.optim.Optimizer
-    tokenizer: object
-    spec: surrogate.PixelSpec
+    members: list[Member]  # the surrogate(s)
+    tokenizer: object  # the first member's; every member's must match it
     vocab: torch.Tensor  # trigger-capable token ids
     cache: ShardCache
-    at_round: int = 0  # the round whose surrogate phase the model's weights come from
-
-    @property
-    def bare(self) -> torch.nn.Module:
-        return surrogate.unwrap(self.model)
+    at_round: int = 0  # the round whose surrogate phase the members' weights come from
 
 
 # --------------------------------------------------------------------------------------
@@ -68,17 +77,31 @@ class Run:
 
 
 def setup(cfg: RunConfig, dist: distributed.Dist) -> Run:
-    """Shards, surrogate (same init on every rank), optimizer, trigger vocabulary."""
+    """Shards, surrogate(s) (same init on every rank), optimizers, trigger vocabulary."""
     urls = check_shards(cfg.data)
     mine = owned(urls, dist.rank, dist.world)
-    torch.manual_seed(cfg.seed)  # identical surrogate init on every rank
-    model, tokenizer, spec = surrogate.create_surrogate(cfg.surrogate.model, cfg.surrogate.pretrained, device=dist.device)
+    wanted = [(cfg.surrogate.model, cfg.surrogate.pretrained)]
+    wanted += [(m.model or cfg.surrogate.model, m.pretrained) for m in cfg.surrogate.ensemble]
+    members, tokenizer = [], None
+    for i, (name, weights) in enumerate(wanted):
+        key = "surrogate" if i == 0 else f"surrogate.ensemble[{i - 1}]"
+        torch.manual_seed(cfg.seed if i == 0 else seed_of(cfg.seed, "member", i))  # identical init on every rank
+        try:
+            model, tok, spec = surrogate.create_surrogate(name, weights, device=dist.device)
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("'surrogate.", f"'{key}.")) from None
+        if tokenizer is None:
+            tokenizer = tok
+        elif not surrogate.same_tokenizer(tok, tokenizer):
+            raise ConfigError(f"config key '{key}.model': {name} tokenizes differently from surrogate.model "
+                              f"({cfg.surrogate.model}); every member must share one tokenizer (the trigger is one text)")
+        optimizer = torch.optim.AdamW(surrogate.param_groups(model, cfg.mem.weight_decay), lr=cfg.mem.lr, betas=(0.9, 0.999), eps=1e-8)
+        if dist.world > 1:
+            model, optimizer = dist.accelerator.prepare(model, optimizer)
+        model.eval()  # train mode only inside the surrogate phase (BatchNorm in RN surrogates)
+        members.append(Member(model, optimizer, spec))
     vocab = torch.tensor(text.trigger_vocabulary(tokenizer, cfg.mem.trigger_vocab, cfg.seed), device=dist.device)
-    optimizer = torch.optim.AdamW(surrogate.param_groups(model, cfg.mem.weight_decay), lr=cfg.mem.lr, betas=(0.9, 0.999), eps=1e-8)
-    if dist.world > 1:
-        model, optimizer = dist.accelerator.prepare(model, optimizer)
-    model.eval()  # train mode only inside the surrogate phase (BatchNorm in RN surrogates)
-    return Run(cfg, dist, urls, mine, mine or [urls[dist.rank % len(urls)]], model, optimizer, tokenizer, spec, vocab,
+    return Run(cfg, dist, urls, mine, mine or [urls[dist.rank % len(urls)]], members, tokenizer, vocab,
                ShardCache(cfg.data, cfg.data.cache_shards))
 
 
@@ -131,7 +154,11 @@ def latest_checkpoint(output: str) -> int:
 
 
 def save_checkpoint(run: Run, round_: int) -> None:
-    surrogate.save({"round": round_, "model": run.bare.state_dict(), "optimizer": run.optimizer.state_dict()},
+    """The first member as "model" / "optimizer" (loadable as a plain checkpoint), the
+    ensemble's other members under "ensemble"."""
+    first, rest = run.members[0], run.members[1:]
+    surrogate.save({"round": round_, "model": first.bare.state_dict(), "optimizer": first.optimizer.state_dict(),
+                    "ensemble": [{"model": m.bare.state_dict(), "optimizer": m.optimizer.state_dict()} for m in rest]},
                    checkpoint_url(run.cfg.output, round_))
     for r in range(1, round_ - run.cfg.state.checkpoint_keep + 1):
         storage.remove(checkpoint_url(run.cfg.output, r))
@@ -140,8 +167,9 @@ def save_checkpoint(run: Run, round_: int) -> None:
 def load_checkpoint(run: Run, round_: int) -> None:
     with storage.open_file(checkpoint_url(run.cfg.output, round_), "rb") as f:
         ck = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-    run.bare.load_state_dict(ck["model"])
-    run.optimizer.load_state_dict(ck["optimizer"])
+    for member, saved in zip(run.members, [ck] + ck.get("ensemble", []), strict=True):
+        member.bare.load_state_dict(saved["model"])
+        member.optimizer.load_state_dict(saved["optimizer"])
 
 
 # --------------------------------------------------------------------------------------
@@ -167,20 +195,27 @@ def tokens(run: Run, captions: list[str], trigger_Bk: torch.Tensor) -> torch.Ten
     return text.assemble_tokens(bodies, trigger_Bk.cpu(), run.tokenizer).to(run.dist.device)
 
 
-def features(run: Run, model, pix_BCHW: torch.Tensor, tok_BL: torch.Tensor, crop_gen: torch.Generator | None = None):
-    """Image and text features through the differentiable pixel path (optionally a random
-    resized crop first, ``mem.augment``)."""
+def features(run: Run, member: Member, pix_BCHW: torch.Tensor, tok_BL: torch.Tensor, crop_gen: torch.Generator | None = None,
+             wrapped: bool = False):
+    """A member's image and text features through the differentiable pixel path (optionally
+    a random resized crop first, ``mem.augment``); through its DDP wrapper if ``wrapped``."""
     if crop_gen is not None:
         pix_BCHW = surrogate.random_resized_crop(pix_BCHW, crop_gen)
     with autocast(run):
-        out = model(surrogate.to_model_input(pix_BCHW, run.spec), tok_BL)
+        out = (member.model if wrapped else member.bare)(surrogate.to_model_input(pix_BCHW, member.spec), tok_BL)
     out = (out["image_features"], out["text_features"]) if isinstance(out, dict) else out[:2]
     return out[0].float(), out[1].float()
 
 
-def pair_losses(run: Run, model, pix_BCHW, tok_BL, crop_gen=None) -> torch.Tensor:
-    image, txt = features(run, model, pix_BCHW, tok_BL, crop_gen)
-    return surrogate.clip_loss(image, txt, run.bare.logit_scale)
+def pair_losses(run: Run, member: Member, pix_BCHW, tok_BL, crop_gen=None, wrapped: bool = False) -> torch.Tensor:
+    image, txt = features(run, member, pix_BCHW, tok_BL, crop_gen, wrapped)
+    return surrogate.clip_loss(image, txt, member.bare.logit_scale)
+
+
+def mean_pair_losses(run: Run, pix_BCHW, tok_BL, crop=lambda: None) -> torch.Tensor:
+    """Per-pair losses averaged over the members (what PGD and the round metrics use);
+    ``crop()`` gives each member's crop generator (or None)."""
+    return torch.stack([pair_losses(run, m, pix_BCHW, tok_BL, crop()) for m in run.members]).mean(0)
 
 
 # --------------------------------------------------------------------------------------
@@ -232,9 +267,11 @@ def stream_batches(run: Run, round_: int):
 
 
 def surrogate_phase(run: Run, round_: int, bar: bool) -> float:
-    """M DDP steps on protected pairs; returns this rank's mean training loss."""
+    """M DDP steps of every member on protected pairs (the same batches); returns this
+    rank's mean training loss over steps and members."""
     cfg = run.cfg
-    run.model.train()
+    for m in run.members:
+        m.model.train()
     starts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     losses = []
     for step, refs in tqdm(stream_batches(run, round_), total=cfg.mem.surrogate_steps, desc=f"round {round_} surrogate",
@@ -254,12 +291,14 @@ def surrogate_phase(run: Run, round_: int, bar: bool) -> float:
         pix = pixels(np.stack(canvas), run.dist.device) + torch.from_numpy(np.stack(delta)).to(run.dist.device).permute(0, 3, 1, 2).float()
         tok = tokens(run, caps, torch.from_numpy(np.stack(trig)))
         gen = torch.Generator().manual_seed(seed_of(cfg.seed, "crop", run.dist.rank, step)) if cfg.mem.augment else None
-        loss = pair_losses(run, run.model, pix, tok, gen).mean()
-        run.optimizer.zero_grad(set_to_none=True)  # the original never zeroed them (bug 4)
-        loss.backward()
-        run.optimizer.step()
-        losses.append(loss.item())
-    run.model.eval()
+        for m in run.members:
+            loss = pair_losses(run, m, pix, tok, gen, wrapped=True).mean()
+            m.optimizer.zero_grad(set_to_none=True)  # the original never zeroed them (bug 4)
+            loss.backward()
+            m.optimizer.step()
+            losses.append(loss.item())
+    for m in run.members:
+        m.model.eval()
     return float(np.mean(losses)) if losses else float("nan")
 
 
@@ -271,7 +310,7 @@ def surrogate_phase(run: Run, round_: int, bar: bool) -> float:
 def process_batch(run: Run, round_: int, shard: Shard, rows: np.ndarray, delta_BHWC: np.ndarray, trig_Bk: np.ndarray, batch: int):
     """HotFlip (first H rounds) then PGD for one batch; returns the new (delta, trigger,
     loss, clean_loss) as numpy arrays."""
-    cfg, dev, model = run.cfg, run.dist.device, run.bare
+    cfg, dev = run.cfg, run.dist.device
     canvas = pixels(shard.canvases[rows], dev)
     delta = torch.from_numpy(delta_BHWC).to(dev).permute(0, 3, 1, 2).float()
     trig = torch.from_numpy(trig_Bk).to(dev)
@@ -292,35 +331,43 @@ def process_batch(run: Run, round_: int, shard: Shard, rows: np.ndarray, delta_B
         # (EM) delta is optimised against the true captions, as error-minimising noise is.
         shuffle = cfg.mem.shuffle_captions and cfg.mem.trigger_len > 0
         order = torch.randperm(len(rows), generator=gen).tolist() if shuffle else None
-        return pair_losses(run, model, pix, assemble(trig, order), crop()).mean()
+        return mean_pair_losses(run, pix, assemble(trig, order), crop).mean()
 
     delta = minimize_delta(loss_fn, delta, canvas, cfg.mem.pgd_steps, cfg.mem.epsilon, cfg.mem.step_size)
     with torch.no_grad():
-        loss = pair_losses(run, model, canvas + delta, assemble(trig))
-        clean = pair_losses(run, model, canvas, assemble(trig[:, :0]))
+        loss = mean_pair_losses(run, canvas + delta, assemble(trig))
+        clean = mean_pair_losses(run, canvas, assemble(trig[:, :0]))
     delta_np = delta.round().clamp(-cfg.mem.epsilon, cfg.mem.epsilon).to(torch.int8).permute(0, 2, 3, 1).cpu().numpy()
     return delta_np, trig.cpu().numpy(), loss.cpu().numpy(), clean.cpu().numpy()
 
 
 def hotflip_batch(run: Run, pix_BCHW: torch.Tensor, trig_Bk: torch.Tensor, assemble) -> torch.Tensor:
-    """One HotFlip update of the batch's triggers against its true captions."""
-    model, k = run.bare, trig_Bk.shape[1]
-    with torch.no_grad(), autocast(run):
-        image = F.normalize(model.encode_image(surrogate.to_model_input(pix_BCHW, run.spec)).float(), dim=-1)
+    """One HotFlip update of the batch's triggers against its true captions (the members'
+    mean loss)."""
+    k = trig_Bk.shape[1]
     ids = assemble(trig_Bk)
-    emb = surrogate.text_tower(model).token_embedding(ids).detach().requires_grad_(True)
-    with autocast(run):
-        txt = surrogate.encode_text_from_embeds(model, emb, ids)
-    loss = surrogate.clip_loss(image, txt.float(), model.logit_scale).mean()
-    (grad,) = torch.autograd.grad(loss, emb)
-    cands = hotflip.candidate_tokens(grad[:, 1:1 + k], surrogate.token_embedding_weight(model).detach(), run.vocab,
-                                     run.cfg.mem.hotflip_candidates)
+    images, grads, embeds, scales = [], [], [], []
+    for member in run.members:
+        model = member.bare
+        with torch.no_grad(), autocast(run):
+            image = F.normalize(model.encode_image(surrogate.to_model_input(pix_BCHW, member.spec)).float(), dim=-1)
+        emb = surrogate.text_tower(model).token_embedding(ids).detach().requires_grad_(True)
+        with autocast(run):
+            txt = surrogate.encode_text_from_embeds(model, emb, ids)
+        loss = surrogate.clip_loss(image, txt.float(), model.logit_scale).mean()
+        (grad,) = torch.autograd.grad(loss, emb)
+        images.append(image)
+        grads.append(grad[:, 1:1 + k])
+        embeds.append(surrogate.token_embedding_weight(model).detach())
+        scales.append(model.logit_scale)
+    cands = hotflip.candidate_tokens(grads, embeds, run.vocab, run.cfg.mem.hotflip_candidates)
 
     def text_features(t_Bk):
+        tok = assemble(t_Bk)
         with autocast(run):
-            return F.normalize(model.encode_text(assemble(t_Bk)).float(), dim=-1)
+            return [F.normalize(m.bare.encode_text(tok).float(), dim=-1) for m in run.members]
 
-    new_trig, _ = hotflip.select_triggers(text_features, image, trig_Bk, cands, model.logit_scale)
+    new_trig, _ = hotflip.select_triggers(text_features, images, trig_Bk, cands, scales)
     return new_trig
 
 
@@ -415,8 +462,9 @@ def one_round(run: Run, round_: int, bar: bool, log) -> dict:
             if round_ > 1 and run.at_round != round_ - 1:
                 load_checkpoint(run, round_ - 1)
             train_loss = surrogate_phase(run, round_, bar)
-            distributed.broadcast_buffers(run.bare, dist)
-            sums = dist.gather(distributed.checksum(run.bare))
+            for m in run.members:
+                distributed.broadcast_buffers(m.bare, dist)
+            sums = dist.gather(tuple(distributed.checksum(m.bare) for m in run.members))
             if len(set(sums)) != 1:
                 raise RuntimeError(f"round {round_}: the surrogate differs across ranks (parameter checksums {sums}); "
                                    f"DDP did not keep the ranks in step")

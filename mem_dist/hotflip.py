@@ -8,12 +8,13 @@ applies the same candidate *rank* to the whole batch, judged by the batch loss. 
 sample keeps whichever of {its current token, its n candidates} gives its own pair the
 lowest loss (the rest of the batch held as it was), so a flip never raises the loss of
 the sample it changes. The image features do not change during HotFlip, so they are
-computed once and only the text tower runs per candidate.
+computed once and only the text tower runs per candidate. With an ensemble of surrogates
+(``surrogate.ensemble``) candidates are ranked and chosen by the members' mean loss.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,19 +22,20 @@ import torch.nn.functional as F
 from mem_dist.surrogate import LOGIT_SCALE_MAX
 
 
-def candidate_tokens(grad_BkD: torch.Tensor, embed_VD: torch.Tensor, allowed_V: torch.Tensor, n: int) -> torch.Tensor:
+def candidate_tokens(grads: Sequence[torch.Tensor], embeds: Sequence[torch.Tensor], allowed_V: torch.Tensor, n: int) -> torch.Tensor:
     """Top-``n`` replacement tokens per (sample, position) by first-order loss decrease.
 
     Args:
-        grad_BkD: d(loss)/d(token embedding) at the trigger positions.
-        embed_VD: the token-embedding matrix.
+        grads: per surrogate, d(loss)/d(token embedding) at the trigger positions [B, k, D].
+        embeds: per surrogate, its token-embedding matrix [V, D].
         allowed_V: ids that may be used (round-trip tokens, never special ones).
         n: candidates per position.
 
     Returns:
-        Token ids [B, k, n], best first.
+        Token ids [B, k, n], best first: by the sum of the surrogates' first-order changes
+        (the change of their summed loss).
     """
-    scores = -(grad_BkD.float() @ embed_VD[allowed_V].float().t())  # [B, k, |allowed|]
+    scores = sum(-(g.float() @ e[allowed_V].float().t()) for g, e in zip(grads, embeds))  # [B, k, |allowed|]
     top = scores.topk(min(n, len(allowed_V)), dim=-1).indices
     return allowed_V[top]
 
@@ -63,44 +65,51 @@ def swapped_pair_losses(image_BE: torch.Tensor, text_BE: torch.Tensor, new_text_
     return (i2t + t2i) / 2
 
 
+def mean_pair_losses(images: Sequence[torch.Tensor], texts: Sequence[torch.Tensor], logit_scales: Sequence[torch.Tensor]) -> torch.Tensor:
+    """:func:`pair_losses` averaged over the surrogates (one feature pair per surrogate)."""
+    return torch.stack([pair_losses(i, t, s) for i, t, s in zip(images, texts, logit_scales)]).mean(0)
+
+
 @torch.no_grad()
 def select_triggers(
-    text_features: Callable[[torch.Tensor], torch.Tensor],
-    image_BE: torch.Tensor,
+    text_features: Callable[[torch.Tensor], list[torch.Tensor]],
+    images: Sequence[torch.Tensor],
     trigger_Bk: torch.Tensor,
     candidates_Bkn: torch.Tensor,
-    logit_scale: torch.Tensor,
+    logit_scales: Sequence[torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy left-to-right choice among the candidates, per sample.
+    """Greedy left-to-right choice among the candidates, per sample, by the surrogates'
+    mean loss.
 
     Args:
-        text_features: trigger [B, k] -> normalised text features [B, E] of
+        text_features: trigger [B, k] -> per surrogate, normalised text features [B, E] of
             (trigger + the sample's own caption).
-        image_BE: normalised image features (fixed during HotFlip).
+        images: per surrogate, normalised image features (fixed during HotFlip).
         trigger_Bk: current trigger ids.
         candidates_Bkn: from :func:`candidate_tokens`.
-        logit_scale: the surrogate's (log) temperature.
+        logit_scales: per surrogate, its (log) temperature.
 
     Returns:
-        (new trigger [B, k], per-sample loss after the last position [B]).
+        (new trigger [B, k], per-sample mean loss after the last position [B]).
     """
     trigger = trigger_Bk.clone()
     text = text_features(trigger)
-    best = pair_losses(image_BE, text, logit_scale)
     for j in range(trigger.shape[1]):
         base_text = text
-        best = pair_losses(image_BE, base_text, logit_scale)
+        best = mean_pair_losses(images, base_text, logit_scales)
         best_tok = trigger[:, j].clone()
-        best_text = base_text.clone()
+        best_text = [t.clone() for t in base_text]
         for c in range(candidates_Bkn.shape[2]):
             trial = trigger.clone()
             trial[:, j] = candidates_Bkn[:, j, c]
             trial_text = text_features(trial)
-            loss = swapped_pair_losses(image_BE, base_text, trial_text, logit_scale)
+            loss = torch.stack([swapped_pair_losses(i, b, t, s) for i, b, t, s
+                                in zip(images, base_text, trial_text, logit_scales)]).mean(0)
             better = loss < best
             best = torch.where(better, loss, best)
             best_tok = torch.where(better, candidates_Bkn[:, j, c], best_tok)
-            best_text[better] = trial_text[better]
+            for bt, tt in zip(best_text, trial_text):
+                bt[better] = tt[better]
         trigger[:, j] = best_tok
         text = best_text
-    return trigger, pair_losses(image_BE, text, logit_scale)
+    return trigger, mean_pair_losses(images, text, logit_scales)

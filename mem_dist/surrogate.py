@@ -75,6 +75,14 @@ def create_surrogate(model: str, pretrained: str | None = None, device: str | to
     return clip, tokenizer, PixelSpec(int(size), mean, std)
 
 
+def same_tokenizer(a, b) -> bool:
+    """Whether two open_clip tokenizers give the same ids (same kind, same context length,
+    same ids for a probe sentence): ensemble members must, since the trigger is one text."""
+    probe = ["a photo of 2 red cats, naïve café at the top-left"]
+    return (type(a) is type(b) and getattr(a, "context_length", None) == getattr(b, "context_length", None)
+            and torch.equal(a(probe), b(probe)))
+
+
 def save(obj, url: str) -> None:
     """torch.save ``obj`` (a state dict, or a checkpoint dict) to any fsspec URL, atomically;
     a state dict written here loads as ``pretrained`` in :func:`create_surrogate`."""

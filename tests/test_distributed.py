@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import signal
@@ -12,9 +13,10 @@ import time
 
 import pytest
 import s3fs
+import torch
 
 from mem_dist import state
-from tests.conftest import ROOT, tiny_overrides
+from tests.conftest import ROOT, TINY_RN, tiny_overrides
 
 SHARDS = "s3://src/train/{00000..00002}.tar"
 
@@ -141,6 +143,16 @@ def test_sigkill_and_resume_is_byte_identical(s3, reference, kill_when):
     log = finish(launch(args, env))
     assert "resuming" in log
     assert final_state(fs, prefix, 2) == reference[1]
+
+
+def test_two_processes_keep_every_ensemble_member_in_step(s3):
+    """Each member is its own DDP model; the run checks every member's checksum across ranks."""
+    fs, env = s3
+    log = finish(launch(tiny_overrides(SHARDS, "s3://out/ens", **{
+        **ARGS, "mem.rounds": 1, "surrogate.ensemble": f"[{{model: {TINY_RN}}}]"}), env))
+    assert "round 1/1" in log
+    ck = torch.load(io.BytesIO(fs.cat_file("out/ens/checkpoints/round-001.pt")), weights_only=True)
+    assert len(ck["ensemble"]) == 1
 
 
 def test_resume_refuses_another_world_size(s3, reference, capsys):

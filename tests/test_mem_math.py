@@ -80,18 +80,18 @@ def test_hotflip_never_raises_the_loss_of_changed_samples(tiny):
         image = F.normalize(model.encode_image(surrogate.to_model_input(canvas, spec)), dim=-1)
 
     def text_features(t):
-        return F.normalize(model.encode_text(text.assemble_tokens(bodies, t, tok)), dim=-1)
+        return [F.normalize(model.encode_text(text.assemble_tokens(bodies, t, tok)), dim=-1)]
 
     ids = text.assemble_tokens(bodies, trig, tok)
     emb = surrogate.token_embedding_weight(model)[ids].detach().requires_grad_(True)
     loss = surrogate.clip_loss(image, surrogate.encode_text_from_embeds(model, emb, ids), model.logit_scale).mean()
     (grad,) = torch.autograd.grad(loss, emb)
-    cands = hotflip.candidate_tokens(grad[:, 1:4], surrogate.token_embedding_weight(model).detach(), vocab, 6)
+    cands = hotflip.candidate_tokens([grad[:, 1:4]], [surrogate.token_embedding_weight(model).detach()], vocab, 6)
     assert set(cands.flatten().tolist()) <= set(vocab.tolist())
     with torch.no_grad():
-        before = hotflip.pair_losses(image, text_features(trig), model.logit_scale)
-        new, after_reported = hotflip.select_triggers(text_features, image, trig, cands, model.logit_scale)
-        after = hotflip.pair_losses(image, text_features(new), model.logit_scale)
+        before = hotflip.pair_losses(image, text_features(trig)[0], model.logit_scale)
+        new, after_reported = hotflip.select_triggers(text_features, [image], trig, cands, [model.logit_scale])
+        after = hotflip.pair_losses(image, text_features(new)[0], model.logit_scale)
     assert torch.allclose(after, after_reported, atol=1e-5)
     changed = (new != trig).any(1)
     assert changed.any(), "HotFlip changed nothing: the test would not test anything"
@@ -100,7 +100,7 @@ def test_hotflip_never_raises_the_loss_of_changed_samples(tiny):
         alone = trig.clone()
         alone[b] = new[b]
         with torch.no_grad():
-            loss_b = hotflip.pair_losses(image, text_features(alone), model.logit_scale)[b]
+            loss_b = hotflip.pair_losses(image, text_features(alone)[0], model.logit_scale)[b]
         assert loss_b <= before[b] + 1e-5
 
 
