@@ -133,7 +133,7 @@ def run_record(run: Run, old: dict | None, rounds_done: int, skipped: dict[str, 
         "config_hash": run.cfg.config_hash(),
         "shards": run.urls,
         "world_size": run.dist.world,
-        "rounds": run.cfg.mem.rounds,
+        "rounds": total_rounds(run.cfg),
         "rounds_done": rounds_done,
         "skipped": skipped,
         "versions": {"mem_dist": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
@@ -142,6 +142,11 @@ def run_record(run: Run, old: dict | None, rounds_done: int, skipped: dict[str, 
         "created": (old or {}).get("created", now),
         "updated": now,
     }
+
+
+def total_rounds(cfg: RunConfig) -> int:
+    """mem.rounds for MEM; the random baselines are one pass, nothing to iterate."""
+    return cfg.mem.rounds if cfg.mem.method == "mem" else 1
 
 
 def checkpoint_url(output: str, round_: int) -> str:
@@ -426,7 +431,7 @@ def generate(cfg: RunConfig, dist: distributed.Dist, log=print) -> dict:
     if dist.is_main:
         storage.write_json(storage.join(cfg.output, "run.json"), run_record(run, old, done, (old or {}).get("skipped", {})))
     dist.barrier()
-    last = cfg.mem.rounds if cfg.mem.method == "mem" else 1
+    last = total_rounds(cfg)
     first = resume_point(run)
     if old is not None and first <= last and dist.is_main:
         n = len(state.completed(cfg.output, first))

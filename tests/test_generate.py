@@ -73,6 +73,7 @@ def test_em_and_random_baselines(demo_dir, tmp_path, tokenizer):
     assert main(tiny_overrides(shards, str(tmp_path / "rnd"), **{"mem.method": "random", "mem.trigger_len": 0})) == 0
     st = state.read_state(state.state_url(str(tmp_path / "rnd"), 1, "00000"))
     assert np.abs(st.delta.astype(int)).max() == 8 and st.trigger_ids.shape == (40, 0)
+    assert storage.read_json(os.path.join(tmp_path, "rnd", "run.json"))["rounds"] == 1  # one pass, not mem.rounds
     # random with k > 0: the same noise plus a random trigger per sample (the no-optimisation control)
     assert main(tiny_overrides(shards, str(tmp_path / "rndk"), **{"mem.method": "random", "mem.trigger_len": 4})) == 0
     stk = state.read_state(state.state_url(str(tmp_path / "rndk"), 1, "00000"))
