@@ -159,8 +159,8 @@ def latest_checkpoint(output: str) -> int:
 
 
 def save_checkpoint(run: Run, round_: int) -> None:
-    """The first member as "model" / "optimizer" (loadable as a plain checkpoint), the
-    ensemble's other members under "ensemble"."""
+    """The first member as "model" / "optimizer" (the layout from before ensembles, so older
+    runs still resume), the ensemble's other members under "ensemble"."""
     first, rest = run.members[0], run.members[1:]
     surrogate.save({"round": round_, "model": first.bare.state_dict(), "optimizer": first.optimizer.state_dict(),
                     "ensemble": [{"model": m.bare.state_dict(), "optimizer": m.optimizer.state_dict()} for m in rest]},
