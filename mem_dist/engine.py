@@ -86,10 +86,7 @@ def setup(cfg: RunConfig, dist: distributed.Dist) -> Run:
     for i, (name, weights) in enumerate(wanted):
         key = "surrogate" if i == 0 else f"surrogate.ensemble[{i - 1}]"
         torch.manual_seed(cfg.seed if i == 0 else seed_of(cfg.seed, "member", i))  # identical init on every rank
-        try:
-            model, tok, spec = surrogate.create_surrogate(name, weights, device=dist.device)
-        except ConfigError as e:
-            raise ConfigError(str(e).replace("'surrogate.", f"'{key}.")) from None
+        model, tok, spec = surrogate.create_surrogate(name, weights, device=dist.device, key=key)
         if tokenizer is None:
             tokenizer = tok
         elif not surrogate.same_tokenizer(tok, tokenizer):

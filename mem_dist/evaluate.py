@@ -285,10 +285,7 @@ def create_victim(cfg: VictimConfig, device: torch.device, seed: int):
     seeds the surrogate: a victim of the surrogate's architecture would otherwise start from
     the surrogate's exact weights and measure a shortcut no attacker gets."""
     torch.manual_seed(seed_of(seed, "victim"))
-    try:
-        return surrogate.create_surrogate(cfg.model, cfg.pretrained, device)
-    except ConfigError as e:
-        raise ConfigError(str(e).replace("'surrogate.", "'victim.")) from None
+    return surrogate.create_surrogate(cfg.model, cfg.pretrained, device, key="victim")
 
 
 def cosine_lr(step: int, base_lr: float, warmup: int, total: int) -> float:

@@ -31,20 +31,21 @@ class PixelSpec:
     std: tuple[float, float, float]
 
 
-def resolve_model_name(model: str) -> str:
+def resolve_model_name(model: str, key: str = "surrogate") -> str:
     """An open_clip model name for ``model``: a registered name as is, or a model-config
-    JSON path, registered under its file stem."""
+    JSON path, registered under its file stem. Errors name the config key ``{key}.model``."""
     if model.endswith(".json"):
         if not os.path.exists(model):
-            raise ConfigError(f"config key 'surrogate.model': model-config file not found: {model}")
+            raise ConfigError(f"config key '{key}.model': model-config file not found: {model}")
         open_clip.add_model_config(model)
         return os.path.splitext(os.path.basename(model))[0]
     if model not in open_clip.list_models():
-        raise ConfigError(f"config key 'surrogate.model': unknown open_clip model '{model}' (see open_clip.list_models(), or give a model-config .json path)")
+        raise ConfigError(f"config key '{key}.model': unknown open_clip model '{model}' (see open_clip.list_models(), or give a model-config .json path)")
     return model
 
 
-def create_surrogate(model: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> tuple[nn.Module, object, PixelSpec]:
+def create_surrogate(model: str, pretrained: str | None = None, device: str | torch.device = "cpu",
+                     key: str = "surrogate") -> tuple[nn.Module, object, PixelSpec]:
     """Build an open_clip CLIP, its tokenizer and its pixel spec. Nothing is downloaded.
 
     Args:
@@ -52,15 +53,16 @@ def create_surrogate(model: str, pretrained: str | None = None, device: str | to
         pretrained: None for random init, or a local checkpoint file (or a folder with
             open_clip_config.json + weights, loaded as ``local-dir:``).
         device: where the model lives.
+        key: the config section errors name ("victim" for evaluate's victim).
 
     Returns:
         (model, tokenizer, pixel spec)
     """
-    name = resolve_model_name(model)
+    name = resolve_model_name(model, key)
     weights = None
     if pretrained is not None:
         if not os.path.exists(pretrained):
-            raise ConfigError(f"config key 'surrogate.pretrained': checkpoint not found: {pretrained} (weights are never downloaded)")
+            raise ConfigError(f"config key '{key}.pretrained': checkpoint not found: {pretrained} (weights are never downloaded)")
         weights = pretrained
     if weights is not None and os.path.isdir(weights):
         clip = open_clip.create_model(f"local-dir:{weights}", device=device)

@@ -214,6 +214,9 @@ def test_missing_shards_and_keys_exit_2(demo_dir, tmp_path, capsys):
     assert "config key 'conditions.clean': shard not found" in capsys.readouterr().err
     assert main([f"conditions.clean={demo_dir}/train/00000.tar"]) == 2
     assert "config key 'val_shards' is required" in capsys.readouterr().err
+    assert main([f"conditions.clean={demo_dir}/train/00000.tar", f"val_shards={demo_dir}/val/00000.tar",
+                 f"output={tmp_path}", "victim.pretrained=nowhere.pt"]) == 2
+    assert "config key 'victim.pretrained': checkpoint not found" in capsys.readouterr().err
 
 
 def test_grid_shows_conditions_that_share_keys(demo_dir, protected_dir, tmp_path):
