@@ -45,7 +45,7 @@ def resolve_model_name(model: str, key: str = "surrogate") -> str:
 
 
 def create_surrogate(model: str, pretrained: str | None = None, device: str | torch.device = "cpu",
-                     key: str = "surrogate") -> tuple[nn.Module, object, PixelSpec]:
+                     key: str = "surrogate", pretrained_key: str | None = None) -> tuple[nn.Module, object, PixelSpec]:
     """Build an open_clip CLIP, its tokenizer and its pixel spec. Nothing is downloaded.
 
     Args:
@@ -54,20 +54,25 @@ def create_surrogate(model: str, pretrained: str | None = None, device: str | to
             open_clip_config.json + weights, loaded as ``local-dir:``).
         device: where the model lives.
         key: the config section errors name ("victim" for evaluate's victim).
+        pretrained_key: the config key errors about ``pretrained`` name (default
+            ``{key}.pretrained``).
 
     Returns:
         (model, tokenizer, pixel spec)
     """
     name = resolve_model_name(model, key)
-    weights = None
-    if pretrained is not None:
-        if not os.path.exists(pretrained):
-            raise ConfigError(f"config key '{key}.pretrained': checkpoint not found: {pretrained} (weights are never downloaded)")
-        weights = pretrained
-    if weights is not None and os.path.isdir(weights):
-        clip = open_clip.create_model(f"local-dir:{weights}", device=device)
-    else:
-        clip = open_clip.create_model(name, pretrained=weights, device=device)
+    pretrained_key = pretrained_key or f"{key}.pretrained"
+    if pretrained is not None and not os.path.exists(pretrained):
+        raise ConfigError(f"config key '{pretrained_key}': checkpoint not found: {pretrained} (weights are never downloaded)")
+    try:
+        if pretrained is not None and os.path.isdir(pretrained):
+            clip = open_clip.create_model(f"local-dir:{pretrained}", device=device)
+        else:
+            clip = open_clip.create_model(name, pretrained=pretrained, device=device)
+    except Exception as e:  # a checkpoint of another model, or not a checkpoint at all
+        if pretrained is None:
+            raise
+        raise ConfigError(f"config key '{pretrained_key}': {pretrained} does not load into model '{model}' ({_first_line(e)})") from e
     tokenizer = open_clip.get_tokenizer(name)
     size = clip.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
@@ -75,6 +80,17 @@ def create_surrogate(model: str, pretrained: str | None = None, device: str | to
     mean = tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
     std = tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
     return clip, tokenizer, PixelSpec(int(size), mean, std)
+
+
+def _first_line(e: Exception, limit: int = 160) -> str:
+    """The informative line of a load error, shortened (state-dict errors list every key)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Error(s) in loading"):
+        lines = lines[1:]
+    elif lines and lines[0].startswith("Weights only load failed"):  # torch.load's long advice
+        lines = ["not a torch checkpoint of tensors (torch.load with weights_only=True failed)"]
+    text = f"{type(e).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def same_tokenizer(a, b) -> bool:

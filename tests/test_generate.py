@@ -115,6 +115,10 @@ def test_ensemble_trains_every_member_and_resumes_exactly(demo_dir, tmp_path, ca
     assert main(tiny_overrides(f"{demo_dir}/train/00000.tar", str(tmp_path / "bad"),
                                **{"surrogate.ensemble": "[{pretrained: nowhere.pt}]"})) == 2
     assert "'surrogate.ensemble[0].pretrained'" in capsys.readouterr().err
+    # a checkpoint of another model is one line naming the key, not a state-dict traceback
+    assert main(tiny_overrides(f"{demo_dir}/train/00000.tar", str(tmp_path / "bad1"),
+                               **{"surrogate.pretrained": ckpt, "surrogate.model": TINY_VIT})) == 2
+    assert f"config key 'surrogate.pretrained': {ckpt} does not load into model" in capsys.readouterr().err
     short = json.load(open(TINY_RN))
     short["text_cfg"]["context_length"] = 16
     other = tmp_path / "tiny-rn-short.json"
