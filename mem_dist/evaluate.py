@@ -4,7 +4,9 @@ For every *condition* (a set of training shards: clean, protected, or a mix with
 protected fraction p) a victim CLIP is trained (from scratch, or from a local checkpoint)
 and evaluated on clean validation shards at epoch 0 and after every epoch: image->text and
 text->image R@1/5/10, median and mean rank. The paper's protocol (reference section 5)
-with one caption per validation image. Outputs under ``output``: ``metrics.json``,
+with one caption per validation image. A condition may instead name a victim trained
+elsewhere (``checkpoint``: open_clip_train's, or any pipeline's, for ``victim.model``),
+which is evaluated as it is. Outputs under ``output``: ``metrics.json``,
 ``loss.png``, ``median_rank.png``, ``grid.png`` and ``report.md`` (see :mod:`mem_dist.report`).
 
 The victim's input pipeline per training batch: canvas (uint8, as decoded, optionally
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import random
 import sys
 import time
@@ -89,6 +92,11 @@ class Condition:
     keys is taken from ``shards`` (the protected version), the rest stays clean."""
     fraction: float = 1.0
     """Protected fraction p of a mix (needs ``clean_shards`` when below 1)."""
+    checkpoint: Optional[str] = None
+    """A victim trained elsewhere, by any pipeline (a local checkpoint of ``victim.model``:
+    open_clip_train's ``checkpoints/epoch_N.pt`` or a state dict). It is evaluated on the
+    val shards as it is and nothing is trained; ``shards`` then only records (and shows in
+    the grid) what it was trained on, and may be left out."""
 
 
 @dataclass(frozen=True)
@@ -145,8 +153,10 @@ def parse_conditions(raw: Any) -> dict[str, Condition]:
         elif isinstance(value, dict):
             value = build(Condition, value, key + ".")
         elif not isinstance(value, Condition):
-            raise ConfigError(f"config key '{key}' must be a shard spec or a mapping with shards / clean_shards / fraction")
-        check(bool(value.shards), f"{key}.shards", "is required")
+            raise ConfigError(f"config key '{key}' must be a shard spec or a mapping with shards / clean_shards / fraction / checkpoint")
+        check(bool(value.shards) or value.checkpoint is not None, f"{key}.shards", "is required (or a checkpoint to evaluate)")
+        check(value.checkpoint is None or (value.clean_shards is None and value.fraction == 1), f"{key}.checkpoint",
+              "is a victim trained elsewhere: clean_shards and fraction do not apply to it")
         check(0 <= value.fraction <= 1, f"{key}.fraction", "must be between 0 and 1")
         check(value.fraction == 1 or bool(value.clean_shards), f"{key}.clean_shards", "is required when fraction is below 1")
         out[str(name)] = value
@@ -317,6 +327,19 @@ def evaluate_retrieval(model, spec: surrogate.PixelSpec, canvases_NHWC: torch.Te
     return retrieval_metrics(torch.cat(images), torch.cat(texts))
 
 
+def epoch_record(model, spec: surrogate.PixelSpec, val_canvases: torch.Tensor, val_tokens: torch.Tensor, batch_size: int,
+                 epoch: int, loss: float | None, lr: float | None, seconds: float) -> dict:
+    """One entry of a history's "epochs": the epoch's training numbers and val retrieval."""
+    record = {"epoch": epoch, "train_loss": loss, "lr": lr, "seconds": round(seconds, 3)}
+    record.update(evaluate_retrieval(model, spec, val_canvases, val_tokens, batch_size))
+    return record
+
+
+def victim_autocast(device: torch.device, vcfg: VictimConfig):
+    """bf16 autocast on CUDA when ``victim.precision`` asks for it; otherwise a no-op."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and vcfg.precision == "bf16")
+
+
 def train_victim(train_shards: str | Condition, val_shards: str, cfg: EvalConfig, log: Log = print,
                  save_to: str | None = None) -> dict:
     """Train a victim CLIP on ``train_shards``, evaluating on ``val_shards`` every epoch.
@@ -346,7 +369,7 @@ def train_victim(train_shards: str | Condition, val_shards: str, cfg: EvalConfig
     order_gen = torch.Generator().manual_seed(cfg.seed)
     augment_gen = torch.Generator().manual_seed(cfg.seed + 1)
     text_rng = random.Random(cfg.seed)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and vcfg.precision == "bf16")
+    autocast = victim_autocast(device, vcfg)
 
     canvases_NHWC = torch.from_numpy(train.canvases).to(device)
     tokens_NL = tokenizer(train.captions)  # once; re-tokenised per batch only under a text defence
@@ -357,8 +380,7 @@ def train_victim(train_shards: str | Condition, val_shards: str, cfg: EvalConfig
 
     def validate(epoch: int, loss: float | None, lr: float | None, seconds: float) -> dict:
         with autocast:
-            record = {"epoch": epoch, "train_loss": loss, "lr": lr, "seconds": round(seconds, 3)}
-            record.update(evaluate_retrieval(model, spec, val_canvases, val_tokens, vcfg.batch_size))
+            record = epoch_record(model, spec, val_canvases, val_tokens, vcfg.batch_size, epoch, loss, lr, seconds)
         log(f"mem-dist: evaluate: epoch {epoch}/{vcfg.epochs}" + (f" loss {loss:.4f}" if loss is not None else "")
             + f" | {_brief(record)} ({seconds:.1f} s)")
         return record
@@ -390,6 +412,24 @@ def train_victim(train_shards: str | Condition, val_shards: str, cfg: EvalConfig
         surrogate.save(model.state_dict(), save_to)
         log(f"mem-dist: evaluate: victim weights written to {save_to}")
     return {"n_train": len(train), "n_protected": train.protected, "n_val": len(val), "epochs": epochs, "final": epochs[-1]}
+
+
+def evaluate_checkpoint(name: str, checkpoint: str, val_shards: str, cfg: EvalConfig, log: Log = print) -> dict:
+    """Evaluate a victim trained elsewhere (``conditions.{name}.checkpoint``, a checkpoint of
+    ``victim.model``) on ``val_shards``; nothing is trained.
+
+    Returns:
+        A history as :func:`train_victim`'s with one record (epoch 0) and no training-set
+        sizes ("n_train" and "n_protected" None).
+    """
+    device, vcfg = resolve_device(cfg.device), cfg.victim
+    val = load_pairs(val_shards, cfg)
+    model, tokenizer, spec = surrogate.create_surrogate(vcfg.model, checkpoint, device, key="victim",
+                                                        pretrained_key=f"conditions.{name}.checkpoint")
+    with victim_autocast(device, vcfg):
+        record = epoch_record(model, spec, torch.from_numpy(val.canvases), tokenizer(val.captions), vcfg.batch_size, 0, None, None, 0.0)
+    log(f"mem-dist: evaluate: condition '{name}': checkpoint {checkpoint} evaluated as it is, {len(val)} val pairs | {_brief(record)}")
+    return {"n_train": None, "n_protected": None, "n_val": len(val), "epochs": [record], "final": record}
 
 
 def train_step(model, optimizer, spec: surrogate.PixelSpec, pixels_BCHW: torch.Tensor, tokens_BL: torch.Tensor, cfg: EvalConfig, generator: torch.Generator) -> float:
@@ -426,8 +466,11 @@ def run(cfg: EvalConfig, log: Log = print) -> dict:
         The metrics.json content: {"config", "settings", "chance", "conditions": {name:
         history (see :func:`train_victim`) plus "condition"}}.
     """
-    for name, cond in cfg.conditions.items():  # every shard checked before any work
-        check_shards(cond.shards, f"conditions.{name}.shards" if cond.clean_shards else f"conditions.{name}")
+    for name, cond in cfg.conditions.items():  # every shard and checkpoint checked before any work
+        if cond.checkpoint is not None and not os.path.exists(cond.checkpoint):
+            raise ConfigError(f"config key 'conditions.{name}.checkpoint': checkpoint not found: {cond.checkpoint}")
+        if cond.shards:
+            check_shards(cond.shards, f"conditions.{name}.shards" if cond.clean_shards or cond.checkpoint else f"conditions.{name}")
         if cond.clean_shards:
             check_shards(cond.clean_shards, f"conditions.{name}.clean_shards")
     check_shards(cfg.val_shards, "val_shards")
@@ -437,10 +480,15 @@ def run(cfg: EvalConfig, log: Log = print) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.num_threads or threads)
     try:
+        # victims trained elsewhere first: quick, and a checkpoint that does not load fails before any training
+        evaluated = {name: evaluate_checkpoint(name, cond.checkpoint, cfg.val_shards, cfg, log)
+                     for name, cond in cfg.conditions.items() if cond.checkpoint is not None}
         for name, cond in cfg.conditions.items():
-            log(f"mem-dist: evaluate: condition '{name}'")
-            save_to = storage.join(cfg.output, "victims", f"{name}.pt") if cfg.save_victims else None
-            history = train_victim(cond, cfg.val_shards, cfg, log, save_to)
+            history = evaluated.get(name)
+            if history is None:
+                log(f"mem-dist: evaluate: condition '{name}'")
+                save_to = storage.join(cfg.output, "victims", f"{name}.pt") if cfg.save_victims else None
+                history = train_victim(cond, cfg.val_shards, cfg, log, save_to)
             metrics["conditions"][name] = {"condition": dataclasses.asdict(cond), **history}
             metrics["chance"] = chance_metrics(history["n_val"])
             storage.write_json(storage.join(cfg.output, "metrics.json"), metrics)  # progress after each condition
@@ -457,11 +505,15 @@ def run(cfg: EvalConfig, log: Log = print) -> dict:
 def describe_settings(cfg: EvalConfig) -> str:
     """One line on the victim and the defences that were on (for the report)."""
     v = cfg.victim
+    elsewhere = [name for name, cond in cfg.conditions.items() if cond.checkpoint is not None]
+    if len(elsewhere) == len(cfg.conditions):
+        return f"victims {v.model} trained elsewhere (each condition's checkpoint), evaluated as they are"
     start = f"fine-tuned from {v.pretrained}" if v.pretrained else "from scratch"
     crop = f"random resized crop {v.crop_scale[0]:g}-{v.crop_scale[1]:g}" if v.crop else "no crop"
     jpeg = f"train images re-encoded as JPEG q={cfg.reencode_jpeg}" if cfg.reencode_jpeg else "no JPEG re-encoding"
-    return (f"victim {v.model} {start}, {v.epochs} epoch{'s' if v.epochs != 1 else ''}, batch {v.batch_size}, lr {v.lr:g}, "
+    line = (f"victim {v.model} {start}, {v.epochs} epoch{'s' if v.epochs != 1 else ''}, batch {v.batch_size}, lr {v.lr:g}, "
             f"warm-up {v.warmup_steps} steps + cosine, {crop}; {cfg.defence.describe()}; {jpeg}; seed {cfg.seed}")
+    return line + (f"; trained elsewhere and evaluated as they are: {', '.join(elsewhere)}" if elsewhere else "")
 
 
 def grid_samples(cfg: EvalConfig, rows: int = 4) -> list[tuple[str, list[tuple[np.ndarray, str]]]]:
@@ -470,8 +522,10 @@ def grid_samples(cfg: EvalConfig, rows: int = 4) -> list[tuple[str, list[tuple[n
     captions that end with the reference's (a protected caption is trigger + caption). A
     mix shows its protected version. Empty when no condition shares samples with the
     reference."""
-    names = list(cfg.conditions)
-    ref = "clean" if "clean" in cfg.conditions else names[0]
+    names = [n for n, c in cfg.conditions.items() if c.shards]  # a checkpoint condition may name none
+    if not names:
+        return []
+    ref = "clean" if "clean" in names else names[0]
     first = {}
     for name in [ref] + [n for n in names if n != ref]:
         spec = cfg.conditions[name].shards

@@ -36,7 +36,7 @@ def results_table(metrics: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, hist in metrics["conditions"].items():
         final = hist["final"]
-        pairs = f"{hist['n_train']}" + (f" ({hist['n_protected']} protected)" if hist.get("n_protected") is not None else "")
+        pairs = "-" if hist["n_train"] is None else f"{hist['n_train']}" + (f" ({hist['n_protected']} protected)" if hist.get("n_protected") is not None else "")
         loss = f"{final['train_loss']:.3f}" if final["train_loss"] is not None else "-"
         cells = [name, pairs, loss] + [_cell(key, final[d][key]) for d, key, _ in _COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
@@ -47,13 +47,14 @@ def results_table(metrics: dict[str, Any]) -> str:
 
 def markdown_report(metrics: dict[str, Any], table: str, with_grid: bool) -> str:
     n_val = next(iter(metrics["conditions"].values()))["n_val"]
-    epochs = next(iter(metrics["conditions"].values()))["final"]["epoch"]
+    epochs = sorted({hist["final"]["epoch"] for hist in metrics["conditions"].values()})
+    after = f"after epoch {epochs[0]}" if len(epochs) == 1 else "after each victim's last epoch (0: a checkpoint trained elsewhere, evaluated as it is)"
     parts = [
         "# mem-dist evaluation",
         "",
         f"Settings: {metrics['settings']}.",
         "",
-        f"Retrieval on {n_val} clean validation pairs after epoch {epochs} (R@K in %, medR = median rank, 1-based). "
+        f"Retrieval on {n_val} clean validation pairs {after} (R@K in %, medR = median rank, 1-based). "
         f"Random guessing gives R@10 = 10/{n_val} = {100 * metrics['chance']['r10']:.1f}%.",
         "",
         table,
@@ -74,7 +75,8 @@ def plot_curves(metrics: dict[str, Any], what: str) -> bytes:
             points = [(e["epoch"], e["train_loss"]) for e in hist["epochs"] if e["train_loss"] is not None]
         else:
             points = [(e["epoch"], e["i2t"]["median_rank"]) for e in hist["epochs"]]
-        ax.plot(*zip(*points), marker="o", markersize=3, label=name)
+        if points:  # a checkpoint trained elsewhere has no training loss
+            ax.plot(*zip(*points), marker="o", markersize=3, label=name)
     if what == "median_rank":
         ax.axhline(metrics["chance"]["median_rank"], color="gray", linestyle="--", linewidth=1, label="random guess")
     ax.set_xlabel("epoch")
@@ -82,7 +84,10 @@ def plot_curves(metrics: dict[str, Any], what: str) -> bytes:
     ax.set_ylabel("mean training loss" if what == "loss" else "image->text median rank")
     ax.set_title("Victim training loss" if what == "loss" else "Image->text median rank on clean validation data")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.lines:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no victim was trained in this evaluation", ha="center", transform=ax.transAxes)
     fig.tight_layout()
     return _png(fig)
 

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import random
+import subprocess
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from mem_dist.data import load_shard
 from mem_dist.defences import DefenceConfig
 from mem_dist.evaluate import (EvalConfig, VictimConfig, chance_metrics, create_victim, grid_samples,
                                evaluate_retrieval, load_condition, load_pairs, main, retrieval_metrics, run)
-from tests.conftest import TINY_RN, TINY_VIT
+from tests.conftest import TINY_RN, TINY_VIT, python_cmd
 
 # --------------------------------------------------------------------------------------
 # The victim's init
@@ -203,6 +204,8 @@ def test_conditions_read_as_specs_or_mixes(demo_dir, protected_dir, tmp_path):
     ("conditions.half={shards: a.tar, clean_shards: b.tar, fraction: 2}", "conditions.half.fraction' must be between 0 and 1"),
     ("defence.image=blur", "config key 'defence.image' must be one of"),
     ("victim.epochs=0", "config key 'victim.epochs' must be at least 1"),
+    ("conditions.ext={fraction: 1}", "conditions.ext.shards' is required"),
+    ("conditions.ext={checkpoint: v.pt, clean_shards: b.tar}", "conditions.ext.checkpoint' is a victim trained elsewhere"),
 ])
 def test_bad_configs_name_the_key(demo_dir, tmp_path, override, words):
     with pytest.raises(ConfigError, match=words.replace("'", ".")):
@@ -217,6 +220,18 @@ def test_missing_shards_and_keys_exit_2(demo_dir, tmp_path, capsys):
     assert main([f"conditions.clean={demo_dir}/train/00000.tar", f"val_shards={demo_dir}/val/00000.tar",
                  f"output={tmp_path}", "victim.pretrained=nowhere.pt"]) == 2
     assert "config key 'victim.pretrained': checkpoint not found" in capsys.readouterr().err
+    assert main([f"conditions.ext={{checkpoint: {tmp_path}/nowhere.pt}}", f"val_shards={demo_dir}/val/00000.tar", f"output={tmp_path}"]) == 2
+    assert "config key 'conditions.ext.checkpoint': checkpoint not found" in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_another_model_is_one_clear_error(demo_dir, tmp_path, capsys):
+    torch.save(surrogate.create_surrogate(TINY_RN)[0].state_dict(), tmp_path / "rn.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    for path in ("rn.pt", "junk.pt"):
+        assert main([f"conditions.ext={{checkpoint: {tmp_path}/{path}}}", f"val_shards={demo_dir}/val/00000.tar",
+                     f"output={tmp_path}", f"victim.model={TINY_VIT}", "device=cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"config key 'conditions.ext.checkpoint': {tmp_path}/{path} does not load into model" in err
 
 
 def test_grid_shows_conditions_that_share_keys(demo_dir, protected_dir, tmp_path):
@@ -265,3 +280,29 @@ def test_tiny_victim_learns_clean_retrieval_and_writes_the_report(tmp_path):
     val = load_pairs(f"{tmp_path}/data/val/00000.tar", cfg)
     again = evaluate_retrieval(model, spec, torch.from_numpy(val.canvases), tokenizer(val.captions), 32)
     assert again["i2t"] == pytest.approx(hist["final"]["i2t"]) and again["t2i"] == pytest.approx(hist["final"]["t2i"])
+
+
+def test_a_victim_trained_by_open_clip_train_is_evaluated_as_it_is(demo_dir, tmp_path):
+    """conditions.X.checkpoint: a victim from another training pipeline (here open_clip's own
+    trainer, one epoch on the demo shards) is scored on the clean val shards, untrained further."""
+    shards = f"{demo_dir}/train/{{00000..00002}}.tar"
+    register_and_train = ("import open_clip, sys; open_clip.add_model_config(sys.argv[1]); "
+                          "from open_clip_train.main import main; main(sys.argv[2:])")
+    subprocess.run(python_cmd("-c", register_and_train, TINY_VIT, "--model", "tiny-vit", "--train-data", shards,
+                              "--dataset-type", "webdataset", "--train-num-samples", "120", "--batch-size", "32",
+                              "--epochs", "1", "--lr", "1e-3", "--warmup", "1", "--workers", "1", "--precision", "fp32",
+                              "--logs", str(tmp_path / "logs"), "--name", "victim", "--report-to", "", "--seed", "0"),
+                   check=True, timeout=600, capture_output=True)
+    checkpoint = tmp_path / "logs" / "victim" / "checkpoints" / "epoch_1.pt"
+    out = str(tmp_path / "eval")
+    metrics = run(_cfg(demo_dir, out, f"conditions={{openclip: {{checkpoint: '{checkpoint}', shards: '{shards}'}}}}"))
+    hist = metrics["conditions"]["openclip"]
+    assert hist["n_train"] is None and [e["epoch"] for e in hist["epochs"]] == [0] and hist["final"]["train_loss"] is None
+    # the scores are those of open_clip_train's weights ("state_dict" with DDP's "module." prefixes stripped or not)
+    model, tokenizer, spec = create_victim(VictimConfig(model=TINY_VIT), torch.device("cpu"), seed=0)
+    state = torch.load(checkpoint, map_location="cpu")["state_dict"]
+    model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
+    val = load_pairs(f"{demo_dir}/val/00000.tar", _cfg(demo_dir, out))
+    direct = evaluate_retrieval(model, spec, torch.from_numpy(val.canvases), tokenizer(val.captions), 32)
+    assert direct["i2t"] == pytest.approx(hist["final"]["i2t"]) and direct["t2i"] == pytest.approx(hist["final"]["t2i"])
+    assert "| openclip | - | - |" in open(os.path.join(out, "report.md")).read()
