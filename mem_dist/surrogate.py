@@ -69,6 +69,8 @@ def create_surrogate(model: str, pretrained: str | None = None, device: str | to
             clip = open_clip.create_model(f"local-dir:{pretrained}", device=device)
         else:
             clip = open_clip.create_model(name, pretrained=pretrained, device=device)
+    except torch.OutOfMemoryError:
+        raise
     except Exception as e:  # a checkpoint of another model, or not a checkpoint at all
         if pretrained is None:
             raise
