@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import os
 import random
 import sys
 import time
@@ -466,9 +465,7 @@ def run(cfg: EvalConfig, log: Log = print) -> dict:
         The metrics.json content: {"config", "settings", "chance", "conditions": {name:
         history (see :func:`train_victim`) plus "condition"}}.
     """
-    for name, cond in cfg.conditions.items():  # every shard and checkpoint checked before any work
-        if cond.checkpoint is not None and not os.path.exists(cond.checkpoint):
-            raise ConfigError(f"config key 'conditions.{name}.checkpoint': checkpoint not found: {cond.checkpoint}")
+    for name, cond in cfg.conditions.items():  # every shard checked before any work (checkpoints: first thing below)
         if cond.shards:
             check_shards(cond.shards, f"conditions.{name}.shards" if cond.clean_shards or cond.checkpoint else f"conditions.{name}")
         if cond.clean_shards:
