@@ -71,11 +71,14 @@ def create_surrogate(model: str, pretrained: str | None = None, device: str | to
             clip = open_clip.create_model(name, pretrained=pretrained, device=device)
     except torch.OutOfMemoryError:
         raise
-    except Exception as e:  # a checkpoint of another model, or not a checkpoint at all
+    except Exception as e:  # a checkpoint of another model, not a checkpoint at all, or a tower needing transformers
         if pretrained is None:
-            raise
+            raise ConfigError(f"config key '{key}.model': open_clip cannot build '{model}' here ({_first_line(e)})") from e
         raise ConfigError(f"config key '{pretrained_key}': {pretrained} does not load into model '{model}' ({_first_line(e)})") from e
-    tokenizer = open_clip.get_tokenizer(name)
+    try:
+        tokenizer = open_clip.get_tokenizer(name)
+    except Exception as e:  # HuggingFace tokenizers need transformers and a download
+        raise ConfigError(f"config key '{key}.model': the tokenizer of '{model}' does not load ({_first_line(e)})") from e
     size = clip.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     cfg = getattr(clip.visual, "preprocess_cfg", None) or {}
@@ -119,7 +122,9 @@ def to_model_input(pixels_BCHW: torch.Tensor, spec: PixelSpec) -> torch.Tensor:
         x = F.interpolate(x, size=(spec.size, spec.size), mode="bilinear", align_corners=False, antialias=True)
     mean = torch.tensor(spec.mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean) / std
+    # Canvases arrive as permuted HWC (channels-last strides); on the CPU, torch 2.14's
+    # backward through MobileCLIP's image tower corrupts the heap on such input.
+    return ((x - mean) / std).contiguous()
 
 
 def random_resized_crop(pixels_BCHW: torch.Tensor, generator: torch.Generator, scale: tuple[float, float] = (0.8, 1.0)) -> torch.Tensor:
@@ -168,18 +173,16 @@ def token_embedding_weight(model: nn.Module) -> torch.Tensor:
 def encode_text_from_embeds(model: nn.Module, emb_BLD: torch.Tensor, ids_BL: torch.Tensor) -> torch.Tensor:
     """open_clip's encode_text, starting from token embeddings (HotFlip needs their gradient).
 
-    Matches ``model.encode_text(ids)`` exactly when ``emb_BLD = token_embedding(ids)``.
+    The model's own ``encode_text(ids)`` runs with its token-embedding lookup replaced by
+    ``emb_BLD``, so every text tower open_clip builds (causal or padding masks, CoCa's
+    appended class token, any pooling) is followed exactly; equal to ``encode_text(ids)``
+    when ``emb_BLD = token_embedding(ids)``.
     """
-    m = text_tower(model)
-    cast = m.transformer.get_cast_dtype() if hasattr(m.transformer, "get_cast_dtype") else emb_BLD.dtype
-    x = emb_BLD.to(cast) + m.positional_embedding.to(cast)
-    x = m.transformer(x, attn_mask=m.attn_mask)
-    x = m.ln_final(x)
-    pool = getattr(m, "text_pool_type", getattr(m, "pool_type", "argmax"))
-    x = open_clip.transformer.text_global_pool(x, ids_BL, pool, eos_token_id=getattr(m, "text_eos_id", getattr(m, "eos_id", None)))
-    if isinstance(m.text_projection, nn.Linear):
-        return m.text_projection(x)
-    return x @ m.text_projection if m.text_projection is not None else x
+    handle = text_tower(model).token_embedding.register_forward_hook(lambda module, inputs, output: emb_BLD)
+    try:
+        return unwrap(model).encode_text(ids_BL)
+    finally:
+        handle.remove()
 
 
 def logit_scale(model: nn.Module) -> torch.Tensor:

@@ -16,6 +16,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from mem_dist.config import ConfigError
+
 
 def _word(tokenizer, token_id: int) -> str | None:
     token = tokenizer.decoder[token_id]
@@ -51,12 +53,13 @@ def trigger_vocabulary(tokenizer, size: int = 0, seed: int = 0) -> np.ndarray:
         Sorted int64 array of token ids.
     """
     if not hasattr(tokenizer, "decoder"):
-        raise ValueError("triggers need open_clip's CLIP BPE tokenizer (SimpleTokenizer); this model's tokenizer is not one")
+        raise ConfigError(f"config key 'surrogate.model': the trigger needs open_clip's CLIP BPE tokenizer (SimpleTokenizer); "
+                          f"this model's tokenizer is {type(tokenizer).__name__}")
     ids = np.array(_round_trip_ids(tokenizer), dtype=np.int64)
     if size:
         words = np.array([i for i in ids if (w := _word(tokenizer, int(i))).isalpha() and len(w) >= 3], dtype=np.int64)
         if size > len(words):
-            raise ValueError(f"mem.trigger_vocab={size} exceeds the {len(words)} word tokens available")
+            raise ConfigError(f"config key 'mem.trigger_vocab': {size} exceeds the {len(words)} word tokens available")
         ids = np.sort(np.random.default_rng(seed).permutation(words)[:size])
     return ids
 

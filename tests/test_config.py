@@ -32,6 +32,8 @@ def test_overrides_and_yaml(tmp_path, demo_dir):
     ("data.resize_mode=stretch", "config key 'data.resize_mode' must be one of"),
     ("mem=3", "config key 'mem' must be a section"),
     ("rounds", "override 'rounds' must look like key=value"),
+    ("mem.trigger_vocab=99999", "config key 'mem.trigger_vocab': 99999 exceeds the"),
+    ("surrogate.model=roberta-ViT-B-32", "config key 'surrogate.model': open_clip cannot build 'roberta-ViT-B-32'"),
 ])
 def test_bad_config_is_one_line_exit_2(override, words, demo_dir, tmp_path, capsys):
     args = tiny_overrides(f"{demo_dir}/train/00000.tar", str(tmp_path / "run")) + [override]

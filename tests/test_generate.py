@@ -126,3 +126,41 @@ def test_ensemble_trains_every_member_and_resumes_exactly(demo_dir, tmp_path, ca
     assert main(tiny_overrides(f"{demo_dir}/train/00000.tar", str(tmp_path / "bad2"),
                                **{"surrogate.ensemble": f"[{{model: {other}}}]"})) == 2
     assert "'surrogate.ensemble[0].model'" in capsys.readouterr().err
+
+
+TINY_COCA = {  # CoCa: a class token appended to the text, context 76 + 1, a multimodal decoder
+    "embed_dim": 64, "custom_text": True,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8,
+                   "attentional_pool": True, "attn_pooler_heads": 2, "output_tokens": True},
+    "text_cfg": {"context_length": 76, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2,
+                 "embed_cls": True, "output_tokens": True},
+    "multimodal_cfg": {"context_length": 76, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1,
+                       "attn_pooler_heads": 2},
+}
+
+
+@pytest.mark.parametrize("family", ["tiny-coca", "MobileCLIP-S1"])
+def test_other_open_clip_families_generate(family, tmp_path, tokenizer):
+    """Surrogates whose towers differ from CLIP's: CoCa (text tower with a class token,
+    HotFlip goes through it) and MobileCLIP (timm FastViT at 256 px, whose CPU backward
+    once corrupted the heap on channels-last input). A subprocess, so an abort is a failure."""
+    import subprocess
+    import sys
+
+    from mem_dist.demo import make_demo_data
+
+    make_demo_data(str(tmp_path / "data"), train=8, val=0, size=32, per_shard=8, seed=1)
+    model = family
+    if family == "tiny-coca":
+        model = str(tmp_path / "tiny-coca.json")
+        with open(model, "w") as f:
+            json.dump(TINY_COCA, f)
+    out = str(tmp_path / "run")
+    args = tiny_overrides(str(tmp_path / "data/train/00000.tar"), out, **{
+        "surrogate.model": model, "mem.rounds": 1, "mem.surrogate_steps": 1, "mem.pgd_steps": 1, "mem.batch_size": 8})
+    proc = subprocess.run([sys.executable, "mem_dist/generate.py", *args], capture_output=True, text=True,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    st = state.read_state(state.state_url(out, 1, "00000"))
+    assert len(st.keys) == 8 and np.isfinite(st.loss).all() and np.abs(st.delta).sum() > 0
+    assert [tokenizer.encode(t) for t in st.trigger_text] == st.trigger_ids.tolist()

@@ -42,10 +42,20 @@ def test_clip_loss_matches_direct_computation():
 
 
 def test_encode_text_from_embeds_matches_open_clip(tiny):
+    """Same features as encode_text(ids), and the embeddings' gradient (HotFlip's) is the
+    gradient that reaches the token-embedding table through encode_text."""
     model, tok, _ = tiny
     ids = tok(["a red circle", "two blue squares at the top"])
-    emb = surrogate.token_embedding_weight(model)[ids]
-    assert torch.allclose(surrogate.encode_text_from_embeds(model, emb, ids), model.encode_text(ids), atol=1e-5)
+    table = surrogate.token_embedding_weight(model)
+    emb = table[ids].detach().requires_grad_(True)
+    got = surrogate.encode_text_from_embeds(model, emb, ids)
+    assert torch.allclose(got, model.encode_text(ids), atol=1e-5)
+    (grad,) = torch.autograd.grad(got.square().sum(), emb)
+    model.zero_grad()
+    model.encode_text(ids).square().sum().backward()
+    expected = torch.zeros_like(table).index_add_(0, ids.flatten(), grad.flatten(0, 1))
+    assert grad[:, 1].abs().sum() > 0 and torch.allclose(table.grad, expected, atol=1e-5)
+    model.zero_grad()
 
 
 def test_pgd_step_lowers_loss_and_keeps_bounds(tiny):
