@@ -91,11 +91,12 @@ def to_canvas(img: Image.Image, size: int, mode: str) -> np.ndarray | None:
     """A source image as the canvas, uint8 [size, size, 3]; None if mode "no" and the
     image has the wrong size.
 
+    Any image mode becomes RGB as :func:`as_rgb` shows it.
     center_crop: shorter side to ``size`` (bicubic), centre crop.
     border: longer side to ``size`` (bicubic), pad with white to a square.
     no: as it is.
     """
-    img = img.convert("RGB")
+    img = as_rgb(img)
     w, h = img.size
     if mode == "no":
         return np.asarray(img, dtype=np.uint8).copy() if (w, h) == (size, size) else None
@@ -115,6 +116,15 @@ def to_canvas(img: Image.Image, size: int, mode: str) -> np.ndarray | None:
         board.paste(img, ((size - nw) // 2, (size - nh) // 2))
         img = board
     return np.asarray(img, dtype=np.uint8).copy()
+
+
+def as_rgb(img: Image.Image) -> Image.Image:
+    """RGB as the image is shown: transparent pixels over white, as img2dataset does (a
+    plain convert keeps whatever colour hides under them, often black)."""
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img).convert("RGB")
+    return img.convert("RGB")
 
 
 def tar_is_complete(url: str) -> bool:

@@ -56,3 +56,30 @@ def test_bad_samples_and_shards_are_counted(demo_dir, tmp_path, capsys):
     run = storage.read_json(os.path.join(out, "run.json"))
     assert run["skipped"] == {"decode_error": 1, "no_caption": 2, "no_image": 1, "truncated_tar": 1,
                               "empty_shard": 2, "missing_shard": 1}
+
+
+def test_every_image_mode_becomes_the_rgb_that_is_shown():
+    """Transparent pixels become white (as img2dataset composites them), not the colour
+    stored under them; greyscale, palette and CMYK images convert as PIL shows them."""
+    import numpy as np
+    from PIL import Image
+
+    from mem_dist.data import to_canvas
+
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[:, :4] = (200, 10, 10, 255)  # left half opaque red, right half transparent black
+    rgba[:, 4:, 3] = 0
+    canvas = to_canvas(Image.fromarray(rgba, "RGBA"), 8, "no")
+    assert (canvas[:, :4] == (200, 10, 10)).all() and (canvas[:, 4:] == 255).all()
+    half = rgba.copy()
+    half[:, 4:] = (0, 0, 0, 128)  # half-transparent black over white: mid grey
+    assert abs(int(to_canvas(Image.fromarray(half, "RGBA"), 8, "no")[0, 6, 0]) - 127) <= 1
+    la = Image.fromarray(rgba[..., [0, 3]], "LA")
+    assert (to_canvas(la, 8, "no")[:, 4:] == 255).all()
+    pal = Image.fromarray(rgba, "RGBA").convert("P")
+    pal.info["transparency"] = pal.getpixel((6, 0))
+    assert (to_canvas(pal, 8, "no")[:, 4:] == 255).all()
+    for mode in ("L", "P", "CMYK", "I"):
+        img = Image.fromarray(rgba[..., :3], "RGB").convert(mode)
+        canvas = to_canvas(img, 8, "no")
+        assert canvas.shape == (8, 8, 3) and canvas.dtype == np.uint8
