@@ -12,6 +12,7 @@ plus ``00000.parquet`` and ``00000_stats.json`` beside each tar, as img2dataset 
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -208,7 +209,8 @@ def write_split(out: str, n_samples: int, per_shard: int, size: int, seed: int, 
                 meta = {
                     "url": f"https://demo.mem-dist.invalid/{key}.jpg", "caption": caption, "key": key,
                     "status": "success", "error_message": None, "width": size, "height": size,
-                    "original_width": size, "original_height": size, "scene": attrs,
+                    "original_width": size, "original_height": size,
+                    "sha256": hashlib.sha256(jpg.getvalue()).hexdigest(), "scene": attrs,
                 }
                 tw.write({"__key__": key, "jpg": jpg.getvalue(), "txt": caption, "json": json.dumps(meta).encode()})
                 rows.append({k: meta[k] for k in ("url", "caption", "key", "status", "error_message",

@@ -5,8 +5,9 @@ source shard, every sample with a state row becomes:
 
   KEY.png   canvas + delta, uint8, lossless (merge.image_format: png | webp)
   KEY.txt   trigger_text + " " + caption
-  KEY.json  the source metadata plus a "mem_dist" section (protected, method, epsilon,
-            trigger_len, trigger_text, trigger_ids, config_hash, version, round)
+  KEY.json  the source metadata (its caption, width, height and any md5 / sha256 / sha512
+            image hash made true of what is written) plus a "mem_dist" section (protected,
+            method, epsilon, trigger_len, trigger_text, trigger_ids, config_hash, version, round)
 
 written to ``{output}/protected/{shard}.tar``, with ``{shard}.parquet`` (one row per
 written sample: key, caption, width, height, status, protected) and ``{shard}_stats.json``
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import io
 import json
 import multiprocessing
@@ -55,6 +57,9 @@ PARQUET_SCHEMA = pa.schema([
 
 # Reasons data.load_shard counts per shard rather than per sample.
 SHARD_LEVEL_SKIPS = ("truncated_tar", "missing_shard", "empty_shard")
+
+# Image hashes img2dataset may keep in a sample's json (its compute_hash option).
+IMAGE_HASHES = {"md5", "sha256", "sha512"}
 
 
 def protected_url(output: str, name: str, suffix: str) -> str:
@@ -140,8 +145,12 @@ def merge_shard(cfg: RunConfig, url: str, round_: int, dest: str | None = None) 
                     caption = text.protected_caption(st.trigger_text[j], src.captions[i])
                     protection = dict(base_meta, protected=True, trigger_text=st.trigger_text[j],
                                       trigger_ids=st.trigger_ids[j].tolist())
-                meta = dict(source_meta(src.meta[i]), key=key, caption=caption, mem_dist=protection)
-                tw.write({"__key__": key, fmt: encode_image(pixels, fmt), "txt": caption, "json": json.dumps(meta).encode()})
+                image = encode_image(pixels, fmt)
+                meta = dict(source_meta(src.meta[i]), key=key, caption=caption, width=pixels.shape[1], height=pixels.shape[0])
+                for h in IMAGE_HASHES & meta.keys():  # img2dataset's compute_hash: now of the image written here
+                    meta[h] = hashlib.new(h, image).hexdigest()
+                meta["mem_dist"] = protection
+                tw.write({"__key__": key, fmt: image, "txt": caption, "json": json.dumps(meta).encode()})
                 rows.append({"key": key, "caption": caption, "width": pixels.shape[1], "height": pixels.shape[0],
                              "status": "success", "protected": j is not None})
         storage.put_file_atomic(tmp, tar_url)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import hashlib
 import json
 import os
 import shutil
@@ -103,7 +104,9 @@ def test_protected_shards_are_canvas_plus_delta(run, demo, tokenizer):
             assert caption == st.trigger_text[i] + " " + src.captions[i]
             assert tokenizer([caption])[0][1:4].tolist() == st.trigger_ids[i].tolist()
             meta = json.loads(s["json"])
-            assert "scene" in meta and meta["key"] == src.keys[i]  # the source metadata is kept
+            assert "scene" in meta and meta["key"] == src.keys[i]  # the source metadata is kept, made true
+            assert meta["caption"] == caption and meta["width"] == meta["height"] == 32
+            assert meta["sha256"] == hashlib.sha256(s["png"]).hexdigest()
             assert meta["mem_dist"] == {
                 "protected": True, "method": "mem", "epsilon": 8, "trigger_len": 3, "trigger_text": st.trigger_text[i],
                 "trigger_ids": st.trigger_ids[i].tolist(), "config_hash": run.config_hash(), "version": __version__, "round": 1}
