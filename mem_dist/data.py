@@ -8,6 +8,7 @@ image becomes the *canvas* (the pixels the protected shard will store, see
   ``no_image``       no member with one of ``data.image_keys``
   ``no_caption``     no caption member, or an empty caption
   ``wrong_size``     ``resize_mode: no`` and the image is not image_size x image_size
+  ``duplicate_key``  a key seen before in the same shard (the first sample is kept)
   ``truncated_tar``  the tar ends mid-member (complete samples before the break are kept)
   ``missing_shard``  the shard does not exist (``data.on_missing: skip``)
   ``empty_shard``    the shard holds no samples
@@ -181,8 +182,12 @@ def load_shard(url: str, cfg: DataConfig) -> Shard:
         skipped["empty_shard"] += 1
         _warn(f"{url}: shard is empty (0 bytes), skipped")
         return Shard(url, [], empty, [], skipped)
+    seen: set[str] = set()
     for sample in iter_samples(url, skipped):
         key = sample.get("__key__", "?")
+        if key in seen:  # state rows, merge and verify join on the key
+            skipped["duplicate_key"] += 1
+            continue
         raw = next((sample[k] for k in cfg.image_keys if k in sample), None)
         if raw is None:
             skipped["no_image"] += 1
@@ -202,6 +207,7 @@ def load_shard(url: str, cfg: DataConfig) -> Shard:
         if canvas is None:
             skipped["wrong_size"] += 1
             continue
+        seen.add(key)
         keys.append(key)
         canvases.append(canvas)
         captions.append(caption)

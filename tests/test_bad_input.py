@@ -26,6 +26,8 @@ def write_bad_shards(demo_dir: str, out: str) -> dict[str, int]:
             if i == 9:
                 del s["jpg"]
             tw.write(s)
+            if i == 10:  # sample 2's key again, with sample 0's content: counted, the first kept
+                tw.write({"__key__": good[2]["__key__"], "jpg": good[0]["jpg"], "txt": good[0]["txt"]})
     data = open(f"{demo_dir}/train/00001.tar", "rb").read()
     with open(f"{out}/00001.tar", "wb") as f:  # cut in the middle of a member
         f.write(data[: len(data) // 2 + 100])
@@ -33,7 +35,7 @@ def write_bad_shards(demo_dir: str, out: str) -> dict[str, int]:
         pass
     open(f"{out}/00003.tar", "wb").close()  # zero bytes
     # 00004.tar is missing
-    return {"00000": 8, "00002": 0, "00003": 0, "00004": 0}
+    return {"00000": 8, "00002": 0, "00003": 0, "00004": 0}  # and one duplicate key in 00000
 
 
 def test_bad_samples_and_shards_are_counted(demo_dir, tmp_path, capsys):
@@ -48,13 +50,13 @@ def test_bad_samples_and_shards_are_counted(demo_dir, tmp_path, capsys):
     for name, n in expected.items():
         assert len(rows[name].keys) == n, name
     assert 0 < len(rows["00001"].keys) < 40  # the samples before the break are kept
-    assert rows["00000"].skipped == {"decode_error": 1, "no_caption": 2, "no_image": 1}
+    assert rows["00000"].skipped == {"decode_error": 1, "no_caption": 2, "no_image": 1, "duplicate_key": 1}
     assert rows["00001"].skipped == {"truncated_tar": 1}
     assert rows["00002"].skipped == {"empty_shard": 1}
     assert rows["00003"].skipped == {"empty_shard": 1}
     assert rows["00004"].skipped == {"missing_shard": 1}
     run = storage.read_json(os.path.join(out, "run.json"))
-    assert run["skipped"] == {"decode_error": 1, "no_caption": 2, "no_image": 1, "truncated_tar": 1,
+    assert run["skipped"] == {"decode_error": 1, "no_caption": 2, "no_image": 1, "duplicate_key": 1, "truncated_tar": 1,
                               "empty_shard": 2, "missing_shard": 1}
 
 
