@@ -6,6 +6,7 @@
     mem-dist verify OUTPUT                       re-check every protected sample
     mem-dist evaluate --config E [k=v ...]       train victims, report retrieval on clean data
     mem-dist bench merge --config C              merge throughput vs a bare loop
+    mem-dist bench generate --config C           generation cost per phase, peak memory, run estimate
 """
 
 from __future__ import annotations

@@ -164,3 +164,20 @@ def test_other_open_clip_families_generate(family, tmp_path, tokenizer):
     st = state.read_state(state.state_url(out, 1, "00000"))
     assert len(st.keys) == 8 and np.isfinite(st.loss).all() and np.abs(st.delta).sum() > 0
     assert [tokenizer.encode(t) for t in st.trigger_text] == st.trigger_ids.tolist()
+
+
+def test_bench_generate_prints_a_table_and_writes_nothing(demo_dir, tmp_path, capsys):
+    from mem_dist import bench
+
+    out = str(tmp_path / "run")
+    assert bench.main(["generate", "--steps", "2", *tiny_overrides(f"{demo_dir}/train/{{00000..00002}}.tar", out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if line.startswith(("surrogate step", "sample batch"))]
+    assert [r.split()[0] + " " + r.split()[1] for r in rows] == ["surrogate step", "sample batch:", "sample batch:"]
+    for r in rows:
+        seconds, rate, memory = map(float, r.split()[-3:])
+        assert seconds > 0 and rate > 0 and memory > 0
+    assert "120 samples if every one of the 3 shards" in lines[-1] and "on one process" in lines[-1]
+    assert not os.path.exists(out)  # nothing written
+    assert bench.main(["generate", *tiny_overrides(f"{demo_dir}/train/00000.tar", out, **{"mem.method": "random"})]) == 2
+    assert "config key 'mem.method'" in capsys.readouterr().err
