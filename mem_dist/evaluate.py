@@ -339,13 +339,13 @@ def victim_autocast(device: torch.device, vcfg: VictimConfig):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and vcfg.precision == "bf16")
 
 
-def train_victim(train_shards: str | Condition, val_shards: str, cfg: EvalConfig, log: Log = print,
+def train_victim(train_shards: str | Condition, val: Pairs, cfg: EvalConfig, log: Log = print,
                  save_to: str | None = None) -> dict:
-    """Train a victim CLIP on ``train_shards``, evaluating on ``val_shards`` every epoch.
+    """Train a victim CLIP on ``train_shards``, evaluating on ``val`` every epoch.
 
     Args:
         train_shards: a train shard spec, or a :class:`Condition` (a mix).
-        val_shards: the clean validation shard spec.
+        val: the clean validation pairs (:func:`load_pairs`, decoded once for every condition).
         cfg: the evaluation config (``victim``, ``defence``, ``reencode_jpeg``, data keys).
         log: where progress lines go.
         save_to: if given, the URL the trained victim's state dict is written to.
@@ -357,7 +357,7 @@ def train_victim(train_shards: str | Condition, val_shards: str, cfg: EvalConfig
     """
     cond = train_shards if isinstance(train_shards, Condition) else Condition(shards=train_shards)
     device, vcfg = resolve_device(cfg.device), cfg.victim
-    train, val = load_condition(cond, cfg), load_pairs(val_shards, cfg)
+    train = load_condition(cond, cfg)
     if len(train) < 2 or len(val) < 2:
         raise ConfigError(f"a victim needs at least 2 training and 2 validation pairs; got {len(train)} and {len(val)}")
     if cfg.reencode_jpeg is not None:
@@ -413,16 +413,15 @@ def train_victim(train_shards: str | Condition, val_shards: str, cfg: EvalConfig
     return {"n_train": len(train), "n_protected": train.protected, "n_val": len(val), "epochs": epochs, "final": epochs[-1]}
 
 
-def evaluate_checkpoint(name: str, checkpoint: str, val_shards: str, cfg: EvalConfig, log: Log = print) -> dict:
+def evaluate_checkpoint(name: str, checkpoint: str, val: Pairs, cfg: EvalConfig, log: Log = print) -> dict:
     """Evaluate a victim trained elsewhere (``conditions.{name}.checkpoint``, a checkpoint of
-    ``victim.model``) on ``val_shards``; nothing is trained.
+    ``victim.model``) on the clean validation pairs ``val``; nothing is trained.
 
     Returns:
         A history as :func:`train_victim`'s with one record (epoch 0) and no training-set
         sizes ("n_train" and "n_protected" None).
     """
     device, vcfg = resolve_device(cfg.device), cfg.victim
-    val = load_pairs(val_shards, cfg)
     model, tokenizer, spec = surrogate.create_surrogate(vcfg.model, checkpoint, device, key="victim",
                                                         pretrained_key=f"conditions.{name}.checkpoint")
     with victim_autocast(device, vcfg):
@@ -476,16 +475,17 @@ def run(cfg: EvalConfig, log: Log = print) -> dict:
     metrics: dict[str, Any] = {"config": to_dict(cfg), "settings": describe_settings(cfg), "conditions": {}}
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.num_threads or threads)
+    val = load_pairs(cfg.val_shards, cfg)
     try:
         # victims trained elsewhere first: quick, and a checkpoint that does not load fails before any training
-        evaluated = {name: evaluate_checkpoint(name, cond.checkpoint, cfg.val_shards, cfg, log)
+        evaluated = {name: evaluate_checkpoint(name, cond.checkpoint, val, cfg, log)
                      for name, cond in cfg.conditions.items() if cond.checkpoint is not None}
         for name, cond in cfg.conditions.items():
             history = evaluated.get(name)
             if history is None:
                 log(f"mem-dist: evaluate: condition '{name}'")
                 save_to = storage.join(cfg.output, "victims", f"{name}.pt") if cfg.save_victims else None
-                history = train_victim(cond, cfg.val_shards, cfg, log, save_to)
+                history = train_victim(cond, val, cfg, log, save_to)
             metrics["conditions"][name] = {"condition": dataclasses.asdict(cond), **history}
             metrics["chance"] = chance_metrics(history["n_val"])
             storage.write_json(storage.join(cfg.output, "metrics.json"), metrics)  # progress after each condition
