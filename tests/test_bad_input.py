@@ -1,6 +1,5 @@
 """Bad input: each bad sample or shard is skipped with a counted reason; the rest is processed."""
 
-import io
 import os
 
 import webdataset as wds

@@ -15,7 +15,6 @@ import pytest
 import s3fs
 import torch
 
-from mem_dist import state
 from tests.conftest import ROOT, TINY_RN, tiny_overrides
 
 SHARDS = "s3://src/train/{00000..00002}.tar"
