@@ -33,6 +33,7 @@ import webdataset as wds
 from PIL import Image
 
 from mem_dist import distributed, engine, state, text
+from mem_dist.cli import one_line_errors
 from mem_dist.config import ConfigError, RunConfig, load_config
 from mem_dist.data import check_shards, iter_samples, shard_name, to_canvas
 from mem_dist.merge import encode_image, merge_shard
@@ -154,19 +155,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=3, help="generate: timed surrogate steps")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = p.parse_intermixed_args(argv)
-    try:
+
+    def body() -> int:
         cfg = load_config(RunConfig, args.config, args.overrides)
         if args.what == "generate":
             return print_generate(cfg, *bench_generate(cfg, args.steps))
         rows = bench_merge(cfg, args.repeats)
-    except (ConfigError, distributed.LaunchError) as e:
-        print(f"mem-dist: error: {e}", file=sys.stderr)
-        return 2
-    base = rows[0][1]
-    print(f"{'one process, best of ' + str(args.repeats):<46} {'samples/s':>10} {'vs bare':>8}")
-    for label, rate in rows:
-        print(f"{label:<46} {rate:>10.1f} {rate / base:>8.0%}")
-    return 0
+        base = rows[0][1]
+        print(f"{'one process, best of ' + str(args.repeats):<46} {'samples/s':>10} {'vs bare':>8}")
+        for label, rate in rows:
+            print(f"{label:<46} {rate:>10.1f} {rate / base:>8.0%}")
+        return 0
+
+    return one_line_errors(body, distributed.LaunchError)
 
 
 def print_generate(cfg: RunConfig, table, est: dict) -> int:

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from mem_dist import defences, report, storage, surrogate
+from mem_dist.cli import one_line_errors
 from mem_dist.config import ConfigError, DataConfig, build, check, load_config, seed_of, to_dict
 from mem_dist.data import expand_shards, load_shard
 from mem_dist.defences import DefenceConfig
@@ -550,13 +551,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        cfg = load_config(EvalConfig, args.config, args.overrides)
-        run(cfg)
-    except ConfigError as e:
-        print(f"mem-dist: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    def body() -> int:
+        run(load_config(EvalConfig, args.config, args.overrides))
+        return 0
+
+    return one_line_errors(body)
 
 
 if __name__ == "__main__":

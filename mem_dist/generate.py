@@ -14,7 +14,8 @@ if __package__ in (None, ""):  # run as a file: make the package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mem_dist import distributed, engine
-from mem_dist.config import ConfigError, RunConfig, load_config
+from mem_dist.cli import one_line_errors
+from mem_dist.config import RunConfig, load_config
 from mem_dist.data import check_shards
 
 
@@ -27,17 +28,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
+
+    def body() -> int:
         cfg = load_config(RunConfig, args.config, args.overrides)
         check_shards(cfg.data)
         dist = distributed.init(cfg.device)
         record = engine.generate(cfg, dist)
-    except (ConfigError, distributed.LaunchError, engine.ResumeError) as e:
-        print(f"mem-dist: error: {e}", file=sys.stderr)
-        return 2
-    if dist.is_main:
-        print(f"mem-dist: {record['rounds_done']} rounds done; state under {cfg.output}/state, metrics in {cfg.output}/metrics.jsonl")
-    return 0
+        if dist.is_main:
+            print(f"mem-dist: {record['rounds_done']} rounds done; state under {cfg.output}/state, metrics in {cfg.output}/metrics.jsonl")
+        return 0
+
+    return one_line_errors(body, distributed.LaunchError, engine.ResumeError)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mem_dist import __version__, state, storage, text
+from mem_dist.cli import one_line_errors
 from mem_dist.config import ConfigError, RunConfig, load_config
 from mem_dist.data import check_shards, load_shard, owned, shard_name
 
@@ -268,12 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", help="the generation config (YAML)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. merge.processes=8")
     args = p.parse_intermixed_args(argv)
-    try:
+
+    def body() -> int:
         merge(load_config(RunConfig, args.config, args.overrides))
-    except ConfigError as e:
-        print(f"mem-dist: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return 0
+
+    return one_line_errors(body)
 
 
 if __name__ == "__main__":

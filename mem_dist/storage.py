@@ -19,6 +19,17 @@ from typing import Any
 import fsspec
 
 
+def access_problem(e: BaseException) -> str | None:
+    """One line if ``e`` says the storage refused access (no or wrong credentials, no
+    permission), else None."""
+    name = type(e).__name__
+    if isinstance(e, PermissionError) or (type(e).__module__.startswith("botocore") and "Credentials" in name):
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return (f"storage refused access ({name}: {first}); check the credentials (AWS_* variables, ~/.aws) "
+                f"and, for S3-compatible stores, AWS_ENDPOINT_URL_S3")
+    return None
+
+
 def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path inside it) for a URL or local path."""
     protocol = url.split("://", 1)[0] if "://" in url else "file"

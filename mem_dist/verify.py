@@ -35,6 +35,7 @@ from PIL import Image
 from skimage.metrics import structural_similarity
 
 from mem_dist import state, storage, text
+from mem_dist.cli import one_line_errors
 from mem_dist.config import ConfigError, RunConfig, build, load_config
 from mem_dist.data import expand_shards, load_shard, shard_name
 from mem_dist.merge import protected_url
@@ -180,13 +181,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("output", help="the run folder (generate's output), any fsspec URL")
     p.add_argument("--config", help="the generation config, used only when OUTPUT has no run.json")
     args = p.parse_args(argv)
-    try:
-        cfg = load_config(RunConfig, args.config) if args.config else None
-        report = verify(args.output, cfg)
-    except ConfigError as e:
-        print(f"mem-dist: error: {e}", file=sys.stderr)
-        return 2
-    return 1 if report["mismatches"] else 0
+
+    def body() -> int:
+        report = verify(args.output, load_config(RunConfig, args.config) if args.config else None)
+        return 1 if report["mismatches"] else 0
+
+    return one_line_errors(body)
 
 
 if __name__ == "__main__":

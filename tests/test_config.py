@@ -58,3 +58,17 @@ def test_exit_code_from_the_command_line(tmp_path, demo_dir):
     assert res.returncode == 2
     assert res.stderr.strip() == "mem-dist: error: unknown config key 'mem.bogus' (known in this section: " + \
         res.stderr.strip().split("(known in this section: ")[1]
+
+
+def test_storage_without_credentials_is_one_line(tmp_path, demo_dir):
+    """An s3:// output with no credentials anywhere: one line saying so, exit 2 (botocore
+    refuses before any request is sent, so no server is needed)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_EC2_METADATA_DISABLED="true", AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),
+               AWS_CONFIG_FILE=str(tmp_path / "none"), AWS_ENDPOINT_URL_S3="http://127.0.0.1:9")
+    res = subprocess.run(python_cmd(os.path.join(ROOT, "mem_dist", "generate.py"), *tiny_overrides(
+        f"{demo_dir}/train/00000.tar", "s3://bucket/run")), capture_output=True, text=True, env=env)
+    assert res.returncode == 2, res.stderr[-2000:]
+    err = res.stderr.strip().splitlines()[-1]
+    assert err.startswith("mem-dist: error: storage refused access (NoCredentialsError") and "credentials" in err
+    assert "Traceback" not in res.stderr
