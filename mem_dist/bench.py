@@ -103,8 +103,9 @@ def _timed(device: torch.device, fn) -> tuple[float, float]:
 
 def bench_generate(cfg: RunConfig, steps: int = 3) -> tuple[list[tuple[str, float, float, float]], dict]:
     """[(phase, seconds per batch, samples/s, peak GiB)] for one process of ``cfg``'s
-    generation on its first shard, after one untimed warm-up of each phase, and the
-    estimated run: {"samples", "shards", "per_round_s", "run_s", "sample_share"}."""
+    generation on its first shard, after one untimed warm-up, and the estimated run
+    (if every shard holds as many samples as the first): {"device", "samples", "shards",
+    "run_s", "surrogate_run_s", "sample_run_s"}."""
     if cfg.mem.method != "mem":
         raise ConfigError("config key 'mem.method': bench generate measures MEM (the random baselines cost only their I/O)")
     dist = distributed.init(cfg.device)
@@ -129,17 +130,17 @@ def bench_generate(cfg: RunConfig, steps: int = 3) -> tuple[list[tuple[str, floa
     table = [(f"surrogate step ({len(run.members)} model{'s' * (len(run.members) > 1)}: forward, backward, AdamW)",
               surrogate_s / steps, bs * steps / surrogate_s, surrogate_mem)]
     pgd_s, pgd_mem = _timed(dist.device, sample_batch(cfg.mem.hotflip_rounds + 1))
+    hf_s = 0.0
     if hotflip:
         hf_s, hf_mem = _timed(dist.device, sample_batch(1))
         table.append((f"sample batch: HotFlip ({cfg.mem.hotflip_candidates} candidates) + {cfg.mem.pgd_steps} PGD steps",
                       hf_s, len(rows) / hf_s, hf_mem))
     table.append((f"sample batch: {cfg.mem.pgd_steps} PGD steps", pgd_s, len(rows) / pgd_s, pgd_mem))
-    # The run, if every shard holds as many samples as the first one.
     n = len(shard) * len(run.urls)
     hf_rounds = min(cfg.mem.hotflip_rounds, cfg.mem.rounds) if hotflip else 0
     surrogate_run = cfg.mem.rounds * cfg.mem.surrogate_steps * surrogate_s / steps
-    sample_run = n * (hf_rounds * hf_s + (cfg.mem.rounds - hf_rounds) * pgd_s) / len(rows) if hotflip else n * cfg.mem.rounds * pgd_s / len(rows)
-    return table, {"samples": n, "shards": len(run.urls), "run_s": surrogate_run + sample_run,
+    sample_run = n / len(rows) * (hf_rounds * hf_s + (cfg.mem.rounds - hf_rounds) * pgd_s)
+    return table, {"device": dist.device.type, "samples": n, "shards": len(run.urls), "run_s": surrogate_run + sample_run,
                    "surrogate_run_s": surrogate_run, "sample_run_s": sample_run}
 
 
@@ -171,10 +172,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_generate(cfg: RunConfig, table, est: dict) -> int:
-    device = "cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu"
-    memory = "peak GPU GiB" if device == "cuda" else "peak RSS GiB"
+    memory = "peak GPU GiB" if est["device"] == "cuda" else "peak RSS GiB"
     print(f"mem-dist bench generate: {cfg.surrogate.model}, canvas {cfg.data.image_size} px, batch {cfg.mem.batch_size}, "
-          f"{device}, {cfg.surrogate.precision}, one process")
+          f"{est['device']}, {cfg.surrogate.precision}, one process")
     print(f"{'phase':<62} {'s/batch':>8} {'samples/s':>10} {memory:>13}")
     for label, sec, rate, mem in table:
         print(f"{label:<62} {sec:>8.3f} {rate:>10.1f} {mem:>13.2f}")

@@ -476,8 +476,8 @@ def run(cfg: EvalConfig, log: Log = print) -> dict:
     metrics: dict[str, Any] = {"config": to_dict(cfg), "settings": describe_settings(cfg), "conditions": {}}
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.num_threads or threads)
-    val = load_pairs(cfg.val_shards, cfg)
     try:
+        val = load_pairs(cfg.val_shards, cfg)
         # victims trained elsewhere first: quick, and a checkpoint that does not load fails before any training
         evaluated = {name: evaluate_checkpoint(name, cond.checkpoint, val, cfg, log)
                      for name, cond in cfg.conditions.items() if cond.checkpoint is not None}
