@@ -9,6 +9,8 @@ final-round state. Mismatch kinds:
   caption         caption != trigger_text + " " + source caption
   tokens          open_clip's tokenizer does not give trigger_ids at positions 1..k
   meta            the json's "mem_dist" section disagrees with the state (trigger ids, round)
+  json            the json's caption, width, height or image hash (md5 / sha256 / sha512) do
+                  not describe the sample as written
   no_state        a sample with no state row that is not marked "protected": false
   unknown_sample  a key the source lacks, or a sample without its image
   missing_sample  a state row with no protected sample
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import io
 import json
 import math
@@ -38,7 +41,7 @@ from mem_dist import state, storage, text
 from mem_dist.cli import one_line_errors
 from mem_dist.config import ConfigError, RunConfig, build, load_config
 from mem_dist.data import expand_shards, load_shard, shard_name
-from mem_dist.merge import protected_url
+from mem_dist.merge import IMAGE_HASHES, protected_url
 from mem_dist.surrogate import resolve_model_name
 
 
@@ -100,6 +103,14 @@ class Checker:
         }
 
 
+def describes(meta: dict, caption: str, img_bytes: bytes, pixels: np.ndarray) -> bool:
+    """Whether a sample's json says what was written: its caption, size and image hashes."""
+    height, width = pixels.shape[:2]
+    return (meta.get("caption", caption) == caption and meta.get("width", width) == width
+            and meta.get("height", height) == height
+            and all(meta[h] == hashlib.new(h, img_bytes).hexdigest() for h in IMAGE_HASHES & meta.keys()))
+
+
 def verify_shard(output: str, url: str, round_: int, cfg: RunConfig, tokenizer, check: Checker) -> None:
     """Check one protected shard against its source shard and its final-round state."""
     name = shard_name(url)
@@ -121,7 +132,8 @@ def verify_shard(output: str, url: str, round_: int, cfg: RunConfig, tokenizer, 
             check.expect(False, "unknown_sample", where)
             continue
         canvas, src_caption = source[key]
-        protection = json.loads(s.get("json", b"{}")).get("mem_dist", {})
+        meta = json.loads(s.get("json", b"{}"))
+        protection = meta.get("mem_dist", {})
         j = row_of.get(key)
         if j is None:  # fine only if merge copied it through on request and said so
             check.expect(protection.get("protected") is False, "no_state", where)
@@ -137,6 +149,7 @@ def verify_shard(output: str, url: str, round_: int, cfg: RunConfig, tokenizer, 
         check.expect(caption == text.protected_caption(st.trigger_text[j], src_caption), "caption", where)
         check.expect(tokenizer([caption])[0][1:1 + len(ids)].tolist() == ids, "tokens", where)
         check.expect(protection.get("trigger_ids") == ids and protection.get("round") == round_, "meta", where)
+        check.expect(describes(meta, caption, img_bytes, pixels), "json", where)
         if pixels.shape == canvas.shape:
             check.quality(pixels, canvas)
     lost = len(set(st.keys) - seen)

@@ -136,13 +136,20 @@ def test_verify_passes_then_catches_tampering(run, tmp_path, capsys):
     def one_caption(s):
         return dict(s, txt=s["txt"] + b" too")
 
-    for kind, change in (("pixels", one_pixel), ("caption", one_caption)):
+    def one_hash(s):
+        meta = json.loads(s["json"])
+        meta["sha256"] = hashlib.sha256(b"another image").hexdigest()
+        return dict(s, json=json.dumps(meta).encode())
+
+    # a changed image or caption no longer matches its json either
+    for kind, change, errors in (("pixels", one_pixel, {"pixels": 1, "json": 1}),
+                                 ("caption", one_caption, {"caption": 1, "json": 1}), ("json", one_hash, {"json": 1})):
         copy = str(tmp_path / kind)
         shutil.copytree(run.output, copy)
         rewrite_sample(f"{copy}/protected/00001.tar", 7, change)
         assert verify.main([copy]) == 1
         report = verify.verify(copy)
-        assert report["errors"] == {kind: 1} and report["first_error"][kind].startswith("00001/")
+        assert report["errors"] == errors and report["first_error"][kind].startswith("00001/")
 
 
 def test_verify_takes_config_when_run_json_is_missing(run, tmp_path, capsys):
