@@ -72,3 +72,16 @@ def test_storage_without_credentials_is_one_line(tmp_path, demo_dir):
     err = res.stderr.strip().splitlines()[-1]
     assert err.startswith("mem-dist: error: storage refused access (NoCredentialsError") and "credentials" in err
     assert "Traceback" not in res.stderr
+
+
+def test_every_shipped_config_validates():
+    """The configs users start from load without an unknown key or a bad value."""
+    import glob
+
+    from mem_dist.evaluate import EvalConfig
+
+    shipped = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+    assert len(shipped) >= 5
+    for path in shipped:
+        kind = EvalConfig if os.path.basename(path).startswith("eval-") else RunConfig
+        assert load_config(kind, path) is not None, path
