@@ -4,7 +4,8 @@ Everything renders from the ``metrics.json`` content that :func:`mem_dist.evalua
 builds, with matplotlib's object API (no pyplot state, Agg rendering), and is written
 through :mod:`mem_dist.storage`, so ``output`` may be any fsspec URL:
 
-  ``report.md``        settings, the final-epoch retrieval table, random-guess levels
+  ``report.md``        settings, the final-epoch retrieval table with each victim's peak
+                       i2t R@10 (the best epoch), random-guess levels
   ``loss.png``         mean training loss per epoch, one line per condition (paper fig. 1)
   ``median_rank.png``  image->text median rank per epoch, one line per condition (fig. 2)
   ``grid.png``         the same samples under each condition that shares their keys
@@ -30,18 +31,27 @@ def _cell(key: str, value: float) -> str:
     return f"{value:g}" if key == "median_rank" else f"{100 * value:.1f}"
 
 
+def peak(hist: dict[str, Any]) -> tuple[float, int]:
+    """(best i2t R@10 over the epochs, its epoch): what an attacker who stops training when
+    clean validation retrieval peaks would keep."""
+    best = max(hist["epochs"], key=lambda e: e["i2t"]["r10"])
+    return best["i2t"]["r10"], best["epoch"]
+
+
 def results_table(metrics: dict[str, Any]) -> str:
-    """Markdown table of the final epoch per condition plus the random-guess row (R@K in %)."""
-    head = ["condition", "train pairs", "final loss"] + [label for _, _, label in _COLUMNS]
+    """Markdown table of the final epoch per condition, each victim's peak i2t R@10, and
+    the random-guess row (R@K in %)."""
+    head = ["condition", "train pairs", "final loss"] + [label for _, _, label in _COLUMNS] + ["peak i2t R@10 (epoch)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, hist in metrics["conditions"].items():
         final = hist["final"]
         pairs = "-" if hist["n_train"] is None else f"{hist['n_train']}" + (f" ({hist['n_protected']} protected)" if hist.get("n_protected") is not None else "")
         loss = f"{final['train_loss']:.3f}" if final["train_loss"] is not None else "-"
-        cells = [name, pairs, loss] + [_cell(key, final[d][key]) for d, key, _ in _COLUMNS]
+        best, epoch = peak(hist)
+        cells = [name, pairs, loss] + [_cell(key, final[d][key]) for d, key, _ in _COLUMNS] + [f"{_cell('r10', best)} ({epoch})"]
         lines.append("| " + " | ".join(cells) + " |")
     chance = metrics["chance"]
-    lines.append("| random guess | - | - | " + " | ".join(_cell(key, chance[key]) for _, key, _ in _COLUMNS) + " |")
+    lines.append("| random guess | - | - | " + " | ".join(_cell(key, chance[key]) for _, key, _ in _COLUMNS) + " | - |")
     return "\n".join(lines)
 
 
@@ -55,7 +65,8 @@ def markdown_report(metrics: dict[str, Any], table: str, with_grid: bool) -> str
         f"Settings: {metrics['settings']}.",
         "",
         f"Retrieval on {n_val} clean validation pairs {after} (R@K in %, medR = median rank, 1-based). "
-        f"Random guessing gives R@10 = 10/{n_val} = {100 * metrics['chance']['r10']:.1f}%.",
+        f"Random guessing gives R@10 = 10/{n_val} = {100 * metrics['chance']['r10']:.1f}%. The last column is each "
+        f"victim's best epoch: what an attacker who stops when clean validation retrieval peaks would keep.",
         "",
         table,
         "",
