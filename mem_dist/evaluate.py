@@ -184,10 +184,16 @@ class Pairs:
     keys: list[str]
     canvases: np.ndarray  # uint8 [N, H, W, C]
     captions: list[str]
-    protected: Optional[int] = None  # mixes: how many pairs come from the protected shards
+    protected_mask: Optional[np.ndarray] = None  # mixes: bool [N], the pairs taken from the protected shards
+    clean: Optional["Pairs"] = None  # mixes: the clean pairs the mix was made from, in the same order
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    @property
+    def protected(self) -> Optional[int]:
+        """Mixes: how many pairs come from the protected shards (None otherwise)."""
+        return None if self.protected_mask is None else int(self.protected_mask.sum())
 
 
 def data_config(spec: str, cfg: EvalConfig) -> DataConfig:
@@ -213,13 +219,12 @@ def load_condition(cond: Condition, cfg: EvalConfig) -> Pairs:
     clean = load_pairs(cond.clean_shards, cfg)
     chosen = np.random.default_rng(cfg.seed).permutation(len(clean))[: round(cond.fraction * len(clean))]
     where = {k: i for i, k in enumerate(protected.keys)}
-    canvases, captions, swapped = clean.canvases.copy(), list(clean.captions), 0
+    canvases, captions, mask = clean.canvases.copy(), list(clean.captions), np.zeros(len(clean), bool)
     for i in chosen:
         j = where.get(clean.keys[i])
         if j is not None:  # a key the protected shards lack (dropped at merge) stays clean
-            canvases[i], captions[i] = protected.canvases[j], protected.captions[j]
-            swapped += 1
-    return Pairs(clean.keys, canvases, captions, protected=swapped)
+            canvases[i], captions[i], mask[i] = protected.canvases[j], protected.captions[j], True
+    return Pairs(clean.keys, canvases, captions, protected_mask=mask, clean=clean)
 
 
 # --------------------------------------------------------------------------------------
@@ -327,6 +332,31 @@ def evaluate_retrieval(model, spec: surrogate.PixelSpec, canvases_NHWC: torch.Te
     return retrieval_metrics(torch.cat(images), torch.cat(texts))
 
 
+def owner_leakage(model, spec: surrogate.PixelSpec, tokenizer, train: Pairs, batch_size: int, seed: int,
+                  limit: int = 1000) -> dict | None:
+    """Mixes: how well the victim retrieves the *clean* versions of the pairs it was trained
+    on, among the protected ones (the owners' data, seen only protected) against as many of
+    the rest (seen as they are). Equal pools of n pairs (at most ``limit``), seeded.
+
+    Returns:
+        {"n", "owners": {"i2t", "t2i"}, "others": {"i2t", "t2i"}}, or None for a condition
+        that is not a mix or lacks two pairs on either side.
+    """
+    if train.clean is None:
+        return None
+    owners, others = np.flatnonzero(train.protected_mask), np.flatnonzero(~train.protected_mask)
+    n = min(len(owners), len(others), limit)
+    if n < 2:
+        return None
+    rng = np.random.default_rng(seed_of(seed, "leakage"))
+    out: dict[str, Any] = {"n": n}
+    for side, idx in (("owners", owners), ("others", others)):
+        pick = np.sort(rng.choice(idx, n, replace=False))
+        tokens = tokenizer([train.clean.captions[i] for i in pick])
+        out[side] = evaluate_retrieval(model, spec, torch.from_numpy(train.clean.canvases[pick]), tokens, batch_size)
+    return out
+
+
 def epoch_record(model, spec: surrogate.PixelSpec, val_canvases: torch.Tensor, val_tokens: torch.Tensor, batch_size: int,
                  epoch: int, loss: float | None, lr: float | None, seconds: float) -> dict:
     """One entry of a history's "epochs": the epoch's training numbers and val retrieval."""
@@ -354,7 +384,8 @@ def train_victim(train_shards: str | Condition, val: Pairs, cfg: EvalConfig, log
     Returns:
         History: {"n_train", "n_protected" (mixes; else None), "n_val", "epochs": [{"epoch" (0 = before
         training), "train_loss" (mean over the epoch's steps; None at 0), "lr", "seconds",
-        "i2t", "t2i"}], "final": the last epoch's record}.
+        "i2t", "t2i"}], "final": the last epoch's record, "leakage": :func:`owner_leakage` after
+        the last epoch (mixes; else None)}.
     """
     cond = train_shards if isinstance(train_shards, Condition) else Condition(shards=train_shards)
     device, vcfg = resolve_device(cfg.device), cfg.victim
@@ -408,10 +439,16 @@ def train_victim(train_shards: str | Condition, val: Pairs, cfg: EvalConfig, log
                 loss = train_step(model, optimizer, spec, pixels, tokens.to(device), cfg, augment_gen)
             losses.append(loss)
         epochs.append(validate(epoch, float(np.mean(losses)), lr, time.time() - start))
+    with autocast:
+        leakage = owner_leakage(model, spec, tokenizer, train, vcfg.batch_size, cfg.seed)
+    if leakage is not None:
+        log(f"mem-dist: evaluate: clean versions of its training pairs, {leakage['n']} each: i2t R@10 "
+            f"{leakage['owners']['i2t']['r10']:.3f} on the protected ones, {leakage['others']['i2t']['r10']:.3f} on the rest")
     if save_to:
         surrogate.save(model.state_dict(), save_to)
         log(f"mem-dist: evaluate: victim weights written to {save_to}")
-    return {"n_train": len(train), "n_protected": train.protected, "n_val": len(val), "epochs": epochs, "final": epochs[-1]}
+    return {"n_train": len(train), "n_protected": train.protected, "n_val": len(val), "epochs": epochs, "final": epochs[-1],
+            "leakage": leakage}
 
 
 def evaluate_checkpoint(name: str, checkpoint: str, val: Pairs, cfg: EvalConfig, log: Log = print) -> dict:
@@ -428,7 +465,7 @@ def evaluate_checkpoint(name: str, checkpoint: str, val: Pairs, cfg: EvalConfig,
     with victim_autocast(device, vcfg):
         record = epoch_record(model, spec, torch.from_numpy(val.canvases), tokenizer(val.captions), vcfg.batch_size, 0, None, None, 0.0)
     log(f"mem-dist: evaluate: condition '{name}': checkpoint {checkpoint} evaluated as it is, {len(val)} val pairs | {_brief(record)}")
-    return {"n_train": None, "n_protected": None, "n_val": len(val), "epochs": [record], "final": record}
+    return {"n_train": None, "n_protected": None, "n_val": len(val), "epochs": [record], "final": record, "leakage": None}
 
 
 def train_step(model, optimizer, spec: surrogate.PixelSpec, pixels_BCHW: torch.Tensor, tokens_BL: torch.Tensor, cfg: EvalConfig, generator: torch.Generator) -> float:

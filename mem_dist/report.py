@@ -5,7 +5,8 @@ builds, with matplotlib's object API (no pyplot state, Agg rendering), and is wr
 through :mod:`mem_dist.storage`, so ``output`` may be any fsspec URL:
 
   ``report.md``        settings, the final-epoch retrieval table with each victim's peak
-                       i2t R@10 (the best epoch), random-guess levels
+                       i2t R@10 (the best epoch), random-guess levels; for mixes, the
+                       per-owner leakage table (protected vs unprotected training pairs)
   ``loss.png``         mean training loss per epoch, one line per condition (paper fig. 1)
   ``median_rank.png``  image->text median rank per epoch, one line per condition (fig. 2)
   ``grid.png``         the same samples under each condition that shares their keys
@@ -55,6 +56,21 @@ def results_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def leakage_table(metrics: dict[str, Any]) -> str | None:
+    """Markdown table of the mixes' per-owner leakage (None when no condition is a mix)."""
+    rows = [(name, hist) for name, hist in metrics["conditions"].items() if hist.get("leakage")]
+    if not rows:
+        return None
+    head = ["condition", "pairs per pool", "owners' (protected) pairs: i2t R@10", "the rest: i2t R@10",
+            "unseen val pairs: i2t R@10"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, hist in rows:
+        leak = hist["leakage"]
+        lines.append(f"| {name} | {leak['n']} | {_cell('r10', leak['owners']['i2t']['r10'])} | "
+                     f"{_cell('r10', leak['others']['i2t']['r10'])} | {_cell('r10', hist['final']['i2t']['r10'])} ({hist['n_val']} pairs) |")
+    return "\n".join(lines)
+
+
 def markdown_report(metrics: dict[str, Any], table: str, with_grid: bool) -> str:
     n_val = next(iter(metrics["conditions"].values()))["n_val"]
     epochs = sorted({hist["final"]["epoch"] for hist in metrics["conditions"].values()})
@@ -72,6 +88,12 @@ def markdown_report(metrics: dict[str, Any], table: str, with_grid: bool) -> str
         "",
         "![training loss per epoch](loss.png) ![image-to-text median rank per epoch](median_rank.png)",
     ]
+    leakage = leakage_table(metrics)
+    if leakage:
+        parts += ["", "Per-owner leakage in mixes: retrieval among the clean versions of the victim's own training "
+                  "pairs, in equal pools of the protected ones (the owners' data, which the victim saw only "
+                  "protected) and of the rest (seen as they are). Protection works for its owners when the first "
+                  "column is far below the second; R@10 depends on the pool size, so compare within a row.", "", leakage]
     if with_grid:
         parts += ["", "![clean and protected samples](grid.png)"]
     return "\n".join(parts) + "\n"

@@ -193,9 +193,26 @@ def test_conditions_read_as_specs_or_mixes(demo_dir, protected_dir, tmp_path):
     assert list(cfg.conditions) == ["clean", "half"] and cfg.conditions["half"].fraction == 0.5
     mix = load_condition(cfg.conditions["half"], cfg)
     assert len(mix) == 120 and mix.protected == 60
-    assert sum(c.startswith("zqx ") for c in mix.captions) == 60
+    assert [c.startswith("zqx ") for c in mix.captions] == mix.protected_mask.tolist()
     clean = load_condition(cfg.conditions["clean"], cfg)
     assert mix.keys == clean.keys and clean.protected is None
+    assert mix.clean.captions == clean.captions and np.array_equal(mix.clean.canvases, clean.canvases)
+
+
+def test_mixes_report_what_leaks_of_the_owners_pairs(demo_dir, protected_dir, tmp_path):
+    """A mix's victim is scored on the clean versions of its own training pairs, protected
+    ones against as many of the rest, and the report shows both."""
+    out = str(tmp_path / "ev")
+    cfg = _cfg(demo_dir, out, "victim.epochs=1", "victim.batch_size=32", "victim.warmup_steps=1",
+               f"conditions.half={{shards: '{protected_dir}/{{00000..00002}}.tar', clean_shards: '{demo_dir}/train/{{00000..00002}}.tar', fraction: 0.5}}")
+    metrics = run(cfg)
+    assert metrics["conditions"]["clean"]["leakage"] is None
+    leak = metrics["conditions"]["half"]["leakage"]
+    assert leak["n"] == 60
+    for side in ("owners", "others"):
+        assert 0 <= leak[side]["i2t"]["r10"] <= 1 and leak[side]["i2t"]["median_rank"] >= 1
+    text = open(os.path.join(out, "report.md")).read()
+    assert "Per-owner leakage" in text and "| half | 60 |" in text
 
 
 @pytest.mark.parametrize("override, words", [
