@@ -23,10 +23,12 @@ def access_problem(e: BaseException) -> str | None:
     """One line if ``e`` says the storage refused access (no or wrong credentials, no
     permission), else None."""
     name = type(e).__name__
-    if isinstance(e, PermissionError) or (type(e).__module__.startswith("botocore") and "Credentials" in name):
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return (f"storage refused access ({name}: {first}); check the credentials (AWS_* variables, ~/.aws) "
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    if type(e).__module__.startswith("botocore") and "Credentials" in name:
+        return (f"storage refused access ({name}: {first}); set credentials (AWS_* variables or ~/.aws) "
                 f"and, for S3-compatible stores, AWS_ENDPOINT_URL_S3")
+    if isinstance(e, PermissionError):
+        return f"storage refused access ({name}: {first}); check the path's permissions or the store's credentials"
     return None
 
 

@@ -70,7 +70,7 @@ def test_storage_without_credentials_is_one_line(tmp_path, demo_dir):
         f"{demo_dir}/train/00000.tar", "s3://bucket/run")), capture_output=True, text=True, env=env)
     assert res.returncode == 2, res.stderr[-2000:]
     err = res.stderr.strip().splitlines()[-1]
-    assert err.startswith("mem-dist: error: storage refused access (NoCredentialsError") and "credentials" in err
+    assert err.startswith("mem-dist: error: storage refused access (NoCredentialsError") and "set credentials" in err
     assert "Traceback" not in res.stderr
 
 
