@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import braceexpand
 import numpy as np
 import webdataset as wds
-from PIL import Image
+from PIL import Image, ImageOps
 
 from mem_dist import storage
 from mem_dist.config import ConfigError, DataConfig
@@ -120,12 +120,44 @@ def to_canvas(img: Image.Image, size: int, mode: str) -> np.ndarray | None:
 
 
 def as_rgb(img: Image.Image) -> Image.Image:
-    """RGB as the image is shown: transparent pixels over white, as img2dataset does (a
-    plain convert keeps whatever colour hides under them, often black)."""
+    """RGB as the image is shown.
+
+    - Turned upright by its EXIF orientation, as browsers and viewers show it (the
+      protected image carries no EXIF, so a phone photo would otherwise be stored on its side).
+    - Transparent pixels over white, as img2dataset does (a plain convert keeps whatever
+      colour hides under them, often black).
+    - 16-bit and float greyscale scaled to 8 bits (a plain convert clips them to white).
+    """
+    img = upright(img)
+    if img.mode in HIGH_DEPTH_MODES:
+        return Image.fromarray(to_8bit(img)).convert("RGB")
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img).convert("RGB")
     return img.convert("RGB")
+
+
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image rotated / flipped by its EXIF orientation tag; as it is if it has none
+    or the tag cannot be read."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # malformed EXIF: the pixels are still good
+        return img
+
+
+def to_8bit(img: Image.Image) -> np.ndarray:
+    """A high-bit-depth greyscale image as uint8: 16-bit modes (and 32-bit integer or
+    float ones holding values above 255) by 1/257, float in [0, 1] by 255, clipped."""
+    a = np.nan_to_num(np.asarray(img, dtype=np.float64))
+    if img.mode.startswith("I;16") or a.max(initial=0) > 255:
+        a = a / 257
+    elif img.mode == "F" and a.max(initial=0) <= 1:
+        a = a * 255
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
 
 
 def tar_is_complete(url: str) -> bool:

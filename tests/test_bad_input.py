@@ -80,7 +80,28 @@ def test_every_image_mode_becomes_the_rgb_that_is_shown():
     pal = Image.fromarray(rgba, "RGBA").convert("P")
     pal.info["transparency"] = pal.getpixel((6, 0))
     assert (to_canvas(pal, 8, "no")[:, 4:] == 255).all()
+    sixteen = Image.fromarray(np.array([[0, 257 * 100], [65535, 65535]], np.uint16))  # 16-bit greyscale PNG
+    assert sixteen.mode == "I;16" and to_canvas(sixteen, 2, "no")[..., 0].tolist() == [[0, 100], [255, 255]]
     for mode in ("L", "P", "CMYK", "I"):
         img = Image.fromarray(rgba[..., :3], "RGB").convert(mode)
         canvas = to_canvas(img, 8, "no")
         assert canvas.shape == (8, 8, 3) and canvas.dtype == np.uint8
+
+
+def test_exif_orientation_is_applied_to_the_canvas():
+    """A photo whose EXIF says "rotate 90 degrees" is stored upright: the protected PNG
+    carries no EXIF, so the canvas must be the image as viewers show it."""
+    import io
+
+    from PIL import Image
+
+    from mem_dist.data import to_canvas
+
+    img = Image.new("RGB", (60, 30), (255, 0, 0))
+    img.paste((0, 0, 255), (0, 0, 30, 30))  # left half blue, right half red
+    exif = img.getexif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: blue on top
+    buf = io.BytesIO()
+    img.save(buf, "PNG", exif=exif.tobytes())
+    canvas = to_canvas(Image.open(io.BytesIO(buf.getvalue())), 30, "border")
+    assert canvas[0, 15].tolist() == [0, 0, 255] and canvas[29, 15].tolist() == [255, 0, 0]
