@@ -152,8 +152,11 @@ class StateConfig:
 
 @dataclass(frozen=True)
 class MergeConfig:
-    image_format: Literal["png", "webp"] = "png"
-    """Protected images are written losslessly: png (default) or lossless webp."""
+    image_format: Literal["png", "webp", "jpg"] = "png"
+    """png (default) or webp are lossless: delta is stored exactly. jpg (img2dataset's
+    format; several times smaller) keeps part of delta; the stats say how much."""
+    jpeg_quality: int = 95
+    """jpg: quality 1-100 (img2dataset's default 95), no chroma subsampling."""
     copy_unprotected: bool = False
     """A sample with no state is dropped and counted (default); true copies it through
     unprotected, and the stats say how many."""
@@ -162,6 +165,7 @@ class MergeConfig:
 
     def __post_init__(self) -> None:
         check(self.processes >= 1, "merge.processes", "must be at least 1")
+        check(1 <= self.jpeg_quality <= 100, "merge.jpeg_quality", "must be between 1 and 100")
 
 
 @dataclass(frozen=True)

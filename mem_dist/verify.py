@@ -4,7 +4,9 @@ Each protected shard is read with webdataset's own tar iterators (not mem-dist's
 each source shard is decoded to canvases again, and every sample is checked against the
 final-round state. Mismatch kinds:
 
-  pixels          decoded protected image - source canvas != stored delta (exactly)
+  pixels          decoded protected image - source canvas != stored delta (exactly); for
+                  merge.image_format jpg: the image is not canvas + delta as merge encodes
+                  it (same quality; JPEG encoders of other libjpeg builds may differ)
   bound           |delta| > mem.epsilon
   caption         caption != trigger_text + " " + source caption
   tokens          open_clip's tokenizer does not give trigger_ids at positions 1..k
@@ -14,9 +16,10 @@ final-round state. Mismatch kinds:
   no_state        a sample with no state row that is not marked "protected": false
   unknown_sample  a key the source lacks, or a sample without its image
   missing_sample  a state row with no protected sample
-  missing_shard   a protected shard (or its state) that does not exist
+  missing_shard   a protected shard (or its state, or its _stats.json) that does not exist
 
-Prints one summary line with PSNR and SSIM of protected against source (mean, min) and
+Prints one summary line with PSNR and SSIM of protected against source (mean, min), for
+jpg (as the shard's _stats.json records merge's format) the share of delta the images keep (mean, min; :func:`mem_dist.merge.delta_kept`), and
 exits 1 on any mismatch, 0 otherwise. The config comes from ``OUTPUT/run.json`` (written
 by generate), or from ``--config`` when the run folder has none.
 """
@@ -26,7 +29,6 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
-import io
 import json
 import math
 import sys
@@ -34,14 +36,13 @@ import sys
 import numpy as np
 import open_clip
 import webdataset as wds
-from PIL import Image
 from skimage.metrics import structural_similarity
 
 from mem_dist import state, storage, text
 from mem_dist.cli import one_line_errors
-from mem_dist.config import ConfigError, RunConfig, build, load_config
+from mem_dist.config import ConfigError, MergeConfig, RunConfig, build, load_config
 from mem_dist.data import expand_shards, load_shard, shard_name
-from mem_dist.merge import IMAGE_HASHES, protected_url
+from mem_dist.merge import IMAGE_HASHES, decode_image, delta_kept, encode_image, kept_summary, protected_url
 from mem_dist.surrogate import resolve_model_name
 
 
@@ -80,6 +81,7 @@ class Checker:
         self.first: dict[str, str] = {}
         self.psnrs: list[float] = []
         self.ssims: list[float] = []
+        self.kept: list[float] = []
         self.checked = 0
 
     def expect(self, ok: bool, kind: str, where: str) -> None:
@@ -100,6 +102,7 @@ class Checker:
             "psnr_min": float(min(finite)) if finite else math.inf,
             "ssim_mean": float(np.mean(self.ssims)) if self.ssims else 1.0,
             "ssim_min": float(min(self.ssims)) if self.ssims else 1.0,
+            "delta_kept": kept_summary(self.kept),
         }
 
 
@@ -115,10 +118,13 @@ def verify_shard(output: str, url: str, round_: int, cfg: RunConfig, tokenizer, 
     """Check one protected shard against its source shard and its final-round state."""
     name = shard_name(url)
     tar, state_url = protected_url(output, name, ".tar"), state.state_url(output, round_, name)
-    for what in (tar, state_url):
+    stats_url = protected_url(output, name, "_stats.json")
+    for what in (tar, state_url, stats_url):
         if not storage.exists(what):
             check.expect(False, "missing_shard", what)
             return
+    stats = storage.read_json(stats_url)  # how merge encoded this shard (merge.* may differ from run.json's)
+    written = MergeConfig(image_format=stats.get("image_format", "png"), jpeg_quality=stats.get("jpeg_quality", 95))
     src = load_shard(url, cfg.data)
     source = {k: (c, cap) for k, c, cap in zip(src.keys, src.canvases, src.captions)}
     st = state.read_state(state_url)
@@ -127,7 +133,7 @@ def verify_shard(output: str, url: str, round_: int, cfg: RunConfig, tokenizer, 
     for s in protected_samples(tar):
         key, where = s["__key__"], f"{name}/{s['__key__']}"
         seen.add(key)
-        img_bytes = s.get("png", s.get("webp"))  # whichever merge.image_format the merge used
+        img_bytes = s.get(written.image_format)
         if key not in source or img_bytes is None or "txt" not in s:
             check.expect(False, "unknown_sample", where)
             continue
@@ -139,11 +145,15 @@ def verify_shard(output: str, url: str, round_: int, cfg: RunConfig, tokenizer, 
             check.expect(protection.get("protected") is False, "no_state", where)
             continue
         check.checked += 1
-        with Image.open(io.BytesIO(img_bytes)) as img:
-            pixels = np.asarray(img.convert("RGB"))
+        pixels = decode_image(img_bytes)
         delta, ids = st.delta[j], st.trigger_ids[j].tolist()
         same_shape = pixels.shape == canvas.shape == delta.shape
-        check.expect(same_shape and np.array_equal(pixels.astype(np.int16) - canvas, delta), "pixels", where)
+        intended = (canvas.astype(np.int16) + delta).astype(np.uint8) if same_shape else None
+        if written.image_format == "jpg" and same_shape:
+            check.expect(np.array_equal(pixels, decode_image(encode_image(intended, written))), "pixels", where)
+            check.kept.append(delta_kept(pixels, canvas, delta))
+        else:
+            check.expect(same_shape and np.array_equal(pixels, intended), "pixels", where)
         check.expect(int(np.abs(delta.astype(np.int16)).max(initial=0)) <= cfg.mem.epsilon, "bound", where)
         caption = s["txt"].decode("utf-8")
         check.expect(caption == text.protected_caption(st.trigger_text[j], src_caption), "caption", where)
@@ -166,7 +176,8 @@ def verify(output: str, cfg: RunConfig | None = None) -> dict:
 
     Returns:
         {"checked", "mismatches", "errors" (by kind), "first_error" (by kind),
-        "psnr_mean", "psnr_min", "ssim_mean", "ssim_min"}.
+        "psnr_mean", "psnr_min", "ssim_mean", "ssim_min", "delta_kept" ({"mean", "min"} for
+        jpg, {} for lossless formats)}.
 
     Raises:
         ConfigError: no config, or no state under ``output``.
@@ -183,7 +194,9 @@ def verify(output: str, cfg: RunConfig | None = None) -> dict:
     verdict = "FAILED" if report["mismatches"] else "OK"
     print(f"mem-dist verify {output}: {verdict}: {report['checked']} samples checked, {report['mismatches']} mismatches"
           f"{' ' + str(report['errors']) if report['errors'] else ''} | PSNR mean {report['psnr_mean']:.2f} dB, "
-          f"min {report['psnr_min']:.2f} dB | SSIM mean {report['ssim_mean']:.4f}, min {report['ssim_min']:.4f}", flush=True)
+          f"min {report['psnr_min']:.2f} dB | SSIM mean {report['ssim_mean']:.4f}, min {report['ssim_min']:.4f}"
+          + (f" | delta kept mean {report['delta_kept']['mean']:.3f}, min {report['delta_kept']['min']:.3f}"
+             if report["delta_kept"] else ""), flush=True)
     for kind, where in report["first_error"].items():
         print(f"  first {kind} mismatch: {where}", flush=True)
     return report

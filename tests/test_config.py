@@ -34,6 +34,7 @@ def test_overrides_and_yaml(tmp_path, demo_dir):
     ("rounds", "override 'rounds' must look like key=value"),
     ("mem.trigger_vocab=99999", "config key 'mem.trigger_vocab': 99999 exceeds the"),
     ("surrogate.model=roberta-ViT-B-32", "config key 'surrogate.model': open_clip cannot build 'roberta-ViT-B-32'"),
+    ("merge.jpeg_quality=0", "config key 'merge.jpeg_quality' must be between 1 and 100"),
 ])
 def test_bad_config_is_one_line_exit_2(override, words, demo_dir, tmp_path, capsys):
     args = [a for a in tiny_overrides(f"{demo_dir}/train/00000.tar", str(tmp_path / "run"))

@@ -88,7 +88,7 @@ def rewrite_sample(tar: str, index: int, change) -> None:
     samples = read_tar(tar)
     with wds.TarWriter(tar) as tw:
         for i, s in enumerate(samples):
-            s = {k: v for k, v in s.items() if k in ("__key__", "png", "txt", "json")}
+            s = {k: v for k, v in s.items() if k in ("__key__", "png", "jpg", "txt", "json")}
             tw.write(change(s) if i == index else s)
 
 
@@ -150,6 +150,42 @@ def test_verify_passes_then_catches_tampering(run, tmp_path, capsys):
         assert verify.main([copy]) == 1
         report = verify.verify(copy)
         assert report["errors"] == errors and report["first_error"][kind].startswith("00001/")
+
+
+def test_jpg_output_keeps_most_of_delta_and_says_how_much(run, demo, tokenizer, vocab, tmp_path, capsys):
+    """merge.image_format=jpg (img2dataset's format) writes KEY.jpg and reports the share
+    of delta kept; verify follows the format merge recorded (run.json says png here) and
+    still catches a changed pixel."""
+    cfg = make_run(str(tmp_path / "run"), f"{demo}/train/{{00000..00002}}.tar", tokenizer, vocab)
+    jpg = load_config(RunConfig, None, [f"{k}={v}" for k, v in (("data.shards", cfg.data.shards), ("output", cfg.output),
+                      ("surrogate.model", TINY_RN), ("data.image_size", 32), ("progress", "false"), ("device", "cpu"),
+                      ("merge.image_format", "jpg"), ("merge.jpeg_quality", 90))])
+    summary = merge.merge(jpg)
+    assert 0.3 < summary["delta_kept"]["min"] <= summary["delta_kept"]["mean"] < 1
+    assert "delta kept: mean" in capsys.readouterr().out
+    src = load_shard(f"{demo}/train/00001.tar", cfg.data)
+    st = state.read_state(state.state_url(cfg.output, 1, "00001"))
+    samples = read_tar(f"{cfg.output}/protected/00001.tar")
+    assert all("jpg" in s and "png" not in s for s in samples)
+    kept = [merge.delta_kept(pixels_of(s["jpg"]), src.canvases[i], st.delta[i]) for i, s in enumerate(samples)]
+    stats = json.load(open(f"{cfg.output}/protected/00001_stats.json"))
+    assert stats["image_format"] == "jpg" and stats["jpeg_quality"] == 90
+    assert stats["delta_kept"] == {"mean": round(float(np.mean(kept)), 4), "min": round(float(np.min(kept)), 4)}
+    report = verify.verify(cfg.output)
+    assert report["checked"] == 60 and report["mismatches"] == 0, report
+    assert report["delta_kept"]["mean"] == summary["delta_kept"]["mean"]
+
+    def one_pixel(s):
+        px = pixels_of(s["jpg"]).copy()
+        px[3:6, 3:6] = 255 - px[3:6, 3:6]
+        buf = io.BytesIO()
+        Image.fromarray(px).save(buf, format="JPEG", quality=90, subsampling=0)
+        return dict(s, jpg=buf.getvalue())
+
+    rewrite_sample(f"{cfg.output}/protected/00001.tar", 7, one_pixel)
+    assert verify.verify(cfg.output)["errors"] == {"pixels": 1, "json": 1}
+    # a lossless run keeps all of delta by construction
+    assert json.load(open(f"{run.output}/protected/00001_stats.json"))["delta_kept"] == {"mean": 1.0, "min": 1.0}
 
 
 def test_verify_takes_config_when_run_json_is_missing(run, tmp_path, capsys):
