@@ -100,3 +100,9 @@ def test_every_shipped_config_validates():
     for path in shipped:
         kind = EvalConfig if os.path.basename(path).startswith("eval-") else RunConfig
         assert load_config(kind, path) is not None, path
+    from mem_dist.surrogate import create_surrogate  # the model configs shipped beside them build
+
+    models = sorted(glob.glob(os.path.join(ROOT, "configs", "models", "*.json")))
+    assert len(models) >= 5
+    for path in models:
+        assert create_surrogate(path) is not None, path
