@@ -246,15 +246,17 @@ def load_config(cls: type[T], path: Optional[str] = None, overrides: typing.Sequ
             raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys")
-    given: set[str] = set()
+    previous = None
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}' must look like key=value (for example mem.rounds=2)")
-        if key.strip() in given:  # e.g. an unquoted data.shards=.../{00000..00009}.tar, brace-expanded by the shell
-            raise ConfigError(f"config key '{key.strip()}' is given twice on the command line "
+        # A later override of a key wins, but one key twice in a row is what the shell makes
+        # of an unquoted data.shards=.../{00000..00009}.tar: the last shard alone would win.
+        if key.strip() == previous:
+            raise ConfigError(f"config key '{key.strip()}' is given twice in a row on the command line "
                               "(if the value holds {a..b}, quote it so the shell does not expand it)")
-        given.add(key.strip())
+        previous = key.strip()
         try:
             parsed = yaml.safe_load(value) if value != "" else ""
         except yaml.YAMLError:
