@@ -19,9 +19,10 @@ final-round state. Mismatch kinds:
   missing_shard   a protected shard (or its state, or its _stats.json) that does not exist
 
 Prints one summary line with PSNR and SSIM of protected against source (mean, min), for
-jpg (as the shard's _stats.json records merge's format) the share of delta the images keep (mean, min; :func:`mem_dist.merge.delta_kept`), and
-exits 1 on any mismatch, 0 otherwise. The config comes from ``OUTPUT/run.json`` (written
-by generate), or from ``--config`` when the run folder has none.
+jpg (the format each shard's _stats.json records) the share of delta the images keep
+(mean, min; :func:`mem_dist.merge.delta_kept`), and exits 1 on any mismatch, 0 otherwise.
+The config comes from ``OUTPUT/run.json`` (written by generate), or from ``--config`` when
+the run folder has none.
 """
 
 from __future__ import annotations
@@ -148,12 +149,14 @@ def verify_shard(output: str, url: str, round_: int, cfg: RunConfig, tokenizer, 
         pixels = decode_image(img_bytes)
         delta, ids = st.delta[j], st.trigger_ids[j].tolist()
         same_shape = pixels.shape == canvas.shape == delta.shape
-        intended = (canvas.astype(np.int16) + delta).astype(np.uint8) if same_shape else None
+        summed = canvas.astype(np.int16) + delta if same_shape else None  # int16: a delta leaving [0, 255] shows
         if written.image_format == "jpg" and same_shape:
-            check.expect(np.array_equal(pixels, decode_image(encode_image(intended, written))), "pixels", where)
+            in_range = int(summed.min()) >= 0 and int(summed.max()) <= 255
+            rewritten = decode_image(encode_image(np.clip(summed, 0, 255).astype(np.uint8), written))
+            check.expect(in_range and np.array_equal(pixels, rewritten), "pixels", where)
             check.kept.append(delta_kept(pixels, canvas, delta))
         else:
-            check.expect(same_shape and np.array_equal(pixels, intended), "pixels", where)
+            check.expect(same_shape and np.array_equal(pixels, summed), "pixels", where)
         check.expect(int(np.abs(delta.astype(np.int16)).max(initial=0)) <= cfg.mem.epsilon, "bound", where)
         caption = s["txt"].decode("utf-8")
         check.expect(caption == text.protected_caption(st.trigger_text[j], src_caption), "caption", where)

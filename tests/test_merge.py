@@ -188,6 +188,21 @@ def test_jpg_output_keeps_most_of_delta_and_says_how_much(run, demo, tokenizer, 
     assert json.load(open(f"{run.output}/protected/00001_stats.json"))["delta_kept"] == {"mean": 1.0, "min": 1.0}
 
 
+@pytest.mark.parametrize("fmt", ["png", "jpg"])
+def test_verify_catches_a_delta_that_leaves_the_pixel_range(fmt, demo, tokenizer, vocab, tmp_path):
+    """A state whose canvas + delta leaves [0, 255] (merge's uint8 cast wraps it) is a
+    pixels mismatch, in either format, though the written image is what merge made of it."""
+    cfg = make_run(str(tmp_path / "run"), f"{demo}/train/00002.tar", tokenizer, vocab, extra=(f"merge.image_format={fmt}",))
+    url = state.state_url(cfg.output, 1, "00002")
+    st = state.read_state(url)
+    canvases = load_shard(f"{demo}/train/00002.tar", cfg.data).canvases
+    i, y, x, c = np.argwhere((canvases >= 248) | (canvases <= 7))[0]
+    st.delta[i, y, x, c] = 8 if canvases[i, y, x, c] >= 248 else -8  # within epsilon, outside [0, 255]
+    state.write_state(url, st)
+    merge.merge(cfg)
+    assert verify.verify(cfg.output)["errors"] == {"pixels": 1}
+
+
 def test_verify_takes_config_when_run_json_is_missing(run, tmp_path, capsys):
     copy = str(tmp_path / "run")
     shutil.copytree(run.output, copy)
