@@ -1,0 +1,37 @@
+"""What the experiment scripts share: decode source shards, write perturbed ones.
+
+Not part of the package: experiments/ holds scripts behind numbers in docs/efficacy.md that
+are not package options (their methods did not protect). Each writes PNG shards with the
+source keys, for `mem-dist evaluate`.
+"""
+import io
+import json
+import os
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from mem_dist.config import DataConfig
+from mem_dist.data import Shard, expand_shards, load_shard
+
+
+def read_shards(spec: str, size: int) -> list[Shard]:
+    """Every shard of ``spec`` decoded to canvases of side ``size`` (center crop)."""
+    return [load_shard(url, DataConfig(shards=spec, image_size=size, resize_mode="center_crop")) for url in expand_shards(spec)]
+
+
+def write_shards(shards: list[Shard], delta_NHWC: np.ndarray, captions: list[str], out: str) -> int:
+    """canvas + delta (clipped to [0, 255]) as PNG, with ``captions`` in source order, one tar
+    per source shard under ``out``; returns the sample count."""
+    os.makedirs(out, exist_ok=True)
+    i = 0
+    for shard in shards:
+        with wds.TarWriter(os.path.join(out, os.path.basename(shard.url)), mtime=0) as tw:
+            for j, key in enumerate(shard.keys):
+                img = (shard.canvases[j].astype(np.int16) + delta_NHWC[i]).clip(0, 255).astype(np.uint8)
+                buf = io.BytesIO()
+                Image.fromarray(img).save(buf, format="PNG")
+                tw.write({"__key__": key, "png": buf.getvalue(), "txt": captions[i], "json": json.dumps({"key": key}).encode()})
+                i += 1
+    return i
