@@ -1,6 +1,8 @@
 """The ``mem-dist`` console script: one sub-command per pipeline stage.
 
     mem-dist demo-data OUT --train N --val N     LAION-style demo shards (img2dataset layout)
+    mem-dist import fashion-mnist OUT            labelled photos as shards: Fashion-MNIST (Debian's
+    mem-dist import folder DIR OUT                 dataset-fashion-mnist) or an ImageFolder tree
     mem-dist generate --config C [k=v ...]       MEM state (one process; use accelerate launch for more)
     mem-dist merge --config C [k=v ...]          protected shards
     mem-dist verify OUTPUT                       re-check every protected sample
@@ -53,10 +55,36 @@ def demo_data(argv: list[str]) -> int:
     return 0
 
 
+def import_data(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="mem-dist import",
+                                description="Write labelled image data as shards: OUT/train, OUT/public, OUT/val.")
+    sub = p.add_subparsers(dest="source", required=True, metavar="{fashion-mnist,folder}")
+    fm = sub.add_parser("fashion-mnist", help="Fashion-MNIST's idx files (train+public from its train set, val from its test set)")
+    fm.add_argument("out", metavar="OUT", help="output folder (any fsspec URL)")
+    fm.add_argument("--src", default=None,
+                    help="folder with the four idx files, gzipped or not (default /usr/share/datasets/fashion-mnist)")
+    fo = sub.add_parser("folder", help="torchvision ImageFolder tree: DIR/<class name>/<image files>")
+    fo.add_argument("src", metavar="DIR", help="folder with one sub-folder per class (any fsspec URL)")
+    fo.add_argument("out", metavar="OUT", help="output folder (any fsspec URL)")
+    for q in (fm, fo):
+        q.add_argument("--train", type=int, default=4000, help="training pairs (default 4000)")
+        q.add_argument("--val", type=int, default=1000, help="validation pairs (default 1000)")
+        q.add_argument("--public", type=int, default=4000, help="public pairs, disjoint from train (default 4000)")
+        q.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
+        q.add_argument("--per-shard", type=int, default=500, help="samples per shard (default 500)")
+        q.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    from mem_dist import importers
+
+    flags = dict(train=a.train, val=a.val, public=a.public, size=a.size, seed=a.seed, per_shard=a.per_shard)
+    return one_line_errors(lambda: importers.run(a.source, a.src, a.out, **flags))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {
         "demo-data": demo_data,
+        "import": import_data,
         "generate": lambda a: __import__("mem_dist.generate", fromlist=["main"]).main(a),
         "merge": lambda a: __import__("mem_dist.merge", fromlist=["main"]).main(a),
         "verify": lambda a: __import__("mem_dist.verify", fromlist=["main"]).main(a),

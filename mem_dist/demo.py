@@ -12,21 +12,15 @@ plus ``00000.parquet`` and ``00000_stats.json`` beside each tar, as img2dataset 
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import math
 import re
-import time
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-import webdataset as wds
 from PIL import Image, ImageDraw
 
 from mem_dist import storage
+from mem_dist.shards import write_shards
 
 COLOURS = {
     "red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 60, 220), "yellow": (240, 220, 40),
@@ -183,50 +177,21 @@ def render_scene(rng: np.random.Generator, size: int, named_colours: bool = True
 
 
 def write_split(out: str, n_samples: int, per_shard: int, size: int, seed: int, named_colours: bool = True) -> list[str]:
-    """Write ``n_samples`` scenes as img2dataset-style shards under ``out``.
+    """Write ``n_samples`` scenes as img2dataset-style shards under ``out`` (see
+    :func:`mem_dist.shards.write_shards`); shard i draws its scenes from the RNG [seed, i].
 
     Returns:
         The URLs of the tar shards written.
     """
-    fs, root = storage.url_to_fs(out)
-    fs.makedirs(root, exist_ok=True)
-    n_shards = max(1, math.ceil(n_samples / per_shard))
-    key_digits = max(4, math.ceil(math.log10(max(per_shard, 2))))  # 9-digit keys, as img2dataset at 10k/shard
-    urls = []
-    for shard_id in range(n_shards):
-        start = time.time()
-        rng = np.random.default_rng([seed, shard_id])
-        count = min(per_shard, n_samples - shard_id * per_shard)
-        name = f"{shard_id:05d}"
-        rows = []
-        buf = io.BytesIO()
-        with wds.TarWriter(buf, mtime=0) as tw:
-            for idx in range(count):
-                key = f"{shard_id * 10 ** key_digits + idx:0{5 + key_digits}d}"
+
+    def scenes():
+        for shard_id in range(max(1, math.ceil(n_samples / per_shard))):
+            rng = np.random.default_rng([seed, shard_id])
+            for _ in range(min(per_shard, n_samples - shard_id * per_shard)):
                 img, caption, attrs = render_scene(rng, size, named_colours)
-                jpg = io.BytesIO()
-                img.save(jpg, format="JPEG", quality=95)
-                meta = {
-                    "url": f"https://demo.mem-dist.invalid/{key}.jpg", "caption": caption, "key": key,
-                    "status": "success", "error_message": None, "width": size, "height": size,
-                    "original_width": size, "original_height": size,
-                    "sha256": hashlib.sha256(jpg.getvalue()).hexdigest(), "scene": attrs,
-                }
-                tw.write({"__key__": key, "jpg": jpg.getvalue(), "txt": caption, "json": json.dumps(meta).encode()})
-                rows.append({k: meta[k] for k in ("url", "caption", "key", "status", "error_message",
-                                                   "width", "height", "original_width", "original_height")})
-        tar_url = storage.join(out, f"{name}.tar")
-        storage.write_bytes_atomic(tar_url, buf.getvalue())
-        table = pa.Table.from_pylist(rows)
-        pbuf = io.BytesIO()
-        pq.write_table(table, pbuf)
-        storage.write_bytes_atomic(storage.join(out, f"{name}.parquet"), pbuf.getvalue())
-        end = time.time()
-        stats = {"count": count, "successes": count, "failed_to_download": 0, "failed_to_resize": 0,
-                 "duration": end - start, "start_time": start, "end_time": end, "status_dict": {"success": count}}
-        storage.write_json(storage.join(out, f"{name}_stats.json"), stats)
-        urls.append(tar_url)
-    return urls
+                yield img, caption, {"scene": attrs}
+
+    return write_shards(out, scenes(), per_shard, url_base="https://demo.mem-dist.invalid")
 
 
 def make_demo_data(out: str, train: int, val: int, size: int = 64, per_shard: int = 500, seed: int = 0,
