@@ -18,7 +18,7 @@ echo "== generate + merge: MEM-3, an ensemble of surrogates started from A and f
 ens=(output=runs/demo-ens-mem3 progress=false surrogate.pretrained=runs/public/victims/public.pt mem.lr=1e-5
      "surrogate.ensemble=[{pretrained: runs/public8/victims/public8.pt}]")
 python mem_dist/generate.py --config configs/demo.yaml "${ens[@]}"
-python -m mem_dist.merge --config configs/demo.yaml "${ens[@]}"
+mem-dist merge runs/demo-ens-mem3
 for start in public public8 public10; do
   echo "== evaluate: victims fine-tuned from $start"
   python -m mem_dist.evaluate --config configs/eval-demo-finetune.yaml output=runs/eval-ensemble-$start \

@@ -12,6 +12,6 @@ python -m mem_dist.evaluate --config configs/eval-demo.yaml output=runs/public s
   'conditions={public: "data/public/train/{00000..00003}.tar"}' val_shards=data/public/val/00000.tar
 echo "== generate + merge: MEM-3, surrogate started from the public checkpoint (lr 1e-5 keeps it near it)"
 python mem_dist/generate.py --config configs/demo.yaml output=runs/demo-ft-mem3 progress=false surrogate.pretrained=runs/public/victims/public.pt mem.lr=1e-5
-python -m mem_dist.merge --config configs/demo.yaml output=runs/demo-ft-mem3 surrogate.pretrained=runs/public/victims/public.pt mem.lr=1e-5
+mem-dist merge runs/demo-ft-mem3
 echo "== evaluate: victims fine-tuned from the public checkpoint"
 python -m mem_dist.evaluate --config configs/eval-demo-finetune.yaml

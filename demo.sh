@@ -12,7 +12,7 @@ for run in "demo-random mem.method=random mem.trigger_len=0" "demo-random3 mem.m
   name=$1; shift
   echo "== generate + merge: $name"
   python mem_dist/generate.py --config configs/demo.yaml output=runs/$name progress=false "$@"
-  python -m mem_dist.merge --config configs/demo.yaml output=runs/$name "$@"
+  mem-dist merge runs/$name progress=false
 done
 mem-dist verify runs/demo-mem3
 echo "== evaluate: victims trained on each condition, retrieval on clean validation data"

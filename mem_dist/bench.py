@@ -36,7 +36,7 @@ import webdataset as wds
 from PIL import Image
 
 from mem_dist import distributed, engine, state, text
-from mem_dist.cli import one_line_errors
+from mem_dist.errors import one_line_errors
 from mem_dist.config import ConfigError, RunConfig, load_config
 from mem_dist.data import check_shards, iter_samples, shard_name, to_canvas
 from mem_dist.merge import encode_image, merge_shard
@@ -71,7 +71,8 @@ def bench_merge(cfg: RunConfig, repeats: int = 3) -> list[tuple[str, float]]:
         raise ConfigError(f"no generation state under {cfg.output}; run generate first (mem.method=random mem.rounds=1 is quick)")
     runs = {
         f"bare loop (decode, canvas, +delta, {cfg.merge.image_format.upper()}, tar)": lambda u, dest: bare_loop(cfg, u, round_),
-        "mem-dist merge_shard": lambda u, dest: merge_shard(cfg, u, round_, dest=dest)["successes"],
+        "mem-dist merge_shard": lambda u, dest: merge_shard(dataclasses.replace(cfg, merge=dataclasses.replace(
+            cfg.merge, publish_to=dest)), u, round_, private=dest)["published"],
     }
     best = dict.fromkeys(runs, 0.0)
     for _ in range(repeats):

@@ -4,7 +4,7 @@
     mem-dist import fashion-mnist OUT            labelled photos as shards: Fashion-MNIST (Debian's
     mem-dist import folder DIR OUT                 dataset-fashion-mnist) or an ImageFolder tree
     mem-dist generate --config C [k=v ...]       MEM state (one process; use accelerate launch for more)
-    mem-dist merge --config C [k=v ...]          protected shards
+    mem-dist merge OUTPUT [merge.k=v ...]        protected shards (public) + manifest (private)
     mem-dist verify OUTPUT                       re-check every protected sample
     mem-dist evaluate --config E [k=v ...]       train victims, report retrieval on clean data
     mem-dist bench merge --config C              merge throughput vs a bare loop
@@ -15,26 +15,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
 
-from mem_dist import storage
-from mem_dist.config import ConfigError
-
-
-def one_line_errors(body: Callable[[], int], *expected: type[Exception]) -> int:
-    """Run a command's body and return its exit code. A bad configuration (ConfigError and
-    the command's ``expected`` errors: a bad launch, a refused resume) or storage that
-    refuses access is one line on stderr and exit 2; anything else propagates."""
-    try:
-        return body()
-    except (ConfigError, *expected) as e:
-        message = str(e)
-    except Exception as e:
-        message = storage.access_problem(e)
-        if message is None:
-            raise
-    print(f"mem-dist: error: {message}", file=sys.stderr)
-    return 2
+from mem_dist.errors import one_line_errors
 
 
 def demo_data(argv: list[str]) -> int:

@@ -51,6 +51,12 @@ class DataConfig:
     cache_shards: int = 8
     """Decoded shards kept in memory per process (at least 1: the surrogate phase reads
     its batches shard by shard)."""
+    empty_captions: Literal["protect", "copy", "drop"] = "protect"
+    """A sample whose caption is empty or missing (img2dataset counts such downloads as
+    successes). protect: protected like any other; its published caption is the trigger
+    alone, and delta binds to that trigger (EM and the noise baselines: delta only).
+    copy: not protected; merge copies it through unprotected (counted). drop: skipped and
+    counted as "no_caption", in generation and in the published shard."""
 
     def __post_init__(self) -> None:
         if not self.shards:
@@ -162,6 +168,13 @@ class MergeConfig:
     unprotected, and the stats say how many."""
     processes: int = 1
     """Worker processes per machine (each also per rank under accelerate launch)."""
+    publish_to: str = ""
+    """Where the public side goes (the protected tars with their .parquet and _stats.json):
+    any fsspec URL; "" = {output}/protected. The private side (manifest, state) stays under
+    output either way."""
+    drop_fields: tuple[str, ...] = ()
+    """Source metadata not to publish: these json keys and parquet columns are removed from
+    the published shards (e.g. [url, exif]; a published url points at the unprotected original)."""
 
     def __post_init__(self) -> None:
         check(self.processes >= 1, "merge.processes", "must be at least 1")
@@ -220,7 +233,8 @@ def config_hash(obj: Any) -> str:
 T = typing.TypeVar("T")
 
 
-def load_config(cls: type[T], path: Optional[str] = None, overrides: typing.Sequence[str] = ()) -> T:
+def load_config(cls: type[T], path: Optional[str] = None, overrides: typing.Sequence[str] = (),
+                base: Optional[dict[str, Any]] = None) -> T:
     """Build a ``cls`` config from an optional YAML file and ``key=value`` overrides.
 
     Args:
@@ -228,6 +242,7 @@ def load_config(cls: type[T], path: Optional[str] = None, overrides: typing.Sequ
         path: a YAML file, or None for the defaults.
         overrides: dotted ``key=value`` strings; values are parsed as YAML scalars
             (``2`` is an int, ``null`` is None, ``[a, b]`` a list).
+        base: raw keys to start from instead of a file (a recorded config, :func:`to_dict`).
 
     Returns:
         The validated, frozen config.
@@ -235,7 +250,7 @@ def load_config(cls: type[T], path: Optional[str] = None, overrides: typing.Sequ
     Raises:
         ConfigError: one line naming the offending key or file.
     """
-    raw: dict[str, Any] = {}
+    raw: dict[str, Any] = json.loads(json.dumps(base)) if base is not None else {}
     if path is not None:
         try:
             with open(path) as f:
@@ -246,23 +261,30 @@ def load_config(cls: type[T], path: Optional[str] = None, overrides: typing.Sequ
             raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys")
-    previous = None
+    for key, value in parse_overrides(overrides):
+        _set_dotted(raw, key, value)
+    return build(cls, raw, prefix="")
+
+
+def parse_overrides(overrides: typing.Sequence[str]) -> list[tuple[str, Any]]:
+    """``key=value`` strings as (dotted key, YAML-parsed value) pairs; one-line errors."""
+    out: list[tuple[str, Any]] = []
     for item in overrides:
         key, sep, value = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ConfigError(f"override '{item}' must look like key=value (for example mem.rounds=2)")
         # A later override of a key wins, but one key twice in a row is what the shell makes
         # of an unquoted data.shards=.../{00000..00009}.tar: the last shard alone would win.
-        if key.strip() == previous:
-            raise ConfigError(f"config key '{key.strip()}' is given twice in a row on the command line "
+        if out and key == out[-1][0]:
+            raise ConfigError(f"config key '{key}' is given twice in a row on the command line "
                               "(if the value holds {a..b}, quote it so the shell does not expand it)")
-        previous = key.strip()
         try:
             parsed = yaml.safe_load(value) if value != "" else ""
         except yaml.YAMLError:
             parsed = value
-        _set_dotted(raw, key.strip(), parsed)
-    return build(cls, raw, prefix="")
+        out.append((key, parsed))
+    return out
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -6,7 +6,8 @@ image becomes the *canvas* (the pixels the protected shard will store, see
 
   ``decode_error``   the image bytes do not decode
   ``no_image``       no member with one of ``data.image_keys``
-  ``no_caption``     no caption member, or an empty caption
+  ``no_caption``     no caption member, or an empty caption, with ``data.empty_captions: drop``
+                     (otherwise such a sample is kept with caption "")
   ``wrong_size``     ``resize_mode: no`` and the image is not image_size x image_size
   ``duplicate_key``  a key seen before in the same shard (the first sample is kept)
   ``truncated_tar``  the tar ends mid-member (complete samples before the break are kept)
@@ -42,6 +43,19 @@ class Shard:
     captions: list[str]
     skipped: collections.Counter = field(default_factory=collections.Counter)
     meta: list[bytes | None] = field(default_factory=list)  # the raw KEY.json of each sample, if any
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (key, reason) of each sample skipped
+
+    def without(self, rows: np.ndarray, reason: str) -> "Shard":
+        """The shard without the samples at ``rows`` (bool mask or indices), counted as ``reason``."""
+        drop = np.zeros(len(self), bool)
+        drop[rows] = True
+        keep = np.flatnonzero(~drop)
+        skipped = collections.Counter(self.skipped)
+        if drop.any():
+            skipped[reason] += int(drop.sum())
+        return Shard(self.url, [self.keys[i] for i in keep], self.canvases[keep], [self.captions[i] for i in keep], skipped,
+                     [self.meta[i] for i in keep] if self.meta else [],
+                     self.dropped + [(self.keys[i], reason) for i in np.flatnonzero(drop)])
 
     @property
     def name(self) -> str:
@@ -215,29 +229,35 @@ def load_shard(url: str, cfg: DataConfig) -> Shard:
         _warn(f"{url}: shard is empty (0 bytes), skipped")
         return Shard(url, [], empty, [], skipped)
     seen: set[str] = set()
+    dropped: list[tuple[str, str]] = []
+
+    def skip(key: str, reason: str) -> None:
+        skipped[reason] += 1
+        dropped.append((key, reason))
+
     for sample in iter_samples(url, skipped):
         key = sample.get("__key__", "?")
         if key in seen:  # state rows, merge and verify join on the key
-            skipped["duplicate_key"] += 1
+            skip(key, "duplicate_key")
             continue
         raw = next((sample[k] for k in cfg.image_keys if k in sample), None)
         if raw is None:
-            skipped["no_image"] += 1
+            skip(key, "no_image")
             continue
         caption = sample.get(cfg.caption_key)
         caption = caption.decode("utf-8", errors="replace").strip() if caption is not None else ""
-        if not caption:
-            skipped["no_caption"] += 1
+        if not caption and cfg.empty_captions == "drop":
+            skip(key, "no_caption")
             continue
         try:
             with Image.open(io.BytesIO(raw)) as img:
                 img.load()
                 canvas = to_canvas(img, cfg.image_size, cfg.resize_mode)
         except Exception:  # PIL raises many types for bad bytes
-            skipped["decode_error"] += 1
+            skip(key, "decode_error")
             continue
         if canvas is None:
-            skipped["wrong_size"] += 1
+            skip(key, "wrong_size")
             continue
         seen.add(key)
         keys.append(key)
@@ -249,11 +269,20 @@ def load_shard(url: str, cfg: DataConfig) -> Shard:
     if sum(v for k, v in skipped.items() if k not in ("truncated_tar",)):
         _warn(f"{url}: skipped {dict(skipped)}")
     stack = np.stack(canvases) if canvases else empty
-    return Shard(url, keys, stack, captions, skipped, metas)
+    return Shard(url, keys, stack, captions, skipped, metas, dropped)
+
+
+def generation_view(shard: Shard, cfg: DataConfig) -> Shard:
+    """The samples generation protects: all of them, but with ``data.empty_captions: copy``
+    those with an empty caption (left to merge to copy through; counted "empty_caption")."""
+    if cfg.empty_captions != "copy":
+        return shard
+    return shard.without(np.array([not c for c in shard.captions], bool), "empty_caption")
 
 
 class ShardCache:
-    """The last ``capacity`` decoded shards, so rounds do not decode the same tar again."""
+    """The last ``capacity`` decoded shards as generation sees them (:func:`generation_view`),
+    so rounds do not decode the same tar again."""
 
     def __init__(self, cfg: DataConfig, capacity: int):
         self.cfg, self.capacity = cfg, capacity
@@ -263,7 +292,7 @@ class ShardCache:
         if url in self._shards:
             self._shards.move_to_end(url)
             return self._shards[url]
-        shard = load_shard(url, self.cfg)
+        shard = generation_view(load_shard(url, self.cfg), self.cfg)
         self._shards[url] = shard
         while len(self._shards) > self.capacity:
             self._shards.popitem(last=False)

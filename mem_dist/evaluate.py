@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from mem_dist import defences, report, storage, surrogate
-from mem_dist.cli import one_line_errors
+from mem_dist.errors import one_line_errors
 from mem_dist.config import ConfigError, DataConfig, build, check, load_config, seed_of, to_dict
 from mem_dist.data import expand_shards, load_shard
 from mem_dist.defences import DefenceConfig

@@ -14,7 +14,7 @@ if __package__ in (None, ""):  # run as a file: make the package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mem_dist import distributed, engine
-from mem_dist.cli import one_line_errors
+from mem_dist.errors import one_line_errors
 from mem_dist.config import RunConfig, load_config
 from mem_dist.data import check_shards
 

@@ -1,25 +1,27 @@
-"""Merge: source shards + final-round state -> protected WebDataset shards.
+"""Merge: source shards + final-round state -> protected shards (public) + manifest (private).
 
-``python -m mem_dist.merge --config C [key=value ...]`` (or ``mem-dist merge``). For each
-source shard, every sample with a state row becomes:
+``mem-dist merge OUTPUT [merge.key=value ...]`` (or ``python -m mem_dist.merge OUTPUT``)
+takes the run's config from ``OUTPUT/run.json``; ``--config C [key=value ...]`` works too,
+and then only ``merge.*`` (and ``progress``) may differ from the run's. For each source shard,
+every sample with a state row becomes:
 
   KEY.png   canvas + delta, uint8, lossless (merge.image_format: png | webp), or KEY.jpg
-            (merge.image_format: jpg, merge.jpeg_quality; lossy: the stats give the share of
-            delta kept, see :func:`delta_kept`)
-  KEY.txt   trigger_text + " " + caption
-  KEY.json  the source metadata (its caption, width, height and any md5 / sha256 / sha512
-            image hash made true of what is written) plus a "mem_dist" section (protected,
-            method, epsilon, trigger_len, trigger_text, trigger_ids, config_hash, version, round)
+            (merge.image_format: jpg, merge.jpeg_quality; lossy: the private stats give the
+            share of delta kept, see :func:`delta_kept`)
+  KEY.txt   trigger_text + " " + caption (the trigger alone for an empty caption)
+  KEY.json  the source json made true of what is written (:mod:`mem_dist.publish`)
 
-written to ``{output}/protected/{shard}.tar``, with ``{shard}.parquet`` (one row per
-written sample: key, caption, width, height, status, protected) and ``{shard}_stats.json``
-(counts, skips with reasons, duration, delta kept) beside it, as img2dataset writes its shards. The
-stats file is written last: it marks the shard as finished, so re-running skips it.
+written to ``{publish}/{shard}.tar`` with ``{shard}.parquet`` and ``{shard}_stats.json`` in
+img2dataset's schema beside it (``publish`` = ``merge.publish_to``, default
+``{output}/protected``). Nothing published reveals the trigger, the method or its settings;
+what mem-dist knows about each sample goes to ``{output}/manifest/`` (:mod:`mem_dist.manifest`),
+whose stats file is written last and marks the shard as finished, so re-running skips it.
 
 A sample without a state row is dropped and counted (``no_state``), unless
-``merge.copy_unprotected`` copies it through (the canvas, the original caption,
-``"protected": false``; counted as ``copied_unprotected``). Samples the source reader
-skipped (``decode_error``, ``no_caption``, ...) are counted with the reader's reasons.
+``merge.copy_unprotected`` copies it through unprotected (the canvas, the original caption;
+``copied`` in the manifest), as are empty captions under ``data.empty_captions: copy``.
+Samples the source reader skipped (``decode_error``, ``no_image``, ...) are dropped with the
+reader's reasons. Every source sample is published or dropped with a named reason.
 
 Shards are spread over ranks (``RANK``/``WORLD_SIZE`` as set by ``accelerate launch`` or
 torchrun; no process group is needed) and over ``merge.processes`` worker processes.
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
+import dataclasses
 import io
 import json
 import multiprocessing
@@ -38,36 +40,27 @@ import sys
 import time
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from mem_dist import __version__, state, storage, text
-from mem_dist.cli import one_line_errors
-from mem_dist.config import ConfigError, MergeConfig, RunConfig, load_config
+from mem_dist import manifest, publish, state, storage, text
+from mem_dist.config import ConfigError, MergeConfig, RunConfig, build, load_config, parse_overrides, to_dict
 from mem_dist.data import check_shards, load_shard, owned, shard_name
-
-PARQUET_SCHEMA = pa.schema([
-    ("key", pa.string()),
-    ("caption", pa.string()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("status", pa.string()),
-    ("protected", pa.bool_()),
-])
+from mem_dist.errors import one_line_errors
 
 # Reasons data.load_shard counts per shard rather than per sample.
 SHARD_LEVEL_SKIPS = ("truncated_tar", "missing_shard", "empty_shard")
 
-# Image hashes img2dataset may keep in a sample's json (its compute_hash option).
-IMAGE_HASHES = {"md5", "sha256", "sha512"}
+
+def publish_dir(cfg: RunConfig) -> str:
+    """Where the public side goes: ``merge.publish_to``, or ``{output}/protected``."""
+    return cfg.merge.publish_to or storage.join(cfg.output, "protected")
 
 
-def protected_url(output: str, name: str, suffix: str) -> str:
-    """``{output}/protected/{name}{suffix}`` (suffix: ".tar", ".parquet", "_stats.json")."""
-    return storage.join(output, "protected", f"{name}{suffix}")
+def published_url(folder: str, name: str, suffix: str) -> str:
+    """``{folder}/{name}{suffix}`` (suffix: ".tar", ".parquet", "_stats.json")."""
+    return storage.join(folder, f"{name}{suffix}")
 
 
 def encode_image(pixels_HWC: np.ndarray, cfg: MergeConfig) -> bytes:
@@ -117,96 +110,91 @@ def method_name(cfg: RunConfig) -> str:
     return "mem" if cfg.mem.trigger_len else "em"
 
 
-def run_meta(cfg: RunConfig, round_: int) -> dict:
-    """The per-run part of every sample's "mem_dist" json section."""
-    return {"method": method_name(cfg), "epsilon": cfg.mem.epsilon, "trigger_len": cfg.mem.trigger_len,
-            "config_hash": cfg.config_hash(), "version": __version__, "round": round_}
-
-
-def source_meta(raw: bytes | None) -> dict:
-    """A source sample's json metadata ({} when missing or not a JSON object)."""
-    try:
-        meta = json.loads(raw) if raw else {}
-    except (ValueError, UnicodeDecodeError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
-def merge_shard(cfg: RunConfig, url: str, round_: int, dest: str | None = None) -> dict:
-    """Write the protected version of one source shard.
+def merge_shard(cfg: RunConfig, url: str, round_: int, private: str | None = None) -> dict:
+    """Publish the protected version of one source shard and record it privately.
 
     Args:
-        cfg: the generation config (data, mem and merge sections are used).
+        cfg: the run's config (data, mem and merge sections are used).
         url: the source shard.
         round_: the state round to apply (the final one).
-        dest: the run folder to write ``protected/`` under; default ``cfg.output``
-            (the state is always read from ``cfg.output``).
+        private: where the manifest goes, default ``cfg.output`` (the state is always read
+            from ``cfg.output``; ``bench merge`` writes both sides to a scratch folder).
 
     Returns:
-        The shard's stats, as written to ``{shard}_stats.json``.
+        The shard's private stats, as written to ``{output}/manifest/{shard}_stats.json``.
     """
     start = time.time()
-    dest = cfg.output if dest is None else dest
-    name = shard_name(url)
+    name, folder, fmt = shard_name(url), publish_dir(cfg), cfg.merge.image_format
+    private = cfg.output if private is None else private
     src = load_shard(url, cfg.data)
     st = state.read_state(state.state_url(cfg.output, round_, name))
     row_of = st.by_key()
-    base_meta = run_meta(cfg, round_)
-    fmt = cfg.merge.image_format
-    dropped, copied, rows, kept = 0, 0, [], []
-    tar_url = protected_url(dest, name, ".tar")
+    written: list[publish.Written] = []
+    rows: list[dict] = []  # the manifest
+    dropped = {key: reason for key, reason in src.dropped}
+    kept, with_url = [], 0
+    tar_url = published_url(folder, name, ".tar")
     tmp = storage.local_tempfile(tar_url, ".tar")
     try:
         with wds.TarWriter(tmp, mtime=0) as tw:
             for i, key in enumerate(src.keys):
                 j = row_of.get(key)
-                if j is None and not cfg.merge.copy_unprotected:
-                    dropped += 1
-                    continue
                 if j is None:
-                    copied += 1
-                    pixels, caption = src.canvases[i], src.captions[i]
-                    protection = dict(base_meta, protected=False, trigger_text="", trigger_ids=[])
+                    reason = "empty_caption" if not src.captions[i] and cfg.data.empty_captions == "copy" else "no_state"
+                    if reason == "no_state" and not cfg.merge.copy_unprotected:
+                        dropped[key] = reason
+                        continue
+                    pixels, caption, ids, trigger = src.canvases[i], src.captions[i], [], ""
                 else:
                     # int16 so the sum cannot wrap; the state keeps canvas + delta in [0, 255].
                     pixels = (src.canvases[i].astype(np.int16) + st.delta[j]).astype(np.uint8)
-                    caption = text.protected_caption(st.trigger_text[j], src.captions[i])
-                    protection = dict(base_meta, protected=True, trigger_text=st.trigger_text[j],
-                                      trigger_ids=st.trigger_ids[j].tolist())
+                    trigger, ids = st.trigger_text[j], st.trigger_ids[j].tolist()
+                    caption = text.protected_caption(trigger, src.captions[i])
                 image = encode_image(pixels, cfg.merge)
                 if j is not None:
                     kept.append(1.0 if fmt != "jpg" else delta_kept(decode_image(image), src.canvases[i], st.delta[j]))
-                meta = dict(source_meta(src.meta[i]), key=key, caption=caption, width=pixels.shape[1], height=pixels.shape[0])
-                for h in IMAGE_HASHES & meta.keys():  # img2dataset's compute_hash: now of the image written here
-                    meta[h] = hashlib.new(h, image).hexdigest()
-                meta["mem_dist"] = protection
-                tw.write({"__key__": key, fmt: image, "txt": caption, "json": json.dumps(meta).encode()})
-                rows.append({"key": key, "caption": caption, "width": pixels.shape[1], "height": pixels.shape[0],
-                             "status": "success", "protected": j is not None})
+                w = publish.Written.of(key, caption, image, pixels.shape[1], pixels.shape[0])
+                meta = publish.sample_json(src.meta[i] if src.meta else None, w, cfg.merge.drop_fields)
+                with_url += bool(json.loads(meta).get("url"))
+                tw.write({"__key__": key, fmt: image, "txt": caption, "json": meta})
+                written.append(w)
+                rows.append({"key": key, "outcome": "protected" if j is not None else "copied",
+                             "reason": None if j is not None else reason, "caption": caption, "trigger_ids": ids,
+                             "trigger_text": trigger, "image_sha256": w.hashes["sha256"]})
         storage.put_file_atomic(tmp, tar_url)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    pbuf = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows, schema=PARQUET_SCHEMA), pbuf)
-    storage.write_bytes_atomic(protected_url(dest, name, ".parquet"), pbuf.getvalue())
-    skipped = dict(src.skipped, **({"no_state": dropped} if dropped else {}))
+    rows += [{"key": k, "outcome": "dropped", "reason": r, "caption": None, "trigger_ids": [], "trigger_text": "",
+              "image_sha256": None} for k, r in dropped.items()]
+    table = publish.shard_parquet(publish.read_source_table(url, ".parquet"), written, dropped, cfg.merge.drop_fields)
+    storage.write_bytes_atomic(published_url(folder, name, ".parquet"), publish.parquet_bytes(table))
+    public_stats = publish.shard_stats(publish.read_source_table(url, "_stats.json"), table, start, time.time())
+    storage.write_bytes_atomic(published_url(folder, name, "_stats.json"), publish.stats_bytes(public_stats))
+    manifest.write_manifest(private, name, rows)
+    outcomes = collections.Counter(r["outcome"] for r in rows)
     end = time.time()
     stats = {
-        "count": len(src) + sum(c for r, c in src.skipped.items() if r not in SHARD_LEVEL_SKIPS),
-        "successes": len(rows),
-        "protected": len(rows) - copied,
-        "copied_unprotected": copied,
-        "skipped": skipped,
+        "source": url,
+        "published_to": cfg.merge.publish_to,  # "": {output}/protected, wherever the run folder is now
+        "method": method_name(cfg),
         "round": round_,
+        "source_samples": len(src) + sum(c for r, c in src.skipped.items() if r not in SHARD_LEVEL_SKIPS),
+        "published": len(written),
+        "protected": outcomes["protected"],
+        "copied_unprotected": outcomes["copied"],
+        "skipped": dict(collections.Counter(dropped.values()),
+                        **{r: c for r, c in src.skipped.items() if r in SHARD_LEVEL_SKIPS}),
+        "with_url": with_url,
         "image_format": fmt,
         **({"jpeg_quality": cfg.merge.jpeg_quality} if fmt == "jpg" else {}),
+        "drop_fields": list(cfg.merge.drop_fields),
         "delta_kept": kept_summary(kept),
         "duration": round(end - start, 3),
         "start_time": start,
         "end_time": end,
     }
-    storage.write_json(protected_url(dest, name, "_stats.json"), stats)  # last: the completion marker
+    manifest.write_stats(private, name, stats)  # last: the completion marker
     return stats
 
 
@@ -219,14 +207,73 @@ def run_kept(stats: list[dict]) -> dict:
     return {"mean": round(sum(c * k["mean"] for c, k in parts) / n, 4), "min": min(k["min"] for _, k in parts)}
 
 
-def check_same_run(cfg: RunConfig) -> None:
-    """Refuse a config whose generation settings differ from those run.json recorded
-    (merge.* and mem.rounds may differ): the state would be labelled, or applied, wrongly."""
-    url = storage.join(cfg.output, "run.json")
-    recorded = storage.read_json(url).get("config_hash") if storage.exists(url) else None
-    if recorded not in (None, cfg.config_hash()):
-        raise ConfigError(f"this config's generation settings differ from the run in {cfg.output} (config hash "
-                          f"{cfg.config_hash()} here, {recorded} in run.json); merge with the config generate used")
+# --------------------------------------------------------------------------------------
+# The run's config: run.json, with merge.* from the command line
+# --------------------------------------------------------------------------------------
+
+MERGE_KEYS = ("merge.", "progress")
+
+
+def recorded_config(output: str) -> RunConfig | None:
+    """The config generate recorded in ``{output}/run.json`` (with ``output`` set to where the
+    run folder is now), or None if there is none."""
+    url = storage.join(output, "run.json")
+    if not storage.exists(url):
+        return None
+    return dataclasses.replace(build(RunConfig, storage.read_json(url)["config"], ""), output=output)
+
+
+def resolve_config(output: str | None, config: str | None, overrides: list[str], log=print) -> RunConfig:
+    """The config to merge with: the run's own (run.json) with ``merge.*`` and ``progress`` from
+    ``overrides`` (and, with ``config``, from that file).
+
+    Args:
+        output: the run folder (``mem-dist merge OUTPUT``), or None with ``config``.
+        config: a YAML config whose ``output`` names the run folder, or None.
+        overrides: ``key=value``; with ``output`` only merge.* / progress; with ``config`` other
+            keys must agree with the run's.
+
+    Raises:
+        ConfigError: neither or both of output and config, a generation key that differs
+            from the run's, or no run.json with ``output``.
+    """
+    pairs = parse_overrides(overrides)
+    if output is not None and config is not None:
+        raise ConfigError("give the run folder (mem-dist merge OUTPUT [merge.key=value ...]) or --config C, not both")
+    if output is None and config is None and not any(k == "output" for k, _ in pairs):
+        raise ConfigError("which run? give its folder: mem-dist merge OUTPUT [merge.key=value ...] (or --config C)")
+    if output is not None:
+        other = [k for k, _ in pairs if not k.startswith(MERGE_KEYS)]
+        if other:
+            raise ConfigError(f"config key '{other[0]}': with a run folder only merge.* and progress may be given "
+                              f"(the rest is the run's, from {storage.join(output, 'run.json')})")
+        run = recorded_config(output)
+        if run is None:
+            raise ConfigError(f"{storage.join(output, 'run.json')} not found: is {output} a mem-dist run folder? (or use --config)")
+        return load_config(RunConfig, None, overrides, base=to_dict(run))
+    given = load_config(RunConfig, config, overrides)
+    run = recorded_config(given.output)
+    if run is None:
+        return given
+    mine, theirs = to_dict(given), to_dict(run)
+    for key, _ in pairs:
+        if key.startswith(MERGE_KEYS) or key == "output":
+            continue
+        if _dotted(mine, key) != _dotted(theirs, key):
+            raise ConfigError(f"config key '{key}' differs from the run in {given.output} ({_dotted(theirs, key)!r} in its "
+                              f"run.json); merge uses the run's generation settings, only merge.* may differ")
+    if given.config_hash() != run.config_hash():
+        log(f"mem-dist merge: generation settings are the run's (run.json, config hash {run.config_hash()}); "
+            f"{config}'s differ and are not used")
+    return dataclasses.replace(run, merge=given.merge, progress=given.progress)
+
+
+def _dotted(tree: dict, key: str):
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
 
 
 def env_rank_world() -> tuple[int, int]:
@@ -240,28 +287,26 @@ def _merge_job(job: tuple[RunConfig, str, int]) -> dict:
 
 
 def merge(cfg: RunConfig, rank: int | None = None, world: int | None = None, progress: bool | None = None) -> dict:
-    """Write the protected shards this rank owns, skipping those already finished.
+    """Publish the protected shards this rank owns, skipping those already finished.
 
     Args:
-        cfg: the generation config; its output must hold the generated state.
+        cfg: the run's config (:func:`resolve_config`); its output must hold the state.
         rank, world: shard ownership (shard i belongs to rank i % world); None reads
             ``RANK`` / ``WORLD_SIZE`` from the environment (0 and 1 without them).
         progress: a progress bar over shards; None follows ``cfg.progress``.
 
     Returns:
-        A summary: shards written and already done, samples written, protected and
-        copied unprotected, skips by reason, seconds.
+        A summary: shards written and already done, samples published, protected and
+        copied unprotected, skips by reason, published samples that still carry a url, seconds.
 
     Raises:
-        ConfigError: no state, the final round's state is incomplete, or ``cfg`` is not
-            the config the run was generated with.
+        ConfigError: no state, or the final round's state is incomplete.
     """
     env_rank, env_world = env_rank_world()
     rank = env_rank if rank is None else rank
     world = env_world if world is None else world
     progress = cfg.progress if progress is None else progress
     urls = check_shards(cfg.data)
-    check_same_run(cfg)
     round_ = state.latest_round(cfg.output)
     if round_ == 0:
         raise ConfigError(f"no generation state under {storage.join(cfg.output, 'state')}; run generate first")
@@ -270,7 +315,8 @@ def merge(cfg: RunConfig, rank: int | None = None, world: int | None = None, pro
         raise ConfigError(f"the state of round {round_} under {cfg.output} lacks shard {missing[0]} "
                           f"(and {len(missing) - 1} more); finish generate first")
     mine = owned(urls, rank, world)
-    todo = [u for u in mine if not storage.exists(protected_url(cfg.output, shard_name(u), "_stats.json"))]
+    done = manifest.finished(cfg.output)
+    todo = [u for u in mine if shard_name(u) not in done]
     start = time.time()
     jobs = [(cfg, u, round_) for u in todo]
     bar = tqdm(total=len(jobs), desc="merge", unit="shard", disable=not (progress and jobs))
@@ -292,10 +338,11 @@ def merge(cfg: RunConfig, rank: int | None = None, world: int | None = None, pro
     summary = {
         "rank": rank, "world": world, "round": round_,
         "shards": len(stats), "already_done": len(mine) - len(todo),
-        "samples": sum(s["successes"] for s in stats),
+        "samples": sum(s["published"] for s in stats),
         "protected": sum(s["protected"] for s in stats),
         "copied_unprotected": sum(s["copied_unprotected"] for s in stats),
         "skipped": dict(skipped),
+        "with_url": sum(s["with_url"] for s in stats),
         "delta_kept": run_kept(stats),
         "seconds": round(time.time() - start, 3),
     }
@@ -304,18 +351,28 @@ def merge(cfg: RunConfig, rank: int | None = None, world: int | None = None, pro
     print(f"mem-dist merge (rank {rank}/{world}, round {round_}): {summary['shards']} shards written, "
           f"{summary['already_done']} already done; {summary['samples']} samples ({summary['protected']} protected, "
           f"{summary['copied_unprotected']} copied unprotected), skipped {summary['skipped'] or 0}{lossy}, "
-          f"{summary['seconds']:.1f}s -> {storage.join(cfg.output, 'protected')}", flush=True)
+          f"{summary['seconds']:.1f}s -> {publish_dir(cfg)} (public), {storage.join(cfg.output, 'manifest')} (private)",
+          flush=True)
+    if summary["with_url"]:
+        print(f"mem-dist merge: {summary['with_url']} of {summary['samples']} published samples still carry a 'url': "
+              f"while the unprotected original stays online there, protection is moot; merge.drop_fields=[url] "
+              f"leaves it out of the published json and parquet", flush=True)
     return summary
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mem-dist merge", description="Write protected shards from the source shards and the final state.")
-    p.add_argument("--config", help="the generation config (YAML)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. merge.processes=8")
+    p = argparse.ArgumentParser(prog="mem-dist merge", description="Publish protected shards from the source shards and the "
+                                "final state (public side), with a manifest of what was written (private side).")
+    p.add_argument("output", nargs="?", help="the run folder (generate's output): its run.json gives the config")
+    p.add_argument("--config", help="instead of OUTPUT: a config whose output names the run; only merge.* may differ from the run's")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. merge.processes=8 'merge.drop_fields=[url]'")
     args = p.parse_intermixed_args(argv)
+    output, overrides = args.output, list(args.overrides)
+    if output is not None and "=" in output:  # argparse puts a first override in OUTPUT's place
+        output, overrides = None, [output] + overrides
 
     def body() -> int:
-        merge(load_config(RunConfig, args.config, args.overrides))
+        merge(resolve_config(output, args.config, overrides))
         return 0
 
     return one_line_errors(body)

@@ -70,7 +70,8 @@ def trigger_text(tokenizer, trigger_ids: Sequence[int]) -> str:
 
 
 def protected_caption(trigger: str, caption: str) -> str:
-    return f"{trigger} {caption}" if trigger else caption
+    """The caption as published: the trigger's words, a space, the caption (either may be empty)."""
+    return f"{trigger} {caption}" if trigger and caption else trigger or caption
 
 
 def caption_ids(tokenizer, caption: str) -> list[int]:

@@ -1,8 +1,9 @@
-"""``mem-dist verify OUTPUT [--config C]``: re-read every protected sample and check it.
+"""``mem-dist verify OUTPUT [--config C]``: re-read every published sample and check it.
 
-Each protected shard is read with webdataset's own tar iterators (not mem-dist's reader),
-each source shard is decoded to canvases again, and every sample is checked against the
-final-round state. Mismatch kinds:
+Each published shard (where merge put it: ``merge.publish_to``, recorded in the run's
+private stats) is read with webdataset's own tar iterators (not mem-dist's reader), each
+source shard is decoded to canvases again, and every sample is checked against the
+final-round state and the private manifest. Mismatch kinds:
 
   pixels          decoded protected image - source canvas != stored delta (exactly); for
                   merge.image_format jpg: the image is not canvas + delta as merge encodes
@@ -10,19 +11,24 @@ final-round state. Mismatch kinds:
   bound           |delta| > mem.epsilon
   caption         caption != trigger_text + " " + source caption
   tokens          open_clip's tokenizer does not give trigger_ids at positions 1..k
-  meta            the json's "mem_dist" section disagrees with the state (trigger ids, round)
+  meta            the manifest disagrees with the state (trigger ids) or the image (sha256)
   json            the json's caption, width, height or image hash (md5 / sha256 / sha512) do
                   not describe the sample as written
-  no_state        a sample with no state row that is not marked "protected": false
+  public          a published json carries a key its source json lacks (the protection's
+                  own, say) or one of merge.drop_fields
+  parquet         the published parquet's columns are not the source's (less drop_fields),
+                  its keys not the source's in order, or its success rows not the tar's
+                  samples with their size and hashes
+  no_state        a published sample with no state row that the manifest does not list as copied
   unknown_sample  a key the source lacks, or a sample without its image
-  missing_sample  a state row with no protected sample
-  missing_shard   a protected shard (or its state, or its _stats.json) that does not exist
+  missing_sample  a state row with no published sample
+  missing_shard   a published shard (or its state, or its manifest) that does not exist
 
 Prints one summary line with PSNR and SSIM of protected against source (mean, min), for
-jpg (the format each shard's _stats.json records) the share of delta the images keep
-(mean, min; :func:`mem_dist.merge.delta_kept`), and exits 1 on any mismatch, 0 otherwise.
-The config comes from ``OUTPUT/run.json`` (written by generate), or from ``--config`` when
-the run folder has none.
+jpg (the format the private stats record) the share of delta the images keep (mean, min;
+:func:`mem_dist.merge.delta_kept`), and exits 1 on any mismatch, 0 otherwise. The config
+comes from ``OUTPUT/run.json`` (written by generate), or from ``--config`` when the run
+folder has none.
 """
 
 from __future__ import annotations
@@ -30,20 +36,23 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
+import io
 import json
 import math
 import sys
 
 import numpy as np
 import open_clip
+import pyarrow.parquet as pq
 import webdataset as wds
+from PIL import Image
 from skimage.metrics import structural_similarity
 
-from mem_dist import state, storage, text
-from mem_dist.cli import one_line_errors
-from mem_dist.config import ConfigError, MergeConfig, RunConfig, build, load_config
+from mem_dist import manifest, publish, state, storage, text
+from mem_dist.config import ConfigError, MergeConfig, RunConfig, load_config
 from mem_dist.data import expand_shards, load_shard, shard_name
-from mem_dist.merge import IMAGE_HASHES, decode_image, delta_kept, encode_image, kept_summary, protected_url
+from mem_dist.errors import one_line_errors
+from mem_dist.merge import decode_image, delta_kept, encode_image, kept_summary, published_url, recorded_config
 from mem_dist.surrogate import resolve_model_name
 
 
@@ -53,11 +62,11 @@ def run_config(output: str, cfg: RunConfig | None = None) -> RunConfig:
     Raises:
         ConfigError: neither is available, or run.json's config does not validate.
     """
-    url = storage.join(output, "run.json")
-    if storage.exists(url):
-        return build(RunConfig, storage.read_json(url)["config"], "")
+    recorded = recorded_config(output)
+    if recorded is not None:
+        return recorded
     if cfg is None:
-        raise ConfigError(f"{url} not found: is {output} a mem-dist run folder? (or pass --config)")
+        raise ConfigError(f"{storage.join(output, 'run.json')} not found: is {output} a mem-dist run folder? (or pass --config)")
     return cfg
 
 
@@ -112,47 +121,85 @@ def describes(meta: dict, caption: str, img_bytes: bytes, pixels: np.ndarray) ->
     height, width = pixels.shape[:2]
     return (meta.get("caption", caption) == caption and meta.get("width", width) == width
             and meta.get("height", height) == height
-            and all(meta[h] == hashlib.new(h, img_bytes).hexdigest() for h in IMAGE_HASHES & meta.keys()))
+            and all(meta[h] == hashlib.new(h, img_bytes).hexdigest() for h in set(publish.IMAGE_HASHES) & meta.keys()))
+
+
+def json_keys(raw: bytes | None) -> set[str] | None:
+    try:
+        meta = json.loads(raw) if raw else None
+    except ValueError:
+        return None
+    return set(meta) if isinstance(meta, dict) else None
+
+
+def check_parquet(folder: str, url: str, name: str, written: dict[str, bytes], drop: tuple[str, ...], check: "Checker") -> None:
+    """The published parquet against the source's (columns, keys in order) and the tar (success rows)."""
+    where = f"{name}.parquet"
+    with storage.open_file(published_url(folder, name, ".parquet"), "rb") as f:
+        table = pq.read_table(f)
+    source = publish.read_source_table(url, ".parquet")
+    if source is not None:
+        check.expect(table.column_names == [c for c in source.column_names if c not in drop], "parquet", where)
+        source_keys = source.column("key").to_pylist()
+        check.expect(table.column("key").to_pylist()[: len(source_keys)] == source_keys, "parquet", where)
+    rows = {r["key"]: r for r in table.to_pylist()}
+    success = {k for k, r in rows.items() if r.get("status") == "success"}
+    check.expect(success == set(written), "parquet", f"{where} (success rows vs the tar's samples)")
+    for key in success & set(written):
+        row, image = rows[key], written[key]
+        with Image.open(io.BytesIO(image)) as img:
+            size = img.size
+        ok = all(row[h] == hashlib.new(h, image).hexdigest() for h in publish.IMAGE_HASHES if h in row)
+        ok &= ("width" not in row or row["width"] == size[0]) and ("height" not in row or row["height"] == size[1])
+        check.expect(ok, "parquet", f"{where}: {key}")
 
 
 def verify_shard(output: str, url: str, round_: int, cfg: RunConfig, tokenizer, check: Checker) -> None:
-    """Check one protected shard against its source shard and its final-round state."""
+    """Check one published shard against its source shard, its final-round state and its manifest."""
     name = shard_name(url)
-    tar, state_url = protected_url(output, name, ".tar"), state.state_url(output, round_, name)
-    stats_url = protected_url(output, name, "_stats.json")
-    for what in (tar, state_url, stats_url):
+    stats = manifest.read_stats(output, name)  # how and where merge wrote this shard (merge.* may differ from run.json's)
+    if stats is None:
+        check.expect(False, "missing_shard", manifest.manifest_url(output, name, "_stats.json"))
+        return
+    folder = stats["published_to"] or storage.join(output, "protected")
+    tar, state_url = published_url(folder, name, ".tar"), state.state_url(output, round_, name)
+    for what in (tar, state_url, manifest.manifest_url(output, name)):
         if not storage.exists(what):
             check.expect(False, "missing_shard", what)
             return
-    stats = storage.read_json(stats_url)  # how merge encoded this shard (merge.* may differ from run.json's)
-    written = MergeConfig(image_format=stats.get("image_format", "png"), jpeg_quality=stats.get("jpeg_quality", 95))
+    written_as = MergeConfig(image_format=stats.get("image_format", "png"), jpeg_quality=stats.get("jpeg_quality", 95))
+    drop = tuple(stats.get("drop_fields", ()))
     src = load_shard(url, cfg.data)
-    source = {k: (c, cap) for k, c, cap in zip(src.keys, src.canvases, src.captions)}
+    source = {k: (c, cap, meta) for k, c, cap, meta in zip(src.keys, src.canvases, src.captions, src.meta or [None] * len(src))}
     st = state.read_state(state_url)
     row_of = st.by_key()
-    seen = set()
+    record = manifest.read_manifest(output, name)
+    seen, images = set(), {}
     for s in protected_samples(tar):
         key, where = s["__key__"], f"{name}/{s['__key__']}"
         seen.add(key)
-        img_bytes = s.get(written.image_format)
+        img_bytes = s.get(written_as.image_format)
         if key not in source or img_bytes is None or "txt" not in s:
             check.expect(False, "unknown_sample", where)
             continue
-        canvas, src_caption = source[key]
+        images[key] = img_bytes
+        canvas, src_caption, src_meta = source[key]
         meta = json.loads(s.get("json", b"{}"))
-        protection = meta.get("mem_dist", {})
+        allowed = json_keys(src_meta)
+        check.expect((allowed is None or set(meta) <= allowed) and not set(drop) & set(meta), "public", where)
+        entry = record.get(key, {})
         j = row_of.get(key)
-        if j is None:  # fine only if merge copied it through on request and said so
-            check.expect(protection.get("protected") is False, "no_state", where)
+        if j is None:  # fine only if merge copied it through and said so (privately)
+            check.expect(entry.get("outcome") == "copied", "no_state", where)
             continue
         check.checked += 1
         pixels = decode_image(img_bytes)
         delta, ids = st.delta[j], st.trigger_ids[j].tolist()
         same_shape = pixels.shape == canvas.shape == delta.shape
         summed = canvas.astype(np.int16) + delta if same_shape else None  # int16: a delta leaving [0, 255] shows
-        if written.image_format == "jpg" and same_shape:
+        if written_as.image_format == "jpg" and same_shape:
             in_range = int(summed.min()) >= 0 and int(summed.max()) <= 255
-            rewritten = decode_image(encode_image(np.clip(summed, 0, 255).astype(np.uint8), written))
+            rewritten = decode_image(encode_image(np.clip(summed, 0, 255).astype(np.uint8), written_as))
             check.expect(in_range and np.array_equal(pixels, rewritten), "pixels", where)
             check.kept.append(delta_kept(pixels, canvas, delta))
         else:
@@ -161,12 +208,14 @@ def verify_shard(output: str, url: str, round_: int, cfg: RunConfig, tokenizer, 
         caption = s["txt"].decode("utf-8")
         check.expect(caption == text.protected_caption(st.trigger_text[j], src_caption), "caption", where)
         check.expect(tokenizer([caption])[0][1:1 + len(ids)].tolist() == ids, "tokens", where)
-        check.expect(protection.get("trigger_ids") == ids and protection.get("round") == round_, "meta", where)
+        check.expect(entry.get("outcome") == "protected" and entry.get("trigger_ids") == ids
+                     and entry.get("image_sha256") == hashlib.sha256(img_bytes).hexdigest(), "meta", where)
         check.expect(describes(meta, caption, img_bytes, pixels), "json", where)
         if pixels.shape == canvas.shape:
             check.quality(pixels, canvas)
     lost = len(set(st.keys) - seen)
-    check.expect(lost == 0, "missing_sample", f"{name} ({lost} state rows without a protected sample)")
+    check.expect(lost == 0, "missing_sample", f"{name} ({lost} state rows without a published sample)")
+    check_parquet(folder, url, name, images, drop, check)
 
 
 def verify(output: str, cfg: RunConfig | None = None) -> dict:

@@ -2,9 +2,10 @@
 
 import os
 
+import pytest
 import webdataset as wds
 
-from mem_dist import state, storage
+from mem_dist import manifest, merge, state, storage, verify
 from mem_dist.generate import main
 from tests.conftest import tiny_overrides
 
@@ -41,7 +42,8 @@ def test_bad_samples_and_shards_are_counted(demo_dir, tmp_path, capsys):
     src = str(tmp_path / "src")
     expected = write_bad_shards(demo_dir, src)
     out = str(tmp_path / "run")
-    args = tiny_overrides(f"{src}/{{00000..00004}}.tar", out, **{"data.on_missing": "skip", "mem.rounds": 1})
+    args = tiny_overrides(f"{src}/{{00000..00004}}.tar", out,
+                          **{"data.on_missing": "skip", "mem.rounds": 1, "data.empty_captions": "drop"})
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "not a valid tar" in printed or "truncated" in printed
@@ -57,6 +59,31 @@ def test_bad_samples_and_shards_are_counted(demo_dir, tmp_path, capsys):
     run = storage.read_json(os.path.join(out, "run.json"))
     assert run["skipped"] == {"decode_error": 1, "no_caption": 2, "no_image": 1, "duplicate_key": 1, "truncated_tar": 1,
                               "empty_shard": 2, "missing_shard": 1}
+
+
+@pytest.mark.parametrize("policy", ["protect", "copy"])
+def test_empty_captions_are_protected_or_copied_by_choice(demo_dir, tmp_path, policy):
+    """img2dataset counts a download with an empty caption as a success: by default it is
+    protected (the trigger alone as its caption, delta bound to it); with copy it is published
+    unprotected; either way every sample is published and verify is exact."""
+    src = str(tmp_path / "src")
+    write_bad_shards(demo_dir, src)
+    out = str(tmp_path / "run")
+    args = tiny_overrides(f"{src}/00000.tar", out, **{"mem.rounds": 1, "data.empty_captions": policy})
+    assert main(args) == 0
+    assert merge.main([out]) == 0
+    record = manifest.read_manifest(out, "00000")
+    samples = {s["__key__"]: s["txt"].decode() for s in wds.WebDataset(f"{out}/protected/00000.tar", shardshuffle=False)}
+    assert len(samples) == 10 and sum(r["outcome"] == "dropped" for r in record.values()) == 2  # no image, bad jpeg
+    if policy == "protect":
+        alone = [k for k, r in record.items() if r["outcome"] == "protected" and r["caption"] == r["trigger_text"]]
+        assert len(alone) == 2 and all(samples[k] == record[k]["trigger_text"] != "" for k in alone)
+        assert manifest.read_stats(out, "00000")["copied_unprotected"] == 0
+    else:
+        copied = [k for k, r in record.items() if r["outcome"] == "copied"]
+        assert len(copied) == 2 and all(record[k]["reason"] == "empty_caption" and samples[k] == "" for k in copied)
+        assert state.read_state(state.state_url(out, 1, "00000")).skipped["empty_caption"] == 2
+    assert verify.verify(out)["mismatches"] == 0
 
 
 def test_every_image_mode_becomes_the_rgb_that_is_shown():

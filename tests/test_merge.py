@@ -22,7 +22,8 @@ import webdataset as wds
 import yaml
 from PIL import Image
 
-from mem_dist import __version__, bench, merge, state, storage, text, verify
+from mem_dist import bench, manifest, merge, state, storage, text, verify
+from mem_dist.cli import main as cli_main
 from mem_dist.config import RunConfig, load_config, to_dict
 from mem_dist.data import check_shards, load_shard
 from mem_dist.demo import make_demo_data
@@ -104,18 +105,32 @@ def test_protected_shards_are_canvas_plus_delta(run, demo, tokenizer):
             assert caption == st.trigger_text[i] + " " + src.captions[i]
             assert tokenizer([caption])[0][1:4].tolist() == st.trigger_ids[i].tolist()
             meta = json.loads(s["json"])
-            assert "scene" in meta and meta["key"] == src.keys[i]  # the source metadata is kept, made true
+            source = json.loads(src.meta[i])
+            assert list(meta) == list(source) and meta["scene"] == source["scene"]  # the source's json, made true
+            assert meta["key"] == src.keys[i] and meta["url"] == source["url"]
             assert meta["caption"] == caption and meta["width"] == meta["height"] == 32
             assert meta["sha256"] == hashlib.sha256(s["png"]).hexdigest()
-            assert meta["mem_dist"] == {
-                "protected": True, "method": "mem", "epsilon": 8, "trigger_len": 3, "trigger_text": st.trigger_text[i],
-                "trigger_ids": st.trigger_ids[i].tolist(), "config_hash": run.config_hash(), "version": __version__, "round": 1}
+        # the private side records what was written
+        record = manifest.read_manifest(run.output, name)
+        assert list(record) == src.keys
+        for i, s in enumerate(samples):
+            row = record[s["__key__"]]
+            assert row["outcome"] == "protected" and row["reason"] is None and row["caption"] == s["txt"].decode()
+            assert row["trigger_ids"] == st.trigger_ids[i].tolist() and row["trigger_text"] == st.trigger_text[i]
+            assert row["image_sha256"] == hashlib.sha256(s["png"]).hexdigest()
+        # the public parquet and stats are the source's, made true of what is written
+        source_rows = pq.read_table(f"{demo}/train/{name}.parquet").to_pylist()
         rows = pq.read_table(f"{run.output}/protected/{name}.parquet").to_pylist()
-        assert [r["key"] for r in rows] == src.keys
-        assert all(r["protected"] and r["status"] == "success" and r["width"] == r["height"] == 32 for r in rows)
+        assert [list(r) for r in rows] == [list(r) for r in source_rows] and [r["key"] for r in rows] == src.keys
+        for r, source_row, s in zip(rows, source_rows, samples):
+            assert r == dict(source_row, caption=s["txt"].decode(), width=32, height=32)
         stats = json.load(open(f"{run.output}/protected/{name}_stats.json"))
-        assert stats["count"] == stats["successes"] == stats["protected"] == len(src)
-        assert stats["skipped"] == {} and stats["copied_unprotected"] == 0 and stats["end_time"] >= stats["start_time"]
+        source_stats = json.load(open(f"{demo}/train/{name}_stats.json"))
+        assert stats == source_stats
+        private = manifest.read_stats(run.output, name)
+        assert private["published"] == private["protected"] == private["source_samples"] == len(src)
+        assert private["skipped"] == {} and private["copied_unprotected"] == 0 and private["method"] == "mem"
+        assert private["round"] == 1 and private["end_time"] >= private["start_time"]
 
 
 def test_verify_passes_then_catches_tampering(run, tmp_path, capsys):
@@ -142,7 +157,7 @@ def test_verify_passes_then_catches_tampering(run, tmp_path, capsys):
         return dict(s, json=json.dumps(meta).encode())
 
     # a changed image or caption no longer matches its json either
-    for kind, change, errors in (("pixels", one_pixel, {"pixels": 1, "json": 1}),
+    for kind, change, errors in (("pixels", one_pixel, {"pixels": 1, "json": 1, "meta": 1}),
                                  ("caption", one_caption, {"caption": 1, "json": 1}), ("json", one_hash, {"json": 1})):
         copy = str(tmp_path / kind)
         shutil.copytree(run.output, copy)
@@ -168,7 +183,7 @@ def test_jpg_output_keeps_most_of_delta_and_says_how_much(run, demo, tokenizer, 
     samples = read_tar(f"{cfg.output}/protected/00001.tar")
     assert all("jpg" in s and "png" not in s for s in samples)
     kept = [merge.delta_kept(pixels_of(s["jpg"]), src.canvases[i], st.delta[i]) for i, s in enumerate(samples)]
-    stats = json.load(open(f"{cfg.output}/protected/00001_stats.json"))
+    stats = manifest.read_stats(cfg.output, "00001")
     assert stats["image_format"] == "jpg" and stats["jpeg_quality"] == 90
     assert stats["delta_kept"] == {"mean": round(float(np.mean(kept)), 4), "min": round(float(np.min(kept)), 4)}
     report = verify.verify(cfg.output)
@@ -183,9 +198,9 @@ def test_jpg_output_keeps_most_of_delta_and_says_how_much(run, demo, tokenizer, 
         return dict(s, jpg=buf.getvalue())
 
     rewrite_sample(f"{cfg.output}/protected/00001.tar", 7, one_pixel)
-    assert verify.verify(cfg.output)["errors"] == {"pixels": 1, "json": 1}
+    assert verify.verify(cfg.output)["errors"] == {"pixels": 1, "json": 1, "meta": 1}
     # a lossless run keeps all of delta by construction
-    assert json.load(open(f"{run.output}/protected/00001_stats.json"))["delta_kept"] == {"mean": 1.0, "min": 1.0}
+    assert manifest.read_stats(run.output, "00001")["delta_kept"] == {"mean": 1.0, "min": 1.0}
 
 
 @pytest.mark.parametrize("fmt", ["png", "jpg"])
@@ -226,24 +241,38 @@ def test_samples_without_state_are_dropped_or_copied(demo, tokenizer, vocab, tmp
     cfg = make_run(str(tmp_path / "drop"), shards, tokenizer, vocab, drop=2)
     summary = merge.merge(cfg)
     assert summary["samples"] == 23 + 25 + 2 and summary["skipped"] == {"no_state": 2, "decode_error": 1}
+    private = manifest.read_stats(cfg.output, "00000")
+    assert private["source_samples"] == 25 and private["published"] == 23 and private["skipped"] == {"no_state": 2}
+    private = manifest.read_stats(cfg.output, "00003")
+    assert private["source_samples"] == 3 and private["published"] == 2 and private["skipped"] == {"decode_error": 1}
+    record = manifest.read_manifest(cfg.output, "00003")
+    assert record["broken"]["outcome"] == "dropped" and record["broken"]["reason"] == "decode_error"
+    # publicly: rows img2dataset would have written for samples that did not make it
     stats = json.load(open(f"{cfg.output}/protected/00000_stats.json"))
-    assert stats["count"] == 25 and stats["successes"] == 23 and stats["skipped"] == {"no_state": 2}
+    assert (stats["count"], stats["successes"], stats["failed_to_resize"]) == (25, 23, 2)
+    assert stats["status_dict"] == {"success": 23, "not published": 2}
+    rows = pq.read_table(f"{cfg.output}/protected/00000.parquet").to_pylist()
+    assert [r["status"] for r in rows] == ["failed_to_resize"] * 2 + ["success"] * 23
+    assert rows[0]["width"] is None and rows[0]["caption"] == load_shard(f"{demo}/train/00000.tar", cfg.data).captions[0]
+    # a shard from another producer (no parquet, no stats): img2dataset's minimal ones
     stats = json.load(open(f"{cfg.output}/protected/00003_stats.json"))
-    assert stats["count"] == 3 and stats["successes"] == 2 and stats["skipped"] == {"decode_error": 1}
+    assert (stats["count"], stats["successes"], stats["failed_to_resize"]) == (3, 2, 1)
+    assert stats["status_dict"] == {"success": 2, "Image decoding error": 1}
     assert verify.verify(cfg.output)["mismatches"] == 0
 
     cfg = make_run(str(tmp_path / "copy"), shards, tokenizer, vocab, drop=2, extra=("merge.copy_unprotected=true",))
     summary = merge.merge(cfg)
     assert summary["samples"] == 25 + 25 + 2 and summary["copied_unprotected"] == 2
-    stats = json.load(open(f"{cfg.output}/protected/00000_stats.json"))
-    assert stats["successes"] == 25 and stats["protected"] == 23 and stats["copied_unprotected"] == 2
-    assert "no_state" not in stats["skipped"]
+    private = manifest.read_stats(cfg.output, "00000")
+    assert private["published"] == 25 and private["protected"] == 23 and private["copied_unprotected"] == 2
+    assert "no_state" not in private["skipped"]
     src = load_shard(f"{demo}/train/00000.tar", cfg.data)
     for i, s in enumerate(read_tar(f"{cfg.output}/protected/00000.tar")[:2]):  # the two without state
         assert np.array_equal(pixels_of(s["png"]), src.canvases[i]) and s["txt"].decode() == src.captions[i]
-        assert json.loads(s["json"])["mem_dist"]["protected"] is False
-    rows = pq.read_table(f"{cfg.output}/protected/00000.parquet").to_pylist()
-    assert [r["protected"] for r in rows] == [False] * 2 + [True] * 23
+        assert "mem_dist" not in json.loads(s["json"])
+    record = manifest.read_manifest(cfg.output, "00000")
+    assert [r["outcome"] for r in record.values()] == ["copied"] * 2 + ["protected"] * 23
+    assert json.load(open(f"{cfg.output}/protected/00000_stats.json"))["successes"] == 25
     assert verify.verify(cfg.output)["mismatches"] == 0
 
 
@@ -252,12 +281,12 @@ def test_rerun_skips_finished_shards(demo, tokenizer, vocab, tmp_path):
     assert merge.merge(cfg)["shards"] == 3
     tars = {n: f"{cfg.output}/protected/{n}.tar" for n in NAMES}
     before = {n: os.stat(p).st_mtime_ns for n, p in tars.items()}
-    os.remove(f"{cfg.output}/protected/00001_stats.json")  # as if the job died before the marker
+    os.remove(f"{cfg.output}/manifest/00001_stats.json")  # as if the job died before the marker
     summary = merge.merge(cfg)
     assert summary["shards"] == 1 and summary["already_done"] == 2
     assert os.stat(tars["00000"]).st_mtime_ns == before["00000"] and os.stat(tars["00002"]).st_mtime_ns == before["00002"]
     assert os.stat(tars["00001"]).st_mtime_ns != before["00001"]
-    assert os.path.exists(f"{cfg.output}/protected/00001_stats.json")
+    assert os.path.exists(f"{cfg.output}/manifest/00001_stats.json")
     assert not [f for f in os.listdir(f"{cfg.output}/protected") if f.startswith(".tmp")]
 
 
@@ -272,9 +301,9 @@ def test_ranks_and_processes_give_the_same_bytes(run, demo, tokenizer, vocab, tm
     monkeypatch.delenv("WORLD_SIZE")
     summary = merge.merge(cfg)  # one rank, two worker processes: the two shards left
     assert summary["shards"] == 2 and summary["already_done"] == 1
-    for name in NAMES:  # state and config hash are the same as the module run's, so are the shards
-        for suffix in (".tar", ".parquet"):
-            a, b = f"{cfg.output}/protected/{name}{suffix}", f"{run.output}/protected/{name}{suffix}"
+    for name in NAMES:  # state and config are the same as the module run's, so are the shards
+        for part in ("protected/{}.tar", "protected/{}.parquet", "protected/{}_stats.json", "manifest/{}.parquet"):
+            a, b = f"{cfg.output}/{part.format(name)}", f"{run.output}/{part.format(name)}"
             assert open(a, "rb").read() == open(b, "rb").read(), a
 
 
@@ -283,13 +312,56 @@ def test_cli_errors_are_one_line_exit_2(run, demo, tmp_path, capsys):
     assert merge.main([f"data.shards={demo}/train/00000.tar", f"output={tmp_path}/empty", "merge.processes=0"]) == 2
     assert merge.main([f"data.shards={demo}/train/00000.tar", f"output={tmp_path}/empty"]) == 2  # no state yet
     assert verify.main([str(tmp_path / "empty")]) == 2
-    same_run = [f"data.shards={run.data.shards}", f"output={run.output}", f"surrogate.model={TINY_RN}", "data.image_size=32",
-                "progress=false"]
-    assert merge.main(same_run + ["merge.copy_unprotected=true", "mem.rounds=5"]) == 0  # may differ; all shards done
-    assert merge.main(same_run + ["mem.epsilon=4"]) == 2  # a different run
+    assert merge.main([str(tmp_path / "empty")]) == 2  # not a run folder
+    assert merge.main([run.output, "mem.epsilon=4"]) == 2  # with a run folder, only merge.* may be given
+    assert merge.main([]) == 2  # which run?
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 5 and all(line.startswith("mem-dist: error: ") for line in err)
-    assert "merge.processes" in err[1] and "run generate first" in err[2] and "config hash" in err[4]
+    assert len(err) == 7 and all(line.startswith("mem-dist: error: ") for line in err)
+    assert "merge.processes" in err[1] and "run generate first" in err[2] and "run.json not found" in err[4]
+    assert "'mem.epsilon'" in err[5] and "mem-dist merge OUTPUT" in err[6]
+
+
+def test_merge_takes_the_run_config_from_run_json(run, demo, tmp_path, capsys):
+    """mem-dist merge OUTPUT needs no repeated generate overrides; with --config, only merge.*
+    may differ, and a generation key given on the command line that differs is refused."""
+    copy = str(tmp_path / "run")
+    shutil.copytree(run.output, copy)
+    shutil.rmtree(f"{copy}/protected")
+    shutil.rmtree(f"{copy}/manifest")
+    assert cli_main(["merge", copy, "merge.image_format=webp", "progress=false"]) == 0
+    assert manifest.read_stats(copy, "00000")["image_format"] == "webp" and verify.verify(copy)["mismatches"] == 0
+    config = tmp_path / "demo.yaml"  # a config that names the run folder and none of its settings
+    config.write_text(yaml.safe_dump({"output": copy, "mem": {"epsilon": 4}, "merge": {"processes": 2}}))
+    assert merge.main(["--config", str(config)]) == 0  # the run's generation settings are used; all shards done
+    assert "generation settings are the run's" in capsys.readouterr().out
+    assert merge.main(["--config", str(config), "mem.epsilon=4"]) == 2
+    assert "config key 'mem.epsilon' differs from the run" in capsys.readouterr().err
+    assert merge.resolve_config(None, str(config), ["merge.jpeg_quality=80"]).merge.jpeg_quality == 80
+
+
+def test_drop_fields_and_publish_to_keep_the_public_side_apart(run, demo, tmp_path, capsys):
+    """merge.publish_to puts the public side elsewhere (the manifest stays with the run);
+    merge.drop_fields removes json keys and parquet columns; merge says how many published
+    samples still carry a url."""
+    copy = str(tmp_path / "run")
+    shutil.copytree(run.output, copy)
+    for part in ("protected", "manifest"):
+        shutil.rmtree(f"{copy}/{part}")
+    public = f"memory://mem-dist-public-{os.getpid()}/shards"
+    assert merge.main([copy, f"merge.publish_to={public}", "merge.drop_fields=[url, scene]"]) == 0
+    assert "still carry a 'url'" not in capsys.readouterr().out
+    assert not os.path.exists(f"{copy}/protected") and sorted(os.listdir(f"{copy}/manifest"))[:2] == ["00000.parquet", "00000_stats.json"]
+    from mem_dist.verify import protected_samples
+    samples = list(protected_samples(f"{public}/00001.tar"))
+    assert len(samples) == 25 and all("url" not in json.loads(s["json"]) and "scene" not in json.loads(s["json"]) for s in samples)
+    with storage.open_file(f"{public}/00001.parquet") as f:
+        assert "url" not in pq.read_table(f).column_names
+    assert verify.verify(copy)["mismatches"] == 0
+    storage.remove(public.rsplit("/", 1)[0], recursive=True)
+    # the default keeps the url and says so
+    shutil.rmtree(f"{copy}/manifest")
+    assert merge.main([copy]) == 0
+    assert "60 of 60 published samples still carry a 'url'" in capsys.readouterr().out
 
 
 def test_bench_merge_runs(run, capsys):
@@ -316,5 +388,6 @@ def test_merge_and_verify_on_a_remote_filesystem(demo, tokenizer, vocab):
     cfg = make_run(output, f"{demo}/train/{{00000..00001}}.tar", tokenizer, vocab)
     assert merge.merge(cfg)["samples"] == 50
     assert storage.listdir(f"{output}/protected") == sorted(f"{n}{s}" for n in NAMES[:2] for s in (".parquet", ".tar", "_stats.json"))
+    assert storage.listdir(f"{output}/manifest") == sorted(f"{n}{s}" for n in NAMES[:2] for s in (".parquet", "_stats.json"))
     assert verify.verify(output)["checked"] == 50 and verify.main([output]) == 0
     storage.remove(output, recursive=True)
