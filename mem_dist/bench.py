@@ -35,7 +35,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from mem_dist import distributed, engine, state, text
+from mem_dist import distributed, mem, state, text
 from mem_dist.errors import one_line_errors
 from mem_dist.config import ConfigError, RunConfig, load_config
 from mem_dist.data import check_shards, iter_samples, shard_name, to_canvas
@@ -113,23 +113,23 @@ def bench_generate(cfg: RunConfig, steps: int = 3) -> tuple[list[tuple[str, floa
     dist = distributed.init(cfg.device)
     if dist.world > 1:
         raise ConfigError("bench generate runs as one process (python -m mem_dist.bench ...), not under a launcher")
-    run = engine.setup(dataclasses.replace(cfg, mem=dataclasses.replace(cfg.mem, surrogate_steps=1)), dist)
+    run = mem.setup(dataclasses.replace(cfg, mem=dataclasses.replace(cfg.mem, surrogate_steps=1)), dist)
     shard = run.cache.get(run.stream[0])
     if len(shard) == 0:
         raise ConfigError(f"config key 'data.shards': the first shard ({run.stream[0]}) holds no usable samples")
     rows = np.arange(min(cfg.mem.batch_size, len(shard)))
-    delta, trig = engine.start_state(run, shard, 1)
+    delta, trig = mem.start_state(run, shard, 1)
     hotflip = cfg.mem.trigger_len > 0 and cfg.mem.hotflip_rounds > 0
 
     def sample_batch(round_: int):
-        return lambda: engine.process_batch(run, round_, shard, rows, delta[rows], trig[rows], 0)
+        return lambda: mem.process_batch(run, round_, shard, rows, delta[rows], trig[rows], 0)
 
-    engine.surrogate_phase(run, 1, bar=False)  # warm-up: kernels, allocator, autotuning
+    mem.surrogate_phase(run, 1, bar=False)  # warm-up: kernels, allocator, autotuning
     sample_batch(cfg.mem.hotflip_rounds + 1)()
     run.cfg = dataclasses.replace(run.cfg, mem=dataclasses.replace(cfg.mem, surrogate_steps=steps))
     bs = min(cfg.mem.batch_size, len(shard))
-    surrogate_s, surrogate_mem = _timed(dist.device, lambda: engine.surrogate_phase(run, 1, bar=False))
-    table = [(f"surrogate step ({len(run.members)} model{'s' * (len(run.members) > 1)}: forward, backward, AdamW)",
+    surrogate_s, surrogate_mem = _timed(dist.device, lambda: mem.surrogate_phase(run, 1, bar=False))
+    table = [(f"surrogate step ({len(run.ensemble)} model{'s' * (len(run.ensemble) > 1)}: forward, backward, AdamW)",
               surrogate_s / steps, bs * steps / surrogate_s, surrogate_mem)]
     pgd_s, pgd_mem = _timed(dist.device, sample_batch(cfg.mem.hotflip_rounds + 1))
     hf_s = 0.0

@@ -13,7 +13,7 @@ import sys
 if __package__ in (None, ""):  # run as a file: make the package importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mem_dist import distributed, engine
+from mem_dist import distributed, engine, rundir
 from mem_dist.errors import one_line_errors
 from mem_dist.config import RunConfig, load_config
 from mem_dist.data import check_shards
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
             print(f"mem-dist: {record['rounds_done']} rounds done; state under {cfg.output}/state, metrics in {cfg.output}/metrics.jsonl")
         return 0
 
-    return one_line_errors(body, distributed.LaunchError, engine.ResumeError)
+    return one_line_errors(body, distributed.LaunchError, rundir.ResumeError)
 
 
 if __name__ == "__main__":

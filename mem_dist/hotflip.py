@@ -8,7 +8,8 @@ applies the same candidate *rank* to the whole batch, judged by the batch loss. 
 sample keeps whichever of {its current token, its n candidates} gives its own pair the
 lowest loss (the rest of the batch held as it was), so a flip never raises the loss of
 the sample it changes. The image features do not change during HotFlip, so they are
-computed once and only the text tower runs per candidate. With an ensemble of surrogates
+computed once and only the text tower runs, all n candidates of a position in one batched
+forward. With an ensemble of surrogates
 (``surrogate.ensemble``) candidates are ranked and chosen by the members' mean loss.
 """
 
@@ -35,8 +36,11 @@ def candidate_tokens(grads: Sequence[torch.Tensor], embeds: Sequence[torch.Tenso
         Token ids [B, k, n], best first: by the sum of the surrogates' first-order changes
         (the change of their summed loss).
     """
-    scores = sum(-(g.float() @ e[allowed_V].float().t()) for g, e in zip(grads, embeds))  # [B, k, |allowed|]
-    top = scores.topk(min(n, len(allowed_V)), dim=-1).indices
+    dots = None  # [B, k, |allowed|]: the first-order change is -dots
+    for g, e in zip(grads, embeds):
+        d = g.float() @ e[allowed_V].float().t()
+        dots = d if dots is None else dots.add_(d)
+    top = dots.topk(min(n, len(allowed_V)), dim=-1, largest=False).indices
     return allowed_V[top]
 
 
@@ -82,8 +86,9 @@ def select_triggers(
     mean loss.
 
     Args:
-        text_features: trigger [B, k] -> per surrogate, normalised text features [B, E] of
-            (trigger + the sample's own caption).
+        text_features: triggers [r*B, k] (r blocks of the batch's B samples) -> per
+            surrogate, normalised text features [r*B, E] of (trigger + the sample's own
+            caption). A position's n candidates are scored in one call (r = n).
         images: per surrogate, normalised image features (fixed during HotFlip).
         trigger_Bk: current trigger ids.
         candidates_Bkn: from :func:`candidate_tokens`.
@@ -93,16 +98,19 @@ def select_triggers(
         (new trigger [B, k], per-sample mean loss after the last position [B]).
     """
     trigger = trigger_Bk.clone()
+    B, k = trigger.shape
+    n = candidates_Bkn.shape[2]
     text = text_features(trigger)
-    for j in range(trigger.shape[1]):
+    for j in range(k):
         base_text = text
         best = mean_pair_losses(images, base_text, logit_scales)
         best_tok = trigger[:, j].clone()
         best_text = [t.clone() for t in base_text]
-        for c in range(candidates_Bkn.shape[2]):
-            trial = trigger.clone()
-            trial[:, j] = candidates_Bkn[:, j, c]
-            trial_text = text_features(trial)
+        trials = trigger.unsqueeze(0).repeat(n, 1, 1)  # [n, B, k]: candidate c at position j
+        trials[:, :, j] = candidates_Bkn[:, j, :].t()
+        all_text = text_features(trials.reshape(n * B, k))
+        for c in range(n):
+            trial_text = [t[c * B:(c + 1) * B] for t in all_text]
             loss = torch.stack([swapped_pair_losses(i, b, t, s) for i, b, t, s
                                 in zip(images, base_text, trial_text, logit_scales)]).mean(0)
             better = loss < best

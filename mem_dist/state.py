@@ -108,6 +108,25 @@ def read_summary(url: str) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     return table.column("loss").to_numpy(), table.column("clean_loss").to_numpy(), skipped
 
 
+def row_count(output: str, round_: int, shard_url: str) -> int | None:
+    """How many samples a shard's state of ``round_`` holds, from the Parquet footer alone;
+    None if that state does not exist."""
+    name = storage.basename(shard_url)
+    url = state_url(output, round_, name[: -len(".tar")] if name.endswith(".tar") else name)
+    if round_ < 1 or not storage.exists(url):
+        return None
+    with storage.open_file(url, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def summary(url: str) -> dict:
+    """A state's loss sums for the round metrics: {"n", "loss_sum", "clean_sum", "skipped"}
+    (float64 sums; NaN for the baselines, which compute no loss)."""
+    loss, clean, skipped = read_summary(url)
+    return {"n": len(loss), "loss_sum": float(np.sum(loss, dtype=np.float64)),
+            "clean_sum": float(np.sum(clean, dtype=np.float64)), "skipped": skipped}
+
+
 def completed(output: str, round_: int) -> set[str]:
     """Names of the shards whose state for ``round_`` exists (and so is complete)."""
     return {storage.basename(p)[: -len(".parquet")] for p in storage.listdir(round_dir(output, round_)) if p.endswith(".parquet")}

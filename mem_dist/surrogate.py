@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 import open_clip
+import open_clip.model
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -58,7 +59,8 @@ def create_surrogate(model: str, pretrained: str | None = None, device: str | to
             ``{key}.pretrained``).
 
     Returns:
-        (model, tokenizer, pixel spec)
+        (model, tokenizer, pixel spec); the model's text tower is length-aware where that is
+        exact (:func:`use_length_aware_text`).
     """
     name = resolve_model_name(model, key)
     pretrained_key = pretrained_key or f"{key}.pretrained"
@@ -84,6 +86,7 @@ def create_surrogate(model: str, pretrained: str | None = None, device: str | to
     cfg = getattr(clip.visual, "preprocess_cfg", None) or {}
     mean = tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
     std = tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
+    use_length_aware_text(clip)
     return clip, tokenizer, PixelSpec(int(size), mean, std)
 
 
@@ -176,13 +179,74 @@ def encode_text_from_embeds(model: nn.Module, emb_BLD: torch.Tensor, ids_BL: tor
     The model's own ``encode_text(ids)`` runs with its token-embedding lookup replaced by
     ``emb_BLD``, so every text tower open_clip builds (causal or padding masks, CoCa's
     appended class token, any pooling) is followed exactly; equal to ``encode_text(ids)``
-    when ``emb_BLD = token_embedding(ids)``.
+    when ``emb_BLD = token_embedding(ids)``. A length-aware tower
+    (:func:`use_length_aware_text`) runs each sequence only up to its end token.
     """
+    if getattr(unwrap(model), "_length_aware", False):
+        return encode_text_by_length(unwrap(model), ids_BL, emb_BLD)
     handle = text_tower(model).token_embedding.register_forward_hook(lambda module, inputs, output: emb_BLD)
     try:
         return unwrap(model).encode_text(ids_BL)
     finally:
         handle.remove()
+
+
+LENGTH_BUCKET = 4
+"""Sequences are run in groups padded to a multiple of this many tokens."""
+
+
+def supports_length_aware_text(model: nn.Module) -> bool:
+    """Whether :func:`encode_text_by_length` computes exactly what ``model.encode_text`` does:
+    open_clip's CLIP with its own text tower, causal attention and pooling at the end token
+    (the highest id), so no position after a sequence's end token can change its features."""
+    m = unwrap(model)
+    return (type(m) is open_clip.model.CLIP and getattr(m, "text_pool_type", None) == "argmax"
+            and getattr(m, "attn_mask", None) is not None and not getattr(m.transformer, "grad_checkpointing", False))
+
+
+def encode_text_by_length(m: nn.Module, ids_BL: torch.Tensor, emb_BLD: torch.Tensor | None = None) -> torch.Tensor:
+    """CLIP's encode_text with each sequence run only up to its end token: sequences are
+    grouped by length (rounded up to LENGTH_BUCKET), each group cut to its length, the
+    causal mask and positional embeddings with it. Equal to ``m.encode_text(ids_BL)`` up
+    to float rounding (the padding after the end token never reaches the pooled token), at
+    a fraction of the cost when captions are shorter than the context (CLIP's is 77).
+
+    Args:
+        m: a model for which :func:`supports_length_aware_text` holds.
+        ids_BL: token ids; the end token is the highest id of each row (CLIP BPE's EOT).
+        emb_BLD: token embeddings to use instead of looking ids up (HotFlip's gradient path).
+    """
+    cast = m.transformer.get_cast_dtype()
+    ends = ids_BL.argmax(dim=-1)  # the pooled position
+    padded = ((ends + LENGTH_BUCKET) // LENGTH_BUCKET * LENGTH_BUCKET).clamp(max=ids_BL.shape[1])
+    order = torch.argsort(padded, stable=True)
+    pieces = []
+    for length in torch.unique_consecutive(padded[order]).tolist():
+        idx = order[padded[order] == length]
+        x = m.token_embedding(ids_BL[idx, :length]) if emb_BLD is None else emb_BLD[idx, :length]
+        x = x.to(cast) + m.positional_embedding[:length].to(cast)
+        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask[:length, :length]))
+        pieces.append(x[torch.arange(len(idx), device=x.device), ends[idx]])
+    x = torch.cat(pieces)[torch.argsort(order)]
+    if m.text_projection is not None:
+        x = m.text_projection(x) if isinstance(m.text_projection, nn.Linear) else x @ m.text_projection
+    return x
+
+
+def use_length_aware_text(model: nn.Module) -> bool:
+    """Make ``model.encode_text`` (and so its forward, under DDP too) length-aware where that
+    is exact (:func:`supports_length_aware_text`); returns whether it did."""
+    m = unwrap(model)
+    if not supports_length_aware_text(m):
+        return False
+
+    def encode_text(text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+        x = encode_text_by_length(m, text)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    m.encode_text = encode_text  # an instance attribute: CLIP.forward calls self.encode_text
+    m._length_aware = True
+    return True
 
 
 def logit_scale(model: nn.Module) -> torch.Tensor:

@@ -11,6 +11,9 @@ Shapes: B batch, k trigger length, L context length.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import os
 from typing import Sequence
 
 import numpy as np
@@ -24,8 +27,27 @@ def _word(tokenizer, token_id: int) -> str | None:
     return token[: -len("</w>")] if token.endswith("</w>") else None
 
 
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+
+
+def vocabulary_hash(tokenizer) -> str:
+    """A short hash of a BPE tokenizer's vocabulary and special tokens."""
+    blob = json.dumps([sorted(tokenizer.encoder.items()), tokenizer.sot_token_id, tokenizer.eot_token_id]).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
 @functools.lru_cache(maxsize=4)
 def _round_trip_ids(tokenizer) -> tuple[int, ...]:
+    """The round-trip tokens of ``tokenizer``: read from ``assets/round-trip-{hash}.npy`` when
+    the package ships them for its vocabulary (CLIP's BPE: seconds saved in every process),
+    else computed (:func:`compute_round_trip_ids`)."""
+    shipped = os.path.join(ASSETS, f"round-trip-{vocabulary_hash(tokenizer)}.npy")
+    if os.path.exists(shipped):
+        return tuple(int(i) for i in np.load(shipped))
+    return compute_round_trip_ids(tokenizer)
+
+
+def compute_round_trip_ids(tokenizer) -> tuple[int, ...]:
     specials = {0, tokenizer.sot_token_id, tokenizer.eot_token_id}
     probe = tokenizer.encode("a")
     ids = []
@@ -85,14 +107,15 @@ def assemble_tokens(body_ids: Sequence[Sequence[int]], trigger_BK: torch.Tensor,
     Equal to ``tokenizer([protected_caption(trigger_text(t), c)])`` for round-trip triggers.
     """
     ctx = tokenizer.context_length
-    sot, eot = tokenizer.sot_token_id, tokenizer.eot_token_id
-    out = torch.zeros(len(body_ids), ctx, dtype=torch.long)
-    trig = trigger_BK.tolist()
+    B, k = trigger_BK.shape
+    out = np.zeros((B, ctx), dtype=np.int64)
+    out[:, 0] = tokenizer.sot_token_id
+    out[:, 1:1 + k] = trigger_BK.numpy()  # k <= 20 < ctx - 1 (mem.trigger_len's bound)
     for b, body in enumerate(body_ids):
-        seq = [sot] + list(trig[b]) + list(body)
-        seq = seq[: ctx - 1] + [eot]
-        out[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-    return out
+        n = min(len(body), ctx - 2 - k)  # the caption, cut so that EOT still fits
+        out[b, 1 + k:1 + k + n] = body[:n]
+        out[b, 1 + k + n] = tokenizer.eot_token_id
+    return torch.from_numpy(out)
 
 
 def initial_triggers(keys: Sequence[str], vocab: np.ndarray, k: int, seed: int) -> np.ndarray:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from mem_dist import engine, state, storage, surrogate
+from mem_dist import rundir, state, storage, surrogate
 from mem_dist.config import RunConfig, load_config
 from mem_dist.data import expand_shards, load_shard
 from mem_dist.generate import main
@@ -97,7 +97,7 @@ def test_ensemble_trains_every_member_and_resumes_exactly(demo_dir, tmp_path, ca
     args = tiny_overrides(f"{demo_dir}/train/00000.tar", out, **{
         "surrogate.ensemble": f"[{{pretrained: {ckpt}}}, {{model: {TINY_VIT}}}]"})
     assert main(args) == 0
-    ck = torch.load(engine.checkpoint_url(out, 2), weights_only=True)
+    ck = torch.load(rundir.checkpoint_url(out, 2), weights_only=True)
     assert len(ck["ensemble"]) == 2
     public, trained = torch.load(ckpt, weights_only=True), ck["ensemble"][0]["model"]
     assert trained.keys() == public.keys()

@@ -58,6 +58,31 @@ def test_encode_text_from_embeds_matches_open_clip(tiny):
     model.zero_grad()
 
 
+@pytest.mark.parametrize("config", [TINY_VIT, TINY_RN])
+def test_length_aware_text_is_open_clips_encode_text(config):
+    """Running each caption only up to its end token gives open_clip's features and
+    gradients (parameters and token embeddings), captions longer than the context included."""
+    import open_clip
+
+    torch.manual_seed(0)
+    fast, tok, _ = surrogate.create_surrogate(config)  # length-aware wherever that is exact
+    torch.manual_seed(0)
+    ref = open_clip.create_model(surrogate.resolve_model_name(config))
+    assert fast._length_aware and not hasattr(ref, "_length_aware")
+    ids = tok(["a", "a red circle at the top left", "an orange star " * 30, "two blue squares, far left", ""])
+    assert torch.allclose(fast.encode_text(ids), ref.encode_text(ids), atol=1e-5)
+    for m in (fast, ref):
+        m.zero_grad()
+        m.encode_text(ids).square().sum().backward()
+    for (name, p), q in zip(fast.named_parameters(), ref.parameters()):
+        if q.grad is not None:
+            assert (p.grad - q.grad).abs().max() <= 1e-5 * q.grad.abs().max() + 1e-6, name  # float rounding
+    emb = surrogate.token_embedding_weight(fast)[ids].detach().requires_grad_(True)
+    assert torch.allclose(surrogate.encode_text_from_embeds(fast, emb, ids), ref.encode_text(ids), atol=1e-5)
+    coca, _, _ = surrogate.create_surrogate("coca_ViT-B-32")  # no length-aware path: left as open_clip built it
+    assert not surrogate.use_length_aware_text(coca)
+
+
 def test_pgd_step_lowers_loss_and_keeps_bounds(tiny):
     model, tok, spec = tiny
     canvas, caps = batch(tok)
@@ -128,10 +153,23 @@ def test_swapped_pair_losses_match_recomputation():
 def test_every_trigger_token_round_trips(tokenizer):
     vocab = text.trigger_vocabulary(tokenizer)
     assert len(vocab) > 30000
+    assert tuple(vocab.tolist()) == text.compute_round_trip_ids(tokenizer)  # the shipped list is the computed one
     specials = {0, tokenizer.sot_token_id, tokenizer.eot_token_id}
     assert not specials & set(vocab.tolist())
     for token_id in vocab.tolist():  # every candidate, alone, as the words a caption starts with
         assert tokenizer.encode(text.trigger_text(tokenizer, [token_id]) + " a red circle")[0] == token_id
+
+
+def test_assembled_tokens_are_the_tokenizers(tokenizer):
+    """text.assemble_tokens builds what open_clip's tokenizer makes of trigger + caption, long captions cut."""
+    vocab = text.trigger_vocabulary(tokenizer)
+    rng = np.random.default_rng(1)
+    caps = ["", "a red circle", "an orange star " * 30, "Two BLUE squares, far left!"]
+    for k in (0, 1, 3, 20):
+        trig = torch.from_numpy(rng.choice(vocab, (len(caps), k)))
+        got = text.assemble_tokens([text.caption_ids(tokenizer, c) for c in caps], trig, tokenizer)
+        want = tokenizer([text.protected_caption(text.trigger_text(tokenizer, t), c) for t, c in zip(trig.tolist(), caps)])
+        assert torch.equal(got, want), k
 
 
 def test_protected_caption_tokenises_to_trigger_ids(tokenizer):
@@ -151,3 +189,44 @@ def test_protected_caption_tokenises_to_trigger_ids(tokenizer):
 def test_tiny_rn_surrogate_builds():
     model, tok, spec = surrogate.create_surrogate(TINY_RN)
     assert spec.size == 64 and hasattr(tok, "encode")
+
+
+def reference_stream(sizes: list[int], batch_size: int, seed: int, rank: int, steps: int) -> list[np.ndarray]:
+    """The surrogate's batch stream as mem-dist computed it up to 399a614: every shard's size
+    first, then each epoch's whole order (the definition the lazy Stream must keep)."""
+    from mem_dist.config import seed_of
+
+    total = sum(sizes)
+    bs = min(batch_size, total)
+    per_epoch = total // bs
+    out, order_epoch = [], -1
+    for step in range(steps):
+        epoch, j = divmod(step, per_epoch)
+        if epoch != order_epoch:
+            rng = np.random.default_rng(seed_of(seed, "stream", rank, epoch))
+            order = np.concatenate([np.stack([np.full(sizes[s], s), rng.permutation(sizes[s])], 1)
+                                    for s in rng.permutation(len(sizes)) if sizes[s]])
+            order_epoch = epoch
+        out.append(order[j * bs:(j + 1) * bs])
+    return out
+
+
+@pytest.mark.parametrize("sizes,batch_size", [([40, 40, 40], 32), ([500, 0, 37, 250], 128), ([3, 4], 32), ([0, 9], 4),
+                                              ([100] * 40, 128)])
+def test_the_lazy_stream_is_the_eager_one(sizes, batch_size):
+    """Same batches as computing every shard's size up front, across rounds and when a
+    resumed run starts at a later round; only the shards reached are asked their size."""
+    from mem_dist.mem import Stream
+
+    steps, rounds = 5, 4
+    want = reference_stream(sizes, batch_size, 7, 1, steps * rounds)
+    asked = []
+    stream = Stream(len(sizes), lambda s: asked.append(s) or sizes[s], batch_size, steps, seed=7, rank=1)
+    got = [rows for r in range(1, rounds + 1) for _, rows in stream.take(r)]
+    assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True))
+    resumed = Stream(len(sizes), lambda s: sizes[s], batch_size, steps, seed=7, rank=1)
+    assert all(np.array_equal(a, b) for (_, a), b in zip(resumed.take(3), want[2 * steps:3 * steps], strict=True))
+    if len(sizes) == 40:  # 20 batches of 128 reach 26 of the 40 shards of 100
+        assert len(set(asked)) < 40
+    with pytest.raises(RuntimeError, match="no usable samples"):
+        next(Stream(2, lambda s: 0, 4, 1, 0, 0).take(1))

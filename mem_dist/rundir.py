@@ -1,0 +1,90 @@
+"""The run folder's own records: run.json, resume checks, surrogate checkpoints.
+
+``{output}/run.json`` records the run (config, its hash, versions, shards, world size,
+rounds done, skip counts); a command that would continue a run with another generation
+config or another world size is refused (:class:`ResumeError`). Checkpoints
+``{output}/checkpoints/round-{r:03d}.pt`` hold the surrogate(s) after round r's surrogate phase.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import time
+
+import torch
+
+from mem_dist import __version__, storage
+from mem_dist.config import RunConfig, to_dict
+
+
+class ResumeError(RuntimeError):
+    """The output folder holds a run that this command may not continue."""
+
+
+def check_resume(cfg: RunConfig, world: int) -> dict | None:
+    """The existing run.json if this command may continue it; raises ResumeError if not."""
+    url = storage.join(cfg.output, "run.json")
+    if not storage.exists(url):
+        return None
+    old = storage.read_json(url)
+    if old.get("config_hash") != cfg.config_hash():
+        raise ResumeError(
+            f"{cfg.output} holds a run with a different configuration (config hash {old.get('config_hash')} there, "
+            f"{cfg.config_hash()} now); use a new output, or the same config to resume (only mem.rounds and "
+            f"surrogate.precision may change)")
+    if old.get("world_size") != world:
+        raise ResumeError(
+            f"{cfg.output} was started with {old.get('world_size')} processes and this launch has {world}; "
+            f"resume with the same number (shard ownership and the surrogate's batches depend on it)")
+    return old
+
+
+def run_record(cfg: RunConfig, urls: list[str], world: int, old: dict | None, rounds_done: int,
+               skipped: dict[str, int]) -> dict:
+    """The content of run.json."""
+    import accelerate, open_clip, pyarrow, webdataset
+
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return {
+        "config": to_dict(cfg),
+        "config_hash": cfg.config_hash(),
+        "shards": urls,
+        "world_size": world,
+        "rounds": total_rounds(cfg),
+        "rounds_done": rounds_done,
+        "skipped": skipped,
+        "versions": {"mem_dist": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
+                     "webdataset": webdataset.__version__, "accelerate": accelerate.__version__,
+                     "pyarrow": pyarrow.__version__, "python": sys.version.split()[0]},
+        "created": (old or {}).get("created", now),
+        "updated": now,
+    }
+
+
+def total_rounds(cfg: RunConfig) -> int:
+    """mem.rounds for MEM; the random baselines are one pass, nothing to iterate."""
+    return cfg.mem.rounds if cfg.mem.method == "mem" else 1
+
+
+def checkpoint_url(output: str, round_: int) -> str:
+    return storage.join(output, "checkpoints", f"round-{round_:03d}.pt")
+
+
+def latest_checkpoint(output: str) -> int:
+    names = storage.listdir(storage.join(output, "checkpoints"))
+    return max((int(n[6:9]) for n in names if n.startswith("round-") and n.endswith(".pt")), default=0)
+
+
+def save_checkpoint(output: str, round_: int, obj: dict, keep: int) -> None:
+    """``obj`` as round ``round_``'s checkpoint; older ones beyond the newest ``keep`` removed."""
+    buf = io.BytesIO()
+    torch.save({"round": round_, **obj}, buf)
+    storage.write_bytes_atomic(checkpoint_url(output, round_), buf.getvalue())
+    for r in range(1, round_ - keep + 1):
+        storage.remove(checkpoint_url(output, r))
+
+
+def load_checkpoint(output: str, round_: int) -> dict:
+    with storage.open_file(checkpoint_url(output, round_), "rb") as f:
+        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
