@@ -151,7 +151,12 @@ def _hours(seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="mem-dist bench", description="Benchmarks that print a table.")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["scale"]:
+        from mem_dist import bench_scale
+
+        return one_line_errors(lambda: bench_scale.main(argv[1:]))
+    p = argparse.ArgumentParser(prog="mem-dist bench", description="Benchmarks that print a table (also: mem-dist bench scale).")
     p.add_argument("what", choices=["merge", "generate"])
     p.add_argument("--config", help="the generation config (merge: its output must hold generated state)")
     p.add_argument("--repeats", type=int, default=3, help="merge: best of this many runs")

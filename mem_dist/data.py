@@ -190,28 +190,29 @@ def to_8bit(img: Image.Image) -> np.ndarray:
     return np.clip(np.rint(a), 0, 255).astype(np.uint8)
 
 
-def tar_is_complete(url: str) -> bool:
+def tar_is_complete(url: str, size: int | None = None) -> bool:
     """Whether a tar ends the way every tar writer ends it: a size that is a multiple of
     512 and two zero blocks. Python's tarfile (and so webdataset) treats a header cut
     short as the end of the archive, so truncation must be checked at the tail."""
     fs, path = storage.url_to_fs(url)
-    size = fs.size(path)
+    size = fs.size(path) if size is None else size
     if size < 1024 or size % 512:
         return False
     return fs.cat_file(path, start=size - 1024, end=size) == bytes(1024)
 
 
-def iter_samples(url: str, skipped: collections.Counter):
+def iter_samples(url: str, skipped: collections.Counter, size: int | None = None):
     """Raw samples of a tar shard as dicts (``__key__`` plus member bytes by extension).
 
     A truncated or unreadable tar counts ``truncated_tar`` once; the samples before the
-    break are yielded except the last one, which may be missing members.
+    break are yielded except the last one, which may be missing members. ``size``: the
+    tar's size in bytes, if known (one storage request fewer).
     """
 
     def reraise(exn: Exception) -> bool:
         raise exn
 
-    complete = tar_is_complete(url)
+    complete = tar_is_complete(url, size)
     previous = None
     with storage.open_file(url, "rb") as stream:
         members = (dict(m, __url__=url) for m in wds.tariterators.tar_file_iterator(stream, handler=reraise))
@@ -237,11 +238,13 @@ def load_shard(url: str, cfg: DataConfig) -> Shard:
     keys, canvases, captions, metas = [], [], [], []
     empty = np.zeros((0, cfg.image_size, cfg.image_size, 3), np.uint8)
     fs, path = storage.url_to_fs(url)
-    if not fs.exists(path):
+    try:
+        size = fs.info(path)["size"]
+    except FileNotFoundError:
         skipped["missing_shard"] += 1
         _warn(f"{url}: shard not found, skipped")
         return Shard(url, [], empty, [], skipped)
-    if fs.size(path) == 0:
+    if size == 0:
         skipped["empty_shard"] += 1
         _warn(f"{url}: shard is empty (0 bytes), skipped")
         return Shard(url, [], empty, [], skipped)
@@ -252,7 +255,7 @@ def load_shard(url: str, cfg: DataConfig) -> Shard:
         skipped[reason] += 1
         dropped.append((key, reason))
 
-    for sample in iter_samples(url, skipped):
+    for sample in iter_samples(url, skipped, size):
         key = sample.get("__key__", "?")
         if key in seen:  # state rows, merge and verify join on the key
             skip(key, "duplicate_key")
@@ -316,11 +319,8 @@ class ShardCache:
 
     def prefetch(self, url: str, executor: Executor) -> None:
         """Start decoding ``url`` on ``executor`` unless it is cached or already under way."""
-        if url not in self._shards and url not in self._pending:
-            for done in [u for u, f in self._pending.items() if f.done()]:  # never collected: drop
-                del self._pending[done]
-            if not self._pending:
-                self._pending[url] = executor.submit(self._load, url)
+        if url not in self._shards and not self._pending:  # one at a time: memory stays bounded
+            self._pending[url] = executor.submit(self._load, url)
 
     def get(self, url: str) -> Shard:
         if url in self._shards:

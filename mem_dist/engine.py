@@ -92,6 +92,7 @@ def one_round(run: mem.Run, round_: int, bar: bool, log, decoder: ThreadPoolExec
     todo = [u for u in run.mine if shard_name(u) not in done]
     sums: dict[str, dict] = {}  # this rank's shards: the round's loss sums, from memory or (resumed) from storage
     for i, url in enumerate(tqdm(todo, desc=f"round {round_} samples", disable=not bar, leave=False)):
+        run.cache.get(url)
         if i + 1 < len(todo):  # decode the next shard while this one is processed
             run.cache.prefetch(todo[i + 1], decoder)
         st = mem.process_shard(run, round_, url) if cfg.mem.method == "mem" else mem.random_noise_shard(run, url)
