@@ -2,6 +2,7 @@
 
     python -m mem_dist.bench merge --config C [--repeats 3] [key=value ...]
     python -m mem_dist.bench generate --config C [--steps 3] [key=value ...]
+    python -m mem_dist.bench scale [--shards 8,80] [--per-shard 4] [--rounds 3]
 
 merge: samples/s of the real merge of the config's shards (one process, into a temp
 folder) next to a bare loop on the same data and state: decode the source image ->
@@ -12,11 +13,10 @@ formats; with jpg the extra decode puts it near 55%, still twice PNG's merge at 
 The config's output must hold generated state; for a quick
 one, generate with ``mem.method=random mem.rounds=1`` (no surrogate, same shapes).
 
-generate: what one process of the config's generation costs on this machine, measured on
-its first shard with the real engine (nothing is written): a surrogate step, a sample
-batch with HotFlip + PGD and one with PGD alone, each as seconds per batch, samples/s and
-peak memory (GPU memory on CUDA, the process's peak RSS on the CPU); then the whole
-run's time estimated from them, for sizing a cluster job before starting it.
+generate: what one process of the config's generation costs here, phase by phase, with
+FLOP/s against the device's peak and estimates for 1M / 400M samples on N GPUs
+(:mod:`mem_dist.bench_generate`). scale: a round's wall time, decodes, storage requests and
+peak RSS against the number of shards, on moto's S3 (:mod:`mem_dist.bench_scale`).
 """
 
 from __future__ import annotations
@@ -25,17 +25,16 @@ import argparse
 import collections
 import dataclasses
 import io
-import resource
 import sys
 import tempfile
 import time
 
 import numpy as np
-import torch
 import webdataset as wds
 from PIL import Image
 
-from mem_dist import distributed, mem, state, text
+from mem_dist import distributed, state, text
+from mem_dist.bench_generate import bench_generate, print_generate
 from mem_dist.errors import one_line_errors
 from mem_dist.config import ConfigError, RunConfig, load_config
 from mem_dist.data import check_shards, iter_samples, shard_name, to_canvas
@@ -84,72 +83,6 @@ def bench_merge(cfg: RunConfig, repeats: int = 3) -> list[tuple[str, float]]:
     return list(best.items())
 
 
-def _peak_memory(device: torch.device) -> float:
-    """GiB: CUDA's peak allocation since the last reset, or the process's peak RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-def _timed(device: torch.device, fn) -> tuple[float, float]:
-    """(seconds, peak GiB) of ``fn()``."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    t = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - t, _peak_memory(device)
-
-
-def bench_generate(cfg: RunConfig, steps: int = 3) -> tuple[list[tuple[str, float, float, float]], dict]:
-    """[(phase, seconds per batch, samples/s, peak GiB)] for one process of ``cfg``'s
-    generation on its first shard, after one untimed warm-up, and the estimated run
-    (if every shard holds as many samples as the first): {"device", "samples", "shards",
-    "run_s", "surrogate_run_s", "sample_run_s"}."""
-    if cfg.mem.method != "mem":
-        raise ConfigError("config key 'mem.method': bench generate measures MEM (the random baselines cost only their I/O)")
-    dist = distributed.init(cfg.device)
-    if dist.world > 1:
-        raise ConfigError("bench generate runs as one process (python -m mem_dist.bench ...), not under a launcher")
-    run = mem.setup(dataclasses.replace(cfg, mem=dataclasses.replace(cfg.mem, surrogate_steps=1)), dist)
-    shard = run.cache.get(run.stream[0])
-    if len(shard) == 0:
-        raise ConfigError(f"config key 'data.shards': the first shard ({run.stream[0]}) holds no usable samples")
-    rows = np.arange(min(cfg.mem.batch_size, len(shard)))
-    delta, trig = mem.start_state(run, shard, 1)
-    hotflip = cfg.mem.trigger_len > 0 and cfg.mem.hotflip_rounds > 0
-
-    def sample_batch(round_: int):
-        return lambda: mem.process_batch(run, round_, shard, rows, delta[rows], trig[rows], 0)
-
-    mem.surrogate_phase(run, 1, bar=False)  # warm-up: kernels, allocator, autotuning
-    sample_batch(cfg.mem.hotflip_rounds + 1)()
-    run.cfg = dataclasses.replace(run.cfg, mem=dataclasses.replace(cfg.mem, surrogate_steps=steps))
-    bs = min(cfg.mem.batch_size, len(shard))
-    surrogate_s, surrogate_mem = _timed(dist.device, lambda: mem.surrogate_phase(run, 1, bar=False))
-    table = [(f"surrogate step ({len(run.ensemble)} model{'s' * (len(run.ensemble) > 1)}: forward, backward, AdamW)",
-              surrogate_s / steps, bs * steps / surrogate_s, surrogate_mem)]
-    pgd_s, pgd_mem = _timed(dist.device, sample_batch(cfg.mem.hotflip_rounds + 1))
-    hf_s = 0.0
-    if hotflip:
-        hf_s, hf_mem = _timed(dist.device, sample_batch(1))
-        table.append((f"sample batch: HotFlip ({cfg.mem.hotflip_candidates} candidates) + {cfg.mem.pgd_steps} PGD steps",
-                      hf_s, len(rows) / hf_s, hf_mem))
-    table.append((f"sample batch: {cfg.mem.pgd_steps} PGD steps", pgd_s, len(rows) / pgd_s, pgd_mem))
-    n = len(shard) * len(run.urls)
-    hf_rounds = min(cfg.mem.hotflip_rounds, cfg.mem.rounds) if hotflip else 0
-    surrogate_run = cfg.mem.rounds * cfg.mem.surrogate_steps * surrogate_s / steps
-    sample_run = n / len(rows) * (hf_rounds * hf_s + (cfg.mem.rounds - hf_rounds) * pgd_s)
-    return table, {"device": dist.device.type, "samples": n, "shards": len(run.urls), "run_s": surrogate_run + sample_run,
-                   "surrogate_run_s": surrogate_run, "sample_run_s": sample_run}
-
-
-def _hours(seconds: float) -> str:
-    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["scale"]:
@@ -176,21 +109,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     return one_line_errors(body, distributed.LaunchError)
-
-
-def print_generate(cfg: RunConfig, table, est: dict) -> int:
-    memory = "peak GPU GiB" if est["device"] == "cuda" else "peak RSS GiB"
-    print(f"mem-dist bench generate: {cfg.surrogate.model}, canvas {cfg.data.image_size} px, batch {cfg.mem.batch_size}, "
-          f"{est['device']}, {cfg.surrogate.precision}, one process")
-    print(f"{'phase':<62} {'s/batch':>8} {'samples/s':>10} {memory:>13}")
-    for label, sec, rate, mem in table:
-        print(f"{label:<62} {sec:>8.3f} {rate:>10.1f} {mem:>13.2f}")
-    m = cfg.mem
-    print(f"estimate for the config ({est['samples']:,} samples if every one of the {est['shards']} shards holds as many as "
-          f"the first; T={m.rounds}, M={m.surrogate_steps}, HotFlip in {min(m.hotflip_rounds, m.rounds) if m.trigger_len else 0} rounds): "
-          f"{_hours(est['run_s'])} on one process (surrogate {_hours(est['surrogate_run_s'])}, "
-          f"samples {_hours(est['sample_run_s'])}); with N processes the sample phase takes 1/N of that")
-    return 0
 
 
 if __name__ == "__main__":

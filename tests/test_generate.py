@@ -175,9 +175,12 @@ def test_bench_generate_prints_a_table_and_writes_nothing(demo_dir, tmp_path, ca
     rows = [line for line in lines if line.startswith(("surrogate step", "sample batch"))]
     assert [r.split()[0] + " " + r.split()[1] for r in rows] == ["surrogate step", "sample batch:", "sample batch:"]
     for r in rows:
-        seconds, rate, memory = map(float, r.split()[-3:])
-        assert seconds > 0 and rate > 0 and memory > 0
-    assert "120 samples if every one of the 3 shards" in lines[-1] and "on one process" in lines[-1]
+        seconds, rate, memory, tflop, tflops = map(float, r.split()[-6:-1])
+        assert seconds > 0 and rate > 0 and memory > 0 and tflop > 0 and abs(tflops - tflop / seconds) < 0.01
+        assert r.split()[-1] == "-"  # no known peak on the CPU
+    estimate = next(i for i, line in enumerate(lines) if line.startswith("estimate for the config"))
+    assert "120 samples if every one of the 3 shards" in lines[estimate] and "on one process" in lines[estimate]
+    assert lines[estimate + 2].split()[0] == "1,000,000" and lines[estimate + 3].split()[0] == "400,000,000"
     assert not os.path.exists(out)  # nothing written
     assert bench.main(["generate", *tiny_overrides(f"{demo_dir}/train/00000.tar", out, **{"mem.method": "random"})]) == 2
     assert "config key 'mem.method'" in capsys.readouterr().err
