@@ -94,12 +94,13 @@ class SurrogateConfig:
 
 @dataclass(frozen=True)
 class MemConfig:
-    method: Literal["mem", "random", "prefix"] = "mem"
+    method: Literal["mem", "random", "prefix", "uc"] = "mem"
     """mem: the MEM rounds (trigger_len=0 gives EM). random: no surrogate, nothing
     optimised: uniform integer delta in [-epsilon, epsilon], plus a random trigger of
     trigger_len tokens per sample (trigger_len=0: the plain random-noise baseline).
     prefix: the same noise plus ONE random trigger shared by every sample, the control
-    for what any fixed caption prefix does to a victim evaluated on captions without it."""
+    for what any fixed caption prefix does to a victim evaluated on captions without it.
+    uc: Unlearnable Clusters (the ``uc`` section; captions untouched, no trigger)."""
     rounds: int = 20
     """T: outer rounds (surrogate phase, then a pass over every sample)."""
     surrogate_steps: int = 200
@@ -115,8 +116,9 @@ class MemConfig:
     trigger_vocab: int = 0
     """Size of the trigger vocabulary: 0 = every token that survives the text round trip
     (the paper); N = the first N alphabetic words of a seeded shuffle of those tokens."""
-    epsilon: int = 8
-    """L-inf bound of delta, in 1/255 units."""
+    epsilon: Optional[int] = None
+    """L-inf bound of delta, in 1/255 units; null = the method's default: 8 (MEM, the
+    baselines), 16 (UC)."""
     step_size: int = 1
     """PGD step, in 1/255 units."""
     batch_size: int = 128
@@ -134,6 +136,8 @@ class MemConfig:
     resized crop (scale 0.8-1) so delta survives a victim's crops."""
 
     def __post_init__(self) -> None:
+        if self.epsilon is None:
+            object.__setattr__(self, "epsilon", 16 if self.method == "uc" else 8)
         for key in ("rounds", "batch_size", "epsilon", "step_size", "hotflip_candidates"):
             check(getattr(self, key) >= 1, f"mem.{key}", "must be at least 1")
         for key in ("surrogate_steps", "pgd_steps", "hotflip_rounds", "trigger_len", "trigger_vocab"):
@@ -142,6 +146,49 @@ class MemConfig:
         check(self.trigger_len <= 20, "mem.trigger_len", "must be at most 20")
         check(self.method != "prefix" or self.trigger_len > 0, "mem.trigger_len", "must be at least 1 with mem.method=prefix")
         check(self.lr > 0, "mem.lr", "must be positive")
+
+
+@dataclass(frozen=True)
+class UCConfig:
+    """Unlearnable Clusters (``mem.method: uc``): k-means on the surrogate's image features,
+    one perturbation per cluster pulling images toward the next cluster's centroid."""
+
+    clusters: int = 10
+    """p: k-means clusters, one perturbation each."""
+    kmeans_samples: int = 100_000
+    """Images k-means is fitted on (a seeded subset, the same share of every shard); every
+    image is then assigned to its nearest centroid."""
+    train_samples: int = 20_000
+    """Images the perturbations are optimised on (a seeded subset, the same share of every
+    shard, held in memory across the ranks)."""
+    perturbation: Literal["generator", "direct"] = "generator"
+    """generator: the authors' per-cluster ResNet generator from one fixed noise input, its
+    output clamped to epsilon; direct: the p perturbations themselves, projected to epsilon."""
+    train_on: Literal["all", "cluster"] = "all"
+    """all: every image is pushed by every cluster's perturbation toward that cluster's
+    target (the authors' code: universal perturbations); cluster: each image only by its
+    own cluster's (p times cheaper)."""
+    epochs: int = 50
+    """Passes over the train_samples (the authors': 50)."""
+    batch_size: int = 128
+    """Images per optimisation step, over all ranks (each shard contributes its share)."""
+    lr: Optional[float] = None
+    """Adam learning rate (cosine to 0); null = the perturbation's default: 1e-4 for the
+    generator (the authors'), 0.5 for direct perturbations (they move in 1/255 units)."""
+    weight_decay: float = 5.0e-4
+    generator_width: int = 64
+    """The generator's ngf (64: the authors')."""
+    generator_blocks: int = 6
+    """Residual blocks of the generator (6: the authors')."""
+
+    def __post_init__(self) -> None:
+        if self.lr is None:
+            object.__setattr__(self, "lr", 1.0e-4 if self.perturbation == "generator" else 0.5)
+        check(self.clusters >= 2, "uc.clusters", "must be at least 2")
+        for key in ("kmeans_samples", "train_samples", "epochs", "batch_size", "generator_width"):
+            check(getattr(self, key) >= 1, f"uc.{key}", "must be at least 1")
+        check(self.generator_blocks >= 0, "uc.generator_blocks", "must be 0 or more")
+        check(self.lr > 0, "uc.lr", "must be positive")
 
 
 @dataclass(frozen=True)
@@ -190,6 +237,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=lambda: DataConfig(shards="data/demo/train/{00000..00007}.tar"))
     surrogate: SurrogateConfig = field(default_factory=SurrogateConfig)
     mem: MemConfig = field(default_factory=MemConfig)
+    uc: UCConfig = field(default_factory=UCConfig)
     state: StateConfig = field(default_factory=StateConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -209,6 +257,7 @@ class RunConfig:
             "surrogate": {k: v for k, v in dataclasses.asdict(self.surrogate).items()
                           if k != "precision" and (k != "ensemble" or v)},
             "mem": mem,
+            **({"uc": dataclasses.asdict(self.uc)} if self.mem.method == "uc" else {}),
         }
 
     def config_hash(self) -> str:

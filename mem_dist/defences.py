@@ -4,6 +4,9 @@ Image defences act on a batch of canvas pixels, float [B, C, H, W] in [0, 255] u
 draw their randomness from a CPU ``torch.Generator``, so a seeded victim is repeatable:
 
   ``jpeg``      JPEG round trip at quality q (PIL, 4:2:0 as PIL's default)
+  ``grayscale`` luminance (ITU-R 601) in all three channels: image shortcut squeezing, the
+                strongest published defence against colour perturbations
+  ``bits``      bit-depth reduction to ``bits`` bits per channel (the other squeezing)
   ``gaussian``  additive Gaussian noise, sigma in 1/255 units, clipped to [0, 255]
   ``cutout``    one square per image (side = a fraction of the image side) set to grey
   ``mixup``     images mixed with a shuffled batch, lambda ~ Beta(alpha, alpha); the
@@ -40,10 +43,12 @@ from mem_dist.surrogate import LOGIT_SCALE_MAX
 
 @dataclass(frozen=True)
 class DefenceConfig:
-    image: Literal["none", "jpeg", "gaussian", "cutout", "mixup", "adv"] = "none"
+    image: Literal["none", "jpeg", "grayscale", "bits", "gaussian", "cutout", "mixup", "adv"] = "none"
     """Image defence applied to every training batch (before the victim's crop)."""
     jpeg_quality: int = 75
     """jpeg: JPEG quality (1-95)."""
+    bits: int = 3
+    """bits: bits kept per channel (1-7)."""
     noise_sigma: float = 8.0
     """gaussian: noise standard deviation, in 1/255 units."""
     cutout_size: float = 0.5
@@ -67,6 +72,7 @@ class DefenceConfig:
 
     def __post_init__(self) -> None:
         check(1 <= self.jpeg_quality <= 95, "defence.jpeg_quality", "must be between 1 and 95")
+        check(1 <= self.bits <= 7, "defence.bits", "must be between 1 and 7")
         check(self.noise_sigma >= 0, "defence.noise_sigma", "must be 0 or more")
         check(0 < self.cutout_size <= 1, "defence.cutout_size", "must be in (0, 1]")
         check(self.mixup_alpha > 0, "defence.mixup_alpha", "must be positive")
@@ -80,6 +86,8 @@ class DefenceConfig:
         image = {
             "none": "none",
             "jpeg": f"JPEG q={self.jpeg_quality}",
+            "grayscale": "grayscale",
+            "bits": f"{self.bits}-bit colour depth",
             "gaussian": f"Gaussian noise sigma={self.noise_sigma:g}/255",
             "cutout": f"cutout {self.cutout_size:g} of the side",
             "mixup": f"mixup alpha={self.mixup_alpha:g}",
@@ -111,6 +119,18 @@ def jpeg(pixels_BCHW: torch.Tensor, cfg: DefenceConfig, generator: torch.Generat
     canvases = pixels_BCHW.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     out = jpeg_roundtrip(canvases, cfg.jpeg_quality)
     return torch.from_numpy(out).permute(0, 3, 1, 2).to(pixels_BCHW)
+
+
+def grayscale(pixels_BCHW: torch.Tensor, cfg: DefenceConfig, generator: torch.Generator) -> torch.Tensor:
+    """ITU-R 601 luminance in every channel (what PIL's convert("L") computes, unrounded)."""
+    weights = torch.tensor([0.299, 0.587, 0.114], dtype=pixels_BCHW.dtype, device=pixels_BCHW.device).view(1, 3, 1, 1)
+    return (pixels_BCHW * weights).sum(1, keepdim=True).expand_as(pixels_BCHW).contiguous()
+
+
+def bits(pixels_BCHW: torch.Tensor, cfg: DefenceConfig, generator: torch.Generator) -> torch.Tensor:
+    """Each channel quantised to 2^bits levels (the level's centre, in [0, 255])."""
+    step = 256 / 2**cfg.bits
+    return (torch.floor(pixels_BCHW.clamp(0, 255) / step) * step + step / 2).clamp(0, 255)
 
 
 def gaussian(pixels_BCHW: torch.Tensor, cfg: DefenceConfig, generator: torch.Generator) -> torch.Tensor:
@@ -147,7 +167,8 @@ def mixup(pixels_BCHW: torch.Tensor, cfg: DefenceConfig, generator: torch.Genera
     return mixed, targets_BB
 
 
-IMAGE_DEFENCES: dict[str, Callable] = {"jpeg": jpeg, "gaussian": gaussian, "cutout": cutout, "mixup": mixup}
+IMAGE_DEFENCES: dict[str, Callable] = {"jpeg": jpeg, "grayscale": grayscale, "bits": bits, "gaussian": gaussian,
+                                       "cutout": cutout, "mixup": mixup}
 
 
 def defend_images(pixels_BCHW: torch.Tensor, cfg: DefenceConfig, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -28,7 +28,12 @@ from mem_dist.data import shard_name
 
 
 def generate(cfg: RunConfig, dist: distributed.Dist, log=print) -> dict:
-    """Run (or resume) generation; returns the final run record."""
+    """Run (or resume) generation; returns the final run record. ``mem.method: uc`` is
+    Unlearnable Clusters (:func:`mem_dist.uc.generate`)."""
+    if cfg.mem.method == "uc":
+        from mem_dist import uc
+
+        return uc.generate(cfg, dist, log)
     old = rundir.check_resume(cfg, dist.world)
     run = mem.setup(cfg, dist)
     dist.barrier()  # every rank has checked run.json before rank 0 rewrites it

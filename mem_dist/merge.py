@@ -46,7 +46,7 @@ from tqdm import tqdm
 
 from mem_dist import manifest, publish, state, storage, text
 from mem_dist.config import ConfigError, MergeConfig, RunConfig, build, load_config, parse_overrides, to_dict
-from mem_dist.data import check_shards, load_shard, owned, shard_name
+from mem_dist.data import Shard, check_shards, load_shard, owned, shard_name
 from mem_dist.errors import one_line_errors
 
 # Reasons data.load_shard counts per shard rather than per sample.
@@ -110,6 +110,16 @@ def method_name(cfg: RunConfig) -> str:
     return "mem" if cfg.mem.trigger_len else "em"
 
 
+def final_state(cfg: RunConfig, output: str, round_: int, src: Shard) -> state.ShardState:
+    """A shard's final state: MEM's and the baselines' as stored, UC's composed from each key's
+    cluster and the cluster's perturbation (:func:`mem_dist.uc.shard_state`)."""
+    if cfg.mem.method == "uc":
+        from mem_dist import uc
+
+        return uc.shard_state(output, src, uc.read_perturbations(output))
+    return state.read_state(state.state_url(output, round_, src.name))
+
+
 def merge_shard(cfg: RunConfig, url: str, round_: int, private: str | None = None) -> dict:
     """Publish the protected version of one source shard and record it privately.
 
@@ -127,7 +137,7 @@ def merge_shard(cfg: RunConfig, url: str, round_: int, private: str | None = Non
     name, folder, fmt = shard_name(url), publish_dir(cfg), cfg.merge.image_format
     private = cfg.output if private is None else private
     src = load_shard(url, cfg.data)
-    st = state.read_state(state.state_url(cfg.output, round_, name))
+    st = final_state(cfg, cfg.output, round_, src)
     row_of = st.by_key()
     written: list[publish.Written] = []
     rows: list[dict] = []  # the manifest
@@ -311,6 +321,10 @@ def merge(cfg: RunConfig, rank: int | None = None, world: int | None = None, pro
     if round_ == 0:
         raise ConfigError(f"no generation state under {storage.join(cfg.output, 'state')}; run generate first")
     missing = sorted({shard_name(u) for u in urls} - state.completed(cfg.output, round_))
+    if cfg.mem.method == "uc":
+        from mem_dist import uc
+
+        uc.read_perturbations(cfg.output)  # a ConfigError until generate has finished
     if missing:
         raise ConfigError(f"the state of round {round_} under {cfg.output} lacks shard {missing[0]} "
                           f"(and {len(missing) - 1} more); finish generate first")

@@ -4,12 +4,15 @@ Everything renders from the ``metrics.json`` content that :func:`mem_dist.evalua
 builds, with matplotlib's object API (no pyplot state, Agg rendering), and is written
 through :mod:`mem_dist.storage`, so ``output`` may be any fsspec URL:
 
-  ``report.md``        settings, the final-epoch retrieval table with each victim's peak
-                       i2t R@10 (the best epoch), random-guess levels; for mixes, the
+  ``report.md``        a one-line conclusion, the settings, the final-epoch table with each
+                       victim's peak (its best epoch), chance levels; for mixes, the
                        per-owner leakage table (protected vs unprotected training pairs)
   ``loss.png``         mean training loss per epoch, one line per condition (paper fig. 1)
-  ``median_rank.png``  image->text median rank per epoch, one line per condition (fig. 2)
-  ``grid.png``         the same samples under each condition that shares their keys
+  ``median_rank.png``  CLIP victims: image->text median rank per epoch, log scale (fig. 2)
+  ``accuracy.png``     zero-shot top-1 (CLIP victims on labelled val data) or the
+                       classifier's top-1 per epoch
+  ``grid.png``         the same samples under each condition that shares their keys, each
+                       protected column followed by its difference to the reference x10
 """
 
 from __future__ import annotations
@@ -29,31 +32,82 @@ _COLUMNS = [("i2t", "r1", "i2t R@1"), ("i2t", "r5", "i2t R@5"), ("i2t", "r10", "
 
 
 def _cell(key: str, value: float) -> str:
+    """A table cell: median ranks as they are, R@K and top-1 in %."""
     return f"{value:g}" if key == "median_rank" else f"{100 * value:.1f}"
 
 
-def peak(hist: dict[str, Any]) -> tuple[float, int]:
-    """(best i2t R@10 over the epochs, its epoch): what an attacker who stops training when
-    clean validation retrieval peaks would keep."""
-    best = max(hist["epochs"], key=lambda e: e["i2t"]["r10"])
-    return best["i2t"]["r10"], best["epoch"]
+def headline(metrics: dict[str, Any]) -> tuple[str, Any]:
+    """(label, epoch -> value) of the evaluation's main figure: the classifier's top-1, the
+    CLIP victims' zero-shot top-1 on labelled val data, else their i2t R@10."""
+    if metrics.get("kind") == "classifier":
+        return "top-1", lambda e: e["top1"]
+    if all("zero_shot_top1" in h["final"] for h in metrics["conditions"].values()):
+        return "zero-shot top-1", lambda e: e["zero_shot_top1"]
+    return "i2t R@10", lambda e: e["i2t"]["r10"]
+
+
+def peak(hist: dict[str, Any], value=lambda e: e["i2t"]["r10"]) -> tuple[float, int]:
+    """(best value over the epochs, its epoch): what an attacker who stops training when the
+    clean validation score peaks would keep (default: i2t R@10)."""
+    best = max(hist["epochs"], key=value)
+    return value(best), best["epoch"]
+
+
+def _pairs(hist: dict[str, Any]) -> str:
+    if hist["n_train"] is None:
+        return "-"
+    return f"{hist['n_train']}" + (f" ({hist['n_protected']} protected)" if hist.get("n_protected") is not None else "")
+
+
+def _loss(final: dict) -> str:
+    return f"{final['train_loss']:.3f}" if final["train_loss"] is not None else "-"
 
 
 def results_table(metrics: dict[str, Any]) -> str:
-    """Markdown table of the final epoch per condition, each victim's peak i2t R@10, and
-    the random-guess row (R@K in %)."""
+    """Markdown table of the final epoch per condition, each victim's peak (R@K and top-1 in %),
+    and the chance row."""
+    chance = metrics["chance"]
+    if metrics.get("kind") == "classifier":
+        lines = ["| condition | train images | final loss | top-1 | peak top-1 (epoch) |", "|---|---|---|---|---|"]
+        for name, hist in metrics["conditions"].items():
+            best, epoch = peak(hist, lambda e: e["top1"])
+            lines.append(f"| {name} | {_pairs(hist)} | {_loss(hist['final'])} | {_cell('top1', hist['final']['top1'])} | "
+                         f"{_cell('top1', best)} ({epoch}) |")
+        lines.append(f"| chance | - | - | {_cell('top1', chance.get('top1', float('nan')))} | - |")
+        return "\n".join(lines)
+    zero_shot = all("zero_shot_top1" in h["final"] for h in metrics["conditions"].values())
     head = ["condition", "train pairs", "final loss"] + [label for _, _, label in _COLUMNS] + ["peak i2t R@10 (epoch)"]
+    head += ["zero-shot top-1", "peak zero-shot top-1 (epoch)"] if zero_shot else []
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, hist in metrics["conditions"].items():
         final = hist["final"]
-        pairs = "-" if hist["n_train"] is None else f"{hist['n_train']}" + (f" ({hist['n_protected']} protected)" if hist.get("n_protected") is not None else "")
-        loss = f"{final['train_loss']:.3f}" if final["train_loss"] is not None else "-"
         best, epoch = peak(hist)
-        cells = [name, pairs, loss] + [_cell(key, final[d][key]) for d, key, _ in _COLUMNS] + [f"{_cell('r10', best)} ({epoch})"]
+        cells = [name, _pairs(hist), _loss(final)] + [_cell(key, final[d][key]) for d, key, _ in _COLUMNS]
+        cells.append(f"{_cell('r10', best)} ({epoch})")
+        if zero_shot:
+            zs, zs_epoch = peak(hist, lambda e: e["zero_shot_top1"])
+            cells += [_cell("top1", final["zero_shot_top1"]), f"{_cell('top1', zs)} ({zs_epoch})"]
         lines.append("| " + " | ".join(cells) + " |")
-    chance = metrics["chance"]
-    lines.append("| random guess | - | - | " + " | ".join(_cell(key, chance[key]) for _, key, _ in _COLUMNS) + " | - |")
+    row = ["random guess", "-", "-"] + [_cell(key, chance[key]) for _, key, _ in _COLUMNS] + ["-"]
+    row += [_cell("top1", chance.get("top1", float("nan"))), "-"] if zero_shot else []
+    lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def conclusion(metrics: dict[str, Any]) -> str | None:
+    """One line: the protected victims' best peak against the clean victim's (None without a
+    condition named "clean" and another)."""
+    conditions = metrics["conditions"]
+    if "clean" not in conditions or len(conditions) < 2:
+        return None
+    label, value = headline(metrics)
+    clean, _ = peak(conditions["clean"], value)
+    others = {name: peak(hist, value)[0] for name, hist in conditions.items() if name != "clean"}
+    low, high = min(others, key=others.get), max(others, key=others.get)
+    chance = metrics["chance"].get("top1" if "top-1" in label else "r10")
+    span = f"from {others[low]:.3f} ({low}) to {others[high]:.3f} ({high})" if low != high else f"{others[low]:.3f} ({low})"
+    return (f"**In one line:** the victims' peak {label} on clean validation data is {clean:.3f} trained on clean data "
+            f"and {span} on the other conditions" + (f"; chance is {chance:.3f}." if chance is not None else "."))
 
 
 def leakage_table(metrics: dict[str, Any]) -> str | None:
@@ -75,18 +129,24 @@ def markdown_report(metrics: dict[str, Any], table: str, with_grid: bool) -> str
     n_val = next(iter(metrics["conditions"].values()))["n_val"]
     epochs = sorted({hist["final"]["epoch"] for hist in metrics["conditions"].values()})
     after = f"after epoch {epochs[0]}" if len(epochs) == 1 else "after each victim's last epoch (0: a checkpoint trained elsewhere, evaluated as it is)"
-    parts = [
-        "# mem-dist evaluation",
-        "",
+    if metrics.get("kind") == "classifier":
+        what = (f"Top-1 on {n_val} clean validation images {after} (in %); chance is one over the classes. The last "
+                f"column is each victim's best epoch: what an attacker who stops when clean validation accuracy peaks would keep.")
+    else:
+        what = (f"Retrieval on {n_val} clean validation pairs {after} (R@K in %, medR = median rank, 1-based). "
+                f"Random guessing gives R@10 = 10/{n_val} = {100 * metrics['chance']['r10']:.1f}%. The peak columns are each "
+                f"victim's best epoch: what an attacker who stops when the clean validation score peaks would keep."
+                + (" Zero-shot top-1: each val image assigned the class whose prompts (zero_shot_templates) are closest."
+                   if "zero-shot" in table else ""))
+    line = conclusion(metrics)
+    parts = ["# mem-dist evaluation", ""] + ([line, ""] if line else []) + [
         f"Settings: {metrics['settings']}.",
         "",
-        f"Retrieval on {n_val} clean validation pairs {after} (R@K in %, medR = median rank, 1-based). "
-        f"Random guessing gives R@10 = 10/{n_val} = {100 * metrics['chance']['r10']:.1f}%. The last column is each "
-        f"victim's best epoch: what an attacker who stops when clean validation retrieval peaks would keep.",
+        what,
         "",
         table,
         "",
-        "![training loss per epoch](loss.png) ![image-to-text median rank per epoch](median_rank.png)",
+        " ".join(f"![{name[:-4].replace('_', ' ')} per epoch]({name})" for name in plots(metrics)),
     ]
     leakage = leakage_table(metrics)
     if leakage:
@@ -99,23 +159,39 @@ def markdown_report(metrics: dict[str, Any], table: str, with_grid: bool) -> str
     return "\n".join(parts) + "\n"
 
 
+def plots(metrics: dict[str, Any]) -> list[str]:
+    """The plot files an evaluation writes."""
+    clip = metrics.get("kind") != "classifier"
+    accuracy = not clip or any("zero_shot_top1" in h["final"] for h in metrics["conditions"].values())
+    return ["loss.png"] + (["median_rank.png"] if clip else []) + (["accuracy.png"] if accuracy else [])
+
+
 def plot_curves(metrics: dict[str, Any], what: str) -> bytes:
-    """PNG of ``what`` ("loss" or "median_rank") per epoch, one line per condition."""
+    """PNG of ``what`` ("loss", "median_rank" or "accuracy") per epoch, one line per condition."""
     fig = Figure(figsize=(6, 4), dpi=120)
     ax = fig.add_subplot()
+    key = "top1" if metrics.get("kind") == "classifier" else "zero_shot_top1"
     for name, hist in metrics["conditions"].items():
         if what == "loss":
             points = [(e["epoch"], e["train_loss"]) for e in hist["epochs"] if e["train_loss"] is not None]
-        else:
+        elif what == "median_rank":
             points = [(e["epoch"], e["i2t"]["median_rank"]) for e in hist["epochs"]]
+        else:
+            points = [(e["epoch"], e[key]) for e in hist["epochs"] if key in e]
         if points:  # a checkpoint trained elsewhere has no training loss
             ax.plot(*zip(*points), marker="o", markersize=3, label=name)
+    chance = {"median_rank": metrics["chance"]["median_rank"], "accuracy": metrics["chance"].get("top1")}.get(what)
+    if chance is not None:
+        ax.axhline(chance, color="gray", linestyle="--", linewidth=1, label="random guess")
     if what == "median_rank":
-        ax.axhline(metrics["chance"]["median_rank"], color="gray", linestyle="--", linewidth=1, label="random guess")
+        ax.set_yscale("log")  # 3 against 10 matters as much as 30 against 100
     ax.set_xlabel("epoch")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("mean training loss" if what == "loss" else "image->text median rank")
-    ax.set_title("Victim training loss" if what == "loss" else "Image->text median rank on clean validation data")
+    labels = {"loss": ("mean training loss", "Victim training loss"),
+              "median_rank": ("image->text median rank (log)", "Image->text median rank on clean validation data"),
+              "accuracy": ("top-1", "Top-1 on clean validation data" + (" (zero-shot)" if key == "zero_shot_top1" else ""))}
+    ax.set_ylabel(labels[what][0])
+    ax.set_title(labels[what][1])
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend()
@@ -125,9 +201,23 @@ def plot_curves(metrics: dict[str, Any], what: str) -> bytes:
     return _png(fig)
 
 
+def with_differences(columns: Sequence[tuple[str, Sequence[tuple[np.ndarray, str]]]], gain: int = 10):
+    """The grid's columns with, after each one but the first (the reference), its difference
+    to the reference amplified ``gain`` times around mid-grey (what delta looks like)."""
+    ref = [canvas.astype(np.int16) for canvas, _ in columns[0][1]]
+    out = [columns[0]]
+    for name, samples in columns[1:]:
+        out.append((name, samples))
+        diff = [(np.clip(128 + gain * (canvas.astype(np.int16) - r), 0, 255).astype(np.uint8), "")
+                for (canvas, _), r in zip(samples, ref)]
+        out.append((f"{name}: difference x{gain}", diff))
+    return out
+
+
 def image_grid(columns: Sequence[tuple[str, Sequence[tuple[np.ndarray, str]]]]) -> bytes:
     """PNG grid: one column per condition (name on top), one row per sample, each image
     with its caption below it."""
+    columns = with_differences(columns)
     n_rows, n_cols = len(columns[0][1]), len(columns)
     fig = Figure(figsize=(2.8 * n_cols, 3.2 * n_rows), dpi=100)
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
@@ -145,11 +235,11 @@ def image_grid(columns: Sequence[tuple[str, Sequence[tuple[np.ndarray, str]]]]) 
 
 
 def write_report(output: str, metrics: dict[str, Any], grid_columns: Sequence) -> str:
-    """Write report.md, loss.png, median_rank.png and (if there are columns) grid.png
-    under ``output``; returns the markdown table."""
+    """Write report.md, the plots (:func:`plots`) and (if there are columns) grid.png under
+    ``output``; returns the markdown table."""
     table = results_table(metrics)
-    storage.write_bytes_atomic(storage.join(output, "loss.png"), plot_curves(metrics, "loss"))
-    storage.write_bytes_atomic(storage.join(output, "median_rank.png"), plot_curves(metrics, "median_rank"))
+    for name in plots(metrics):
+        storage.write_bytes_atomic(storage.join(output, name), plot_curves(metrics, name[: -len(".png")]))
     if grid_columns:
         storage.write_bytes_atomic(storage.join(output, "grid.png"), image_grid(grid_columns))
     storage.write_bytes_atomic(storage.join(output, "report.md"), markdown_report(metrics, table, bool(grid_columns)).encode())

@@ -63,28 +63,30 @@ def run_record(cfg: RunConfig, urls: list[str], world: int, old: dict | None, ro
 
 
 def total_rounds(cfg: RunConfig) -> int:
-    """mem.rounds for MEM; the random baselines are one pass, nothing to iterate."""
+    """mem.rounds for MEM; the random baselines and UC write one round of state."""
     return cfg.mem.rounds if cfg.mem.method == "mem" else 1
 
 
-def checkpoint_url(output: str, round_: int) -> str:
-    return storage.join(output, "checkpoints", f"round-{round_:03d}.pt")
+def checkpoint_url(output: str, round_: int, prefix: str = "round") -> str:
+    """``{output}/checkpoints/{prefix}-{r:03d}.pt`` (prefix: "round" for MEM, "uc-epoch" for UC)."""
+    return storage.join(output, "checkpoints", f"{prefix}-{round_:03d}.pt")
 
 
-def latest_checkpoint(output: str) -> int:
+def latest_checkpoint(output: str, prefix: str = "round") -> int:
     names = storage.listdir(storage.join(output, "checkpoints"))
-    return max((int(n[6:9]) for n in names if n.startswith("round-") and n.endswith(".pt")), default=0)
+    head = f"{prefix}-"
+    return max((int(n[len(head):-3]) for n in names if n.startswith(head) and n.endswith(".pt")), default=0)
 
 
-def save_checkpoint(output: str, round_: int, obj: dict, keep: int) -> None:
+def save_checkpoint(output: str, round_: int, obj: dict, keep: int, prefix: str = "round") -> None:
     """``obj`` as round ``round_``'s checkpoint; older ones beyond the newest ``keep`` removed."""
     buf = io.BytesIO()
     torch.save({"round": round_, **obj}, buf)
-    storage.write_bytes_atomic(checkpoint_url(output, round_), buf.getvalue())
+    storage.write_bytes_atomic(checkpoint_url(output, round_, prefix), buf.getvalue())
     for r in range(1, round_ - keep + 1):
-        storage.remove(checkpoint_url(output, r))
+        storage.remove(checkpoint_url(output, r, prefix))
 
 
-def load_checkpoint(output: str, round_: int) -> dict:
-    with storage.open_file(checkpoint_url(output, round_), "rb") as f:
+def load_checkpoint(output: str, round_: int, prefix: str = "round") -> dict:
+    with storage.open_file(checkpoint_url(output, round_, prefix), "rb") as f:
         return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)

@@ -52,7 +52,7 @@ from mem_dist import manifest, publish, state, storage, text
 from mem_dist.config import ConfigError, MergeConfig, RunConfig, load_config
 from mem_dist.data import expand_shards, load_shard, shard_name
 from mem_dist.errors import one_line_errors
-from mem_dist.merge import decode_image, delta_kept, encode_image, kept_summary, published_url, recorded_config
+from mem_dist.merge import decode_image, delta_kept, encode_image, final_state, kept_summary, published_url, recorded_config
 from mem_dist.surrogate import resolve_model_name
 
 
@@ -171,7 +171,7 @@ def verify_shard(output: str, url: str, round_: int, cfg: RunConfig, tokenizer, 
     drop = tuple(stats.get("drop_fields", ()))
     src = load_shard(url, cfg.data)
     source = {k: (c, cap, meta) for k, c, cap, meta in zip(src.keys, src.canvases, src.captions, src.meta or [None] * len(src))}
-    st = state.read_state(state_url)
+    st = final_state(cfg, output, round_, src)
     row_of = st.by_key()
     record = manifest.read_manifest(output, name)
     seen, images = set(), {}

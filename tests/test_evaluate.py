@@ -17,8 +17,11 @@ from mem_dist import defences, report, surrogate
 from mem_dist.config import ConfigError, DataConfig, load_config
 from mem_dist.data import load_shard
 from mem_dist.defences import DefenceConfig
-from mem_dist.evaluate import (EvalConfig, VictimConfig, chance_metrics, create_victim, grid_samples,
-                               evaluate_retrieval, load_condition, load_pairs, main, retrieval_metrics, run)
+from mem_dist.clip_victim import create_victim, evaluate_retrieval
+from mem_dist.eval_config import EvalConfig, VictimConfig
+from mem_dist.evaluate import grid_samples, main, run
+from mem_dist.pairs import load_condition, load_pairs
+from mem_dist.scores import chance_metrics, retrieval_metrics
 from tests.conftest import TINY_RN, TINY_VIT, python_cmd
 
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,106 @@
+"""Scores of a victim on clean validation data: retrieval, zero-shot and classifier top-1.
+
+Shapes: N samples, E embedding dim, K classes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+from mem_dist.importers import fill_template
+
+
+def retrieval_metrics(image_NE: torch.Tensor, text_NE: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Retrieval of pair i's partner among all N candidates, in both directions.
+
+    Features are L2-normalised; pair i is (image i, caption i). The rank is 1-based; ties
+    take the mean rank of the tied block, so identical features score as chance.
+
+    Args:
+        image_NE: image features.
+        text_NE: text features of the matching captions, in the same order.
+
+    Returns:
+        {"i2t": m, "t2i": m}, m = {"r1", "r5", "r10": fraction with rank <= K (0..1),
+        "median_rank": floor(median rank), "mean_rank": mean rank}. With 1-based ranks
+        floor(median) equals the paper's floor(median of 0-based ranks) + 1.
+    """
+    image_NE = F.normalize(image_NE.float(), dim=-1)
+    text_NE = F.normalize(text_NE.float(), dim=-1)
+    return {"i2t": _rank_summary(_true_ranks(image_NE, text_NE)), "t2i": _rank_summary(_true_ranks(text_NE, image_NE))}
+
+
+def _true_ranks(query_NE: torch.Tensor, target_NE: torch.Tensor, chunk: int = 1024) -> np.ndarray:
+    """1-based rank of target i among all targets for query i (mean rank over ties)."""
+    ranks = []
+    for start in range(0, len(query_NE), chunk):
+        sim = query_NE[start : start + chunk] @ target_NE.t()
+        rows = torch.arange(len(sim), device=sim.device)
+        true = sim[rows, rows + start].unsqueeze(1)
+        greater = (sim > true).sum(1)
+        ties = (sim == true).sum(1) - 1
+        ranks.append((1 + greater + ties / 2).double().cpu())
+    return torch.cat(ranks).numpy()
+
+
+def _rank_summary(ranks: np.ndarray) -> dict[str, float]:
+    out = {f"r{k}": float((ranks <= k).mean()) for k in (1, 5, 10)}
+    out["median_rank"] = float(math.floor(np.median(ranks)))
+    out["mean_rank"] = float(ranks.mean())
+    return out
+
+
+def chance_metrics(n: int) -> dict[str, float]:
+    """Random guessing among n candidates: R@K = K/n, median rank floor((n+1)/2)."""
+    out = {f"r{k}": min(1.0, k / n) for k in (1, 5, 10)}
+    out["median_rank"] = float(math.floor((n + 1) / 2))
+    out["mean_rank"] = (n + 1) / 2
+    return out
+
+
+@torch.no_grad()
+def class_embeddings(encode_text, tokenizer, classes: dict[int, str], templates, device) -> tuple[list[int], torch.Tensor]:
+    """Zero-shot classifier weights as clip_benchmark builds them: every template filled with
+    each class name, encoded, normalised, averaged per class and normalised again.
+
+    Returns:
+        (the labels in order, class embeddings [K, E]).
+    """
+    labels = sorted(classes)
+    out = []
+    for label in labels:
+        prompts = [fill_template(t, classes[label]) for t in templates]
+        emb = F.normalize(encode_text(tokenizer(prompts).to(device)).float(), dim=-1).mean(0)
+        out.append(F.normalize(emb, dim=-1))
+    return labels, torch.stack(out)
+
+
+def zero_shot_top1(image_NE: torch.Tensor, class_KE: torch.Tensor, order: list[int], labels_N: np.ndarray) -> float:
+    """Top-1 of assigning each image the class whose embedding is closest (samples without a
+    label, -1, are left out)."""
+    known = labels_N >= 0
+    pred = (F.normalize(image_NE.float(), dim=-1) @ class_KE.t()).argmax(1).cpu().numpy()
+    return float((np.asarray(order)[pred][known] == labels_N[known]).mean()) if known.any() else float("nan")
+
+
+def top1(pred_N: np.ndarray, labels_N: np.ndarray) -> float:
+    known = labels_N >= 0
+    return float((pred_N[known] == labels_N[known]).mean()) if known.any() else float("nan")
+
+
+def match_clusters(clusters_N: np.ndarray, labels_N: np.ndarray, k: int) -> np.ndarray:
+    """A one-to-one map cluster -> label maximising agreement on (clusters, labels) (Hungarian),
+    as clustering accuracy is measured; an array m with m[cluster] = label."""
+    counts = np.zeros((k, k), np.int64)
+    for c, y in zip(clusters_N, labels_N):
+        if 0 <= c < k and 0 <= y < k:
+            counts[c, y] += 1
+    rows, cols = linear_sum_assignment(-counts)
+    mapping = np.arange(k)
+    mapping[rows] = cols
+    return mapping

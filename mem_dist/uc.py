@@ -1,0 +1,449 @@
+"""Unlearnable Clusters (UC / UC-CLIP, CVPR 2023): ``mem.method: uc``.
+
+Label-agnostic unlearnable examples: images are clustered on a surrogate's features, and
+one perturbation per cluster is optimised to pull images toward the *next* cluster's
+centroid ("aggregate, then spin"), so a model trained on the data learns the cluster-wise
+perturbations instead of the content, whatever labels it is given. With an open_clip
+model as the surrogate this is UC-CLIP (its image tower's embedding); with a torchvision
+classifier (``surrogate.model: torchvision:resnet18`` and a local checkpoint) it is UC
+(the classifier's penultimate features). The method follows the authors' description
+(reference section 8); no code of theirs is used.
+
+    1. k-means sample: every rank embeds a seeded share of each shard it owns; rank 0 fits
+       scikit-learn's KMeans (p clusters) on all of them -> state/uc/centroids.npy
+    2. assignment: every rank embeds all its shards' images; each goes to its nearest
+       centroid -> state/round-001/{shard}.parquet (key, cluster, distance), atomic per shard
+    3. perturbations: p of them (a ResNet generator each from one fixed noise input, or the
+       perturbations directly), Adam on a seeded share of every shard held in memory; each
+       step every shard contributes a few images, each rank the gradient of its own shards,
+       summed across ranks in fixed point (exact, so any number of ranks gives the same
+       bytes) -> state/uc/perturbations.npy (int8 [p, H, W, C], 1/255 units, |delta| <= eps),
+       written last: the run's completion marker; checkpoints/uc-epoch-{e:03d}.pt on the way
+
+Why scikit-learn for k-means: the authors used it; it is exact and seeded (the same
+centroids on every run of the same sample), and a sample of 10^5-10^6 embeddings
+clusters in seconds to minutes on one CPU; every other image only needs its nearest
+centroid, computed on the ranks. (faiss would cluster 10^8 points on a GPU, at the price
+of a binary dependency and centroids that depend on the device.)
+
+Merge publishes clip(canvas + delta[cluster], 0, 255) and the caption unchanged.
+Shapes: N images, B batch, p clusters, E feature dim, H/W canvas side, C = 3.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mem_dist import distributed, rundir, state, storage, surrogate
+from mem_dist.config import ConfigError, RunConfig, seed_of
+from mem_dist.data import Shard, ShardCache, check_shards, generation_view, load_shard, owned, shard_name
+
+ASSIGN_SCHEMA = pa.schema([("key", pa.string()), ("cluster", pa.int32()), ("distance", pa.float32())])
+FIXED_POINT = 2.0**40  # gradients summed across ranks as int64 multiples of 2^-40: exact and order-free
+CHUNK = 256  # images per forward when embedding (the same on any rank, so features are too)
+
+
+def uc_dir(output: str) -> str:
+    return storage.join(output, "state", "uc")
+
+
+def perturbations_url(output: str) -> str:
+    return storage.join(uc_dir(output), "perturbations.npy")
+
+
+# --------------------------------------------------------------------------------------
+# The surrogate: image features
+# --------------------------------------------------------------------------------------
+
+
+class FeatureNet:
+    """The surrogate's image features of canvas pixels (float [B, C, H, W] in [0, 255]),
+    differentiable: an open_clip image tower (UC-CLIP) or a torchvision classifier's
+    penultimate layer (UC). Frozen, in eval mode."""
+
+    def __init__(self, cfg: RunConfig, device: torch.device):
+        name, weights = cfg.surrogate.model, cfg.surrogate.pretrained
+        if cfg.surrogate.ensemble:
+            raise ConfigError("config key 'surrogate.ensemble': mem.method uc uses one surrogate")
+        torch.manual_seed(cfg.seed)
+        if name.startswith("torchvision:"):
+            self.model, self.spec = torchvision_features(name.split(":", 1)[1], weights, cfg.data.image_size, device)
+            self.encode = self.model
+        else:
+            clip, _, self.spec = surrogate.create_surrogate(name, weights, device)
+            self.model = clip.visual
+            self.encode = clip.encode_image
+        self.model.eval().requires_grad_(False)
+
+    def __call__(self, pixels_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.encode(surrogate.to_model_input(pixels_BCHW, self.spec)).float()
+
+
+def torchvision_features(arch: str, weights: str | None, size: int, device) -> tuple[nn.Module, surrogate.PixelSpec]:
+    """A torchvision classifier (a checkpoint of ``mem-dist evaluate``'s classifier victim, or
+    any state dict of that architecture) with its last layer removed; the classifier victim's
+    normalisation (mean 0.5, std 0.25), no resize."""
+    import torchvision
+
+    state_dict = None
+    if weights is not None:
+        try:
+            with storage.open_file(weights, "rb") as f:
+                state_dict = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise ConfigError(f"config key 'surrogate.pretrained': checkpoint not found: {weights}") from None
+    n_classes = next((v.shape[0] for k, v in (state_dict or {}).items() if k.endswith(("fc.weight", "classifier.weight"))), 1000)
+    try:
+        model = torchvision.models.get_model(arch, weights=None, num_classes=n_classes)
+        if state_dict is not None:
+            model.load_state_dict(state_dict)
+    except (ValueError, KeyError, RuntimeError) as e:
+        raise ConfigError(f"config key 'surrogate.model': torchvision classifier '{arch}' with {weights}: "
+                          f"{str(e).splitlines()[0][:160]}") from None
+    if hasattr(model, "fc"):
+        model.fc = nn.Identity()
+    elif isinstance(getattr(model, "classifier", None), nn.Sequential):
+        model.classifier[-1] = nn.Identity()
+    else:
+        raise ConfigError(f"config key 'surrogate.model': cannot find the last layer of torchvision '{arch}' (fc or classifier)")
+    return model.to(device), surrogate.PixelSpec(size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+@torch.no_grad()
+def embed(net: FeatureNet, canvases_NHWC: np.ndarray, device) -> torch.Tensor:
+    """Features [N, E] of uint8 canvases, in fixed chunks."""
+    out = [net(torch.from_numpy(canvases_NHWC[s:s + CHUNK]).to(device).permute(0, 3, 1, 2).float())
+           for s in range(0, len(canvases_NHWC), CHUNK)]
+    return torch.cat(out) if out else torch.zeros(0, 0, device=device)
+
+
+def share(name: str, n: int, quota: int, seed: int, purpose: str) -> np.ndarray:
+    """A shard's seeded subset of ``quota`` rows (sorted): the same on any rank and any world size."""
+    rng = np.random.default_rng(seed_of(seed, "uc", purpose, name))
+    return np.sort(rng.permutation(n)[:quota])
+
+
+# --------------------------------------------------------------------------------------
+# The perturbations
+# --------------------------------------------------------------------------------------
+
+
+class ResnetGenerator(nn.Module):
+    """The authors' generator (pix2pix's ResNet generator): 7x7 conv, two stride-2 downs,
+    residual blocks, two transposed-conv ups, 7x7 conv, tanh; BatchNorm, ReLU."""
+
+    def __init__(self, width: int = 64, blocks: int = 6):
+        super().__init__()
+        w = width
+        layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(3, w, 7), nn.BatchNorm2d(w), nn.ReLU(True)]
+        for m in (1, 2):
+            layers += [nn.Conv2d(w * m, w * m * 2, 3, stride=2, padding=1), nn.BatchNorm2d(w * m * 2), nn.ReLU(True)]
+        layers += [ResBlock(w * 4) for _ in range(blocks)]
+        for m in (4, 2):
+            layers += [nn.ConvTranspose2d(w * m, w * m // 2, 3, stride=2, padding=1, output_padding=1),
+                       nn.BatchNorm2d(w * m // 2), nn.ReLU(True)]
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(w, 3, 7), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, w: int):
+        super().__init__()
+        self.body = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(w, w, 3), nn.BatchNorm2d(w), nn.ReLU(True),
+                                  nn.ReflectionPad2d(1), nn.Conv2d(w, w, 3), nn.BatchNorm2d(w))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class Perturbations(nn.Module):
+    """p perturbations on the canvas, float [p, C, H, W] in 1/255 units within +-epsilon:
+    generators from one fixed noise input each (clamped, as the authors'), or free tensors
+    (projected after every step)."""
+
+    def __init__(self, cfg: RunConfig, size: int):
+        super().__init__()
+        u, self.eps = cfg.uc, float(cfg.mem.epsilon)
+        torch.manual_seed(seed_of(cfg.seed, "uc", "perturbations"))
+        self.kind = u.perturbation
+        if self.kind == "generator":
+            # the canvas side rounded up to a multiple of 4 (two stride-2 downs), cropped after
+            self.side = -(-size // 4) * 4
+            self.register_buffer("z", torch.rand(u.clusters, 3, self.side, self.side))
+            self.generators = nn.ModuleList(ResnetGenerator(u.generator_width, u.generator_blocks) for _ in range(u.clusters))
+        else:
+            self.delta = nn.Parameter(torch.zeros(u.clusters, 3, size, size))
+        self.size = size
+
+    def forward(self) -> torch.Tensor:
+        if self.kind == "direct":
+            return self.delta
+        out = torch.cat([g(self.z[k:k + 1]) for k, g in enumerate(self.generators)])[..., : self.size, : self.size]
+        return (255 * out).clamp(-self.eps, self.eps)
+
+    @torch.no_grad()
+    def project(self) -> None:
+        if self.kind == "direct":
+            self.delta.clamp_(-self.eps, self.eps)
+
+    def as_int8(self) -> np.ndarray:
+        """The final perturbations as stored: int8 [p, H, W, C], |delta| <= epsilon (generators in
+        training mode, as they were optimised: BatchNorm on their one input's statistics)."""
+        with torch.no_grad():
+            d = self().round().clamp(-self.eps, self.eps)
+        return d.to(torch.int8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def pull_loss(net: FeatureNet, canvas_BCHW: torch.Tensor, delta_pCHW: torch.Tensor, clusters_B: torch.Tensor | None,
+              targets_pE: torch.Tensor) -> torch.Tensor:
+    """The summed KL(softmax(target) || softmax(features(clip(canvas + delta)))) of a batch: with
+    ``clusters_B`` None every image under every perturbation k against target k, else each
+    image under its own cluster's perturbation against that cluster's target."""
+    B, p = len(canvas_BCHW), len(delta_pCHW)
+    if clusters_B is None:
+        pix = (canvas_BCHW.unsqueeze(0) + delta_pCHW.unsqueeze(1)).clamp(0, 255).flatten(0, 1)  # [p*B, C, H, W]
+        target = targets_pE.repeat_interleave(B, 0)
+    else:
+        pix = (canvas_BCHW + delta_pCHW[clusters_B]).clamp(0, 255)
+        target = targets_pE[clusters_B]
+    logp = F.log_softmax(net(pix), dim=-1)
+    return F.kl_div(logp, F.softmax(target, dim=-1), reduction="sum")
+
+
+# --------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------
+
+
+def write_assignments(output: str, name: str, keys: list[str], clusters: np.ndarray, distances: np.ndarray,
+                      skipped: dict[str, int]) -> None:
+    table = pa.table({"key": pa.array(keys, pa.string()), "cluster": pa.array(clusters.astype(np.int32), pa.int32()),
+                      "distance": pa.array(distances.astype(np.float32), pa.float32())}, schema=ASSIGN_SCHEMA)
+    table = table.replace_schema_metadata({"mem_dist.skipped": json.dumps(skipped, sort_keys=True)})
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    storage.write_bytes_atomic(state.state_url(output, 1, name), buf.getvalue())
+
+
+def read_assignments(output: str, name: str) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
+    """(keys, clusters int [N], distances [N], skip counts) of a shard."""
+    with storage.open_file(state.state_url(output, 1, name), "rb") as f:
+        table = pq.read_table(f)
+    skipped = json.loads((table.schema.metadata or {}).get(b"mem_dist.skipped", b"{}"))
+    return (table.column("key").to_pylist(), table.column("cluster").to_numpy().astype(np.int64),
+            table.column("distance").to_numpy(), skipped)
+
+
+def shard_state(output: str, shard: Shard, perturbations_pHWC: np.ndarray) -> state.ShardState:
+    """A UC shard's state as merge and verify read MEM's, for the keys that were assigned:
+    delta = clip(canvas + the perturbation of its cluster, 0, 255) - canvas; no trigger."""
+    keys, clusters, distances, skipped = read_assignments(output, shard.name)
+    row = {k: i for i, k in enumerate(shard.keys)}
+    if any(k not in row for k in keys):
+        raise RuntimeError(f"the cluster assignment of shard {shard.name} names keys the source shard lacks; "
+                           f"was the source changed during the run?")
+    canvas = shard.canvases[[row[k] for k in keys]].astype(np.int16) if keys else np.zeros((0,) + shard.canvases.shape[1:], np.int16)
+    delta = (np.clip(canvas + perturbations_pHWC[clusters], 0, 255) - canvas).astype(np.int8)
+    n = len(keys)
+    return state.ShardState(keys, delta, np.zeros((n, 0), np.int64), [""] * n, distances.astype(np.float32),
+                            np.full(n, np.nan, np.float32), skipped)
+
+
+def read_perturbations(output: str) -> np.ndarray:
+    url = perturbations_url(output)
+    if not storage.exists(url):
+        raise ConfigError(f"no UC perturbations under {uc_dir(output)}; finish generate first")
+    return np.load(io.BytesIO(storage.read_bytes(url)))
+
+
+def generate(cfg: RunConfig, dist: distributed.Dist, log=print) -> dict:
+    """Run (or resume) UC; returns the final run record."""
+    old = rundir.check_resume(cfg, dist.world)
+    urls = check_shards(cfg.data)
+    dist.barrier()
+    if dist.is_main:
+        storage.write_json(storage.join(cfg.output, "run.json"),
+                           rundir.run_record(cfg, urls, dist.world, old, (old or {}).get("rounds_done", 0), (old or {}).get("skipped", {})))
+    dist.barrier()
+    if storage.exists(perturbations_url(cfg.output)):
+        record = storage.read_json(storage.join(cfg.output, "run.json"))
+        log(f"mem-dist: {cfg.output} already holds the UC perturbations; nothing to do")
+        return record
+    t0 = time.time()
+    net = FeatureNet(cfg, dist.device)
+    mine = owned(urls, dist.rank, dist.world)
+    cache = ShardCache(cfg.data, cfg.data.cache_shards)
+    centroids = fit_centroids(cfg, dist, net, urls, mine, cache, log)
+    t1 = time.time()
+    skipped = assign(cfg, dist, net, mine, cache, centroids)
+    t2 = time.time()
+    losses = optimise(cfg, dist, net, urls, mine, centroids, log)
+    t3 = time.time()
+    skips = dist.gather(skipped)
+    record = None
+    if dist.is_main:
+        total: dict[str, int] = {}
+        for rank_skips in skips:
+            for reason, c in rank_skips.items():
+                total[reason] = total.get(reason, 0) + c
+        m = {"round": 1, "loss": losses[-1] if losses else float("nan"), "epoch_losses": losses, "kmeans_s": round(t1 - t0, 3),
+             "assign_s": round(t2 - t1, 3), "optimise_s": round(t3 - t2, 3), "skipped": total, "start": t0, "end": time.time()}
+        storage.write_bytes_atomic(storage.join(cfg.output, "metrics.jsonl"), (json.dumps(m) + "\n").encode())
+        record = rundir.run_record(cfg, urls, dist.world, storage.read_json(storage.join(cfg.output, "run.json")), 1, total)
+        storage.write_json(storage.join(cfg.output, "run.json"), record)
+        log(f"mem-dist: uc: {cfg.uc.clusters} clusters, {cfg.uc.epochs} epochs, loss {m['loss']:.4g} | k-means {m['kmeans_s']:.1f}s, "
+            f"assignment {m['assign_s']:.1f}s, perturbations {m['optimise_s']:.1f}s | skipped {total or 0}")
+    dist.barrier()
+    return record or storage.read_json(storage.join(cfg.output, "run.json"))
+
+
+def quota(total: int, n_shards: int) -> int:
+    return max(1, -(-total // n_shards))
+
+
+def fit_centroids(cfg: RunConfig, dist, net: FeatureNet, urls, mine, cache: ShardCache, log) -> torch.Tensor:
+    """The k-means centroids [p, E]: from state/uc/centroids.npy if a run got that far, else fitted
+    (rank 0) on every rank's seeded share of its shards, in shard order."""
+    url = storage.join(uc_dir(cfg.output), "centroids.npy")
+    if not storage.exists(url):
+        q = quota(cfg.uc.kmeans_samples, len(urls))
+        mine_feats = []
+        for u in mine:
+            shard = cache.get(u)
+            rows = share(shard.name, len(shard), q, cfg.seed, "kmeans")
+            mine_feats.append((urls.index(u), embed(net, shard.canvases[rows], dist.device).cpu().numpy()))
+        gathered = sorted((item for rank in dist.gather(mine_feats) for item in rank), key=lambda t: t[0])
+        if dist.is_main:
+            x = np.concatenate([f for _, f in gathered if len(f)]).astype(np.float64)
+            if len(x) < cfg.uc.clusters:
+                raise ConfigError(f"config key 'uc.clusters': {cfg.uc.clusters} clusters from {len(x)} images")
+            from sklearn.cluster import KMeans
+
+            km = KMeans(n_clusters=cfg.uc.clusters, n_init=4, random_state=seed_of(cfg.seed, "uc", "kmeans") % 2**31).fit(x)
+            buf = io.BytesIO()
+            np.save(buf, km.cluster_centers_.astype(np.float32))
+            storage.write_bytes_atomic(url, buf.getvalue())
+            sizes = np.bincount(km.labels_, minlength=cfg.uc.clusters)
+            log(f"mem-dist: uc: k-means on {len(x)} images ({q} per shard): cluster sizes {sizes.tolist()}")
+        dist.barrier()
+    return torch.from_numpy(np.load(io.BytesIO(storage.read_bytes(url)))).to(dist.device)
+
+
+def assign(cfg: RunConfig, dist, net: FeatureNet, mine, cache: ShardCache, centroids: torch.Tensor) -> dict[str, int]:
+    """Every image of this rank's shards to its nearest centroid (shards already assigned are
+    skipped); returns this rank's skip counts."""
+    done = state.completed(cfg.output, 1)
+    skipped: dict[str, int] = {}
+    for u in mine:
+        name = shard_name(u)
+        if name in done:
+            _, _, _, skips = read_assignments(cfg.output, name)
+        else:
+            shard = cache.get(u)
+            feats = embed(net, shard.canvases, dist.device)
+            if len(feats):
+                dist_NP = torch.cdist(feats.double(), centroids.double())
+                d, c = dist_NP.min(1)
+                clusters, distances = c.cpu().numpy(), d.float().cpu().numpy()
+            else:
+                clusters, distances = np.zeros(0, np.int64), np.zeros(0, np.float32)
+            skips = dict(shard.skipped)
+            write_assignments(cfg.output, name, shard.keys, clusters, distances, skips)
+        for reason, c in skips.items():
+            skipped[reason] = skipped.get(reason, 0) + c
+    dist.barrier()
+    return skipped
+
+
+def exact_sum(q: torch.Tensor, dist) -> torch.Tensor:
+    """The sum over ranks of int64 fixed-point parts (multiples of 2^-40), as float64: the same
+    bits whatever the number of ranks or the order of the parts."""
+    if dist.world > 1:
+        torch.distributed.all_reduce(q)
+    return q.double() / FIXED_POINT
+
+
+def optimise(cfg: RunConfig, dist, net: FeatureNet, urls, mine, centroids: torch.Tensor, log) -> list[float]:
+    """Adam on the p perturbations; writes state/uc/perturbations.npy (rank 0) and returns the
+    mean loss per epoch."""
+    u, dev = cfg.uc, dist.device
+    q = quota(u.train_samples, len(urls))
+    data = []  # (canvases uint8 [n, H, W, C], clusters [n]) of this rank's shards' training shares, in shard order
+    for url in mine:
+        shard = generation_view(load_shard(url, cfg.data), cfg.data)
+        rows = share(shard.name, len(shard), q, cfg.seed, "train")
+        _, clusters, _, _ = read_assignments(cfg.output, shard.name)
+        data.append((shard.name, shard.canvases[rows], clusters[rows]))
+    per_shard = max(1, u.batch_size // len(urls))
+    longest = max([len(c) for _, c, _ in data], default=0)
+    steps = max(1, -(-int(max(dist.gather(longest))) // per_shard))
+    targets = centroids.roll(-1, dims=0)  # cluster k is pulled toward centroid k + 1
+    pert = Perturbations(cfg, cfg.data.image_size).to(dev)
+    opt = torch.optim.Adam(pert.parameters(), lr=u.lr, weight_decay=u.weight_decay)
+    total_steps = u.epochs * steps
+    first = resume_epoch(cfg, pert, opt)
+    losses = []
+    for epoch in range(first, u.epochs + 1):
+        loss_sum, count = 0.0, 0.0
+        orders = [np.random.default_rng(seed_of(cfg.seed, "uc", "order", epoch, name)).permutation(len(c)) for name, c, _ in data]
+        for step in range(steps):
+            lr = 0.5 * (1 + np.cos(np.pi * ((epoch - 1) * steps + step) / total_steps)) * u.lr
+            for g in opt.param_groups:
+                g["lr"] = lr
+            delta = pert()
+            leaf = delta.detach().requires_grad_(True)
+            grad = torch.zeros_like(leaf, dtype=torch.int64)  # fixed point: each part rounded alone, summed exactly
+            n_here, loss_here = 0, 0.0
+            for (name, canvases, clusters), order in zip(data, orders):
+                rows = order[step * per_shard:(step + 1) * per_shard]
+                if not len(rows):
+                    continue
+                canvas = torch.from_numpy(canvases[rows]).to(dev).permute(0, 3, 1, 2).float()
+                own = torch.from_numpy(clusters[rows]).to(dev) if u.train_on == "cluster" else None
+                loss = pull_loss(net, canvas, leaf, own, targets)
+                (g,) = torch.autograd.grad(loss, leaf)
+                grad += (g.double() * FIXED_POINT).round().long()
+                n_here += len(rows) * (1 if own is not None else len(delta))
+                loss_here += float(loss.detach())
+            grad = exact_sum(grad, dist)
+            n, loss_total = dist.sum([float(n_here), loss_here])
+            opt.zero_grad(set_to_none=True)
+            delta.backward((grad / max(n, 1)).to(delta.dtype))
+            opt.step()
+            pert.project()
+            loss_sum, count = loss_sum + loss_total, count + n
+        losses.append(loss_sum / max(count, 1))
+        if dist.is_main:
+            log(f"mem-dist: uc: epoch {epoch}/{u.epochs}: mean KL to the next centroid {losses[-1]:.4g}")
+            rundir.save_checkpoint(cfg.output, epoch, {"perturbations": pert.state_dict(), "optimizer": opt.state_dict()},
+                                   cfg.state.checkpoint_keep, prefix="uc-epoch")
+        dist.barrier()
+    final = pert.as_int8()
+    if dist.is_main:
+        buf = io.BytesIO()
+        np.save(buf, final)
+        storage.write_bytes_atomic(perturbations_url(cfg.output), buf.getvalue())  # last: the run is complete
+    dist.barrier()
+    return losses
+
+
+def resume_epoch(cfg: RunConfig, pert: Perturbations, opt) -> int:
+    """The first epoch to run: after the newest checkpoint, whose weights are loaded."""
+    last = rundir.latest_checkpoint(cfg.output, prefix="uc-epoch")
+    if last:
+        ck = rundir.load_checkpoint(cfg.output, last, prefix="uc-epoch")
+        pert.load_state_dict(ck["perturbations"])
+        opt.load_state_dict(ck["optimizer"])
+    return last + 1
