@@ -399,7 +399,7 @@ def optimise(cfg: RunConfig, dist, net: FeatureNet, urls, mine, centroids: torch
         loss_sum, count = 0.0, 0.0
         orders = [np.random.default_rng(seed_of(cfg.seed, "uc", "order", epoch, name)).permutation(len(c)) for name, c, _ in data]
         for step in range(steps):
-            lr = 0.5 * (1 + np.cos(np.pi * ((epoch - 1) * steps + step) / total_steps)) * u.lr
+            lr = float(0.5 * (1 + np.cos(np.pi * ((epoch - 1) * steps + step) / total_steps)) * u.lr)
             for g in opt.param_groups:
                 g["lr"] = lr
             delta = pert()

@@ -1,0 +1,126 @@
+"""Unlearnable Clusters (mem.method uc) at small size: clusters, bounded perturbations, the
+published pixels, the same bytes from one process and from two, resume, a torchvision surrogate."""
+
+import io
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from mem_dist import merge, state, uc, verify
+from mem_dist.config import ConfigError, RunConfig, load_config
+from mem_dist.data import load_shard
+from mem_dist.generate import main as generate
+from tests.conftest import ROOT, TINY_RN, tiny_overrides
+from tests.test_distributed import free_port
+
+SHARDS = "{00000..00002}.tar"
+
+
+def uc_overrides(shards: str, output: str, **extra) -> list[str]:
+    base = {"mem.method": "uc", "uc.clusters": 3, "uc.epochs": 2, "uc.generator_width": 8, "uc.generator_blocks": 1,
+            "uc.batch_size": 24, "uc.kmeans_samples": 90, "uc.train_samples": 60}
+    base.update(extra)
+    return tiny_overrides(shards, output, **base)
+
+
+@pytest.fixture(scope="module")
+def run(demo_dir, tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("uc") / "run")
+    assert generate(uc_overrides(f"{demo_dir}/train/{SHARDS}", out)) == 0
+    assert merge.main([out]) == 0
+    return out
+
+
+def test_clusters_and_perturbations(run, demo_dir):
+    cfg = load_config(RunConfig, None, uc_overrides(f"{demo_dir}/train/{SHARDS}", run))
+    assert cfg.mem.epsilon == 16  # UC's default
+    pert = uc.read_perturbations(run)
+    assert pert.shape == (3, 32, 32, 3) and pert.dtype == np.int8 and np.abs(pert.astype(int)).max() <= 16
+    assert np.abs(pert.astype(int)).max() > 0
+    seen = set()
+    for name in ("00000", "00001", "00002"):
+        keys, clusters, distances, _ = uc.read_assignments(run, name)
+        src = load_shard(f"{demo_dir}/train/{name}.tar", cfg.data)
+        assert keys == src.keys and ((clusters >= 0) & (clusters < 3)).all() and (distances >= 0).all()
+        seen |= set(clusters.tolist())
+        published = {s["__key__"]: s for s in wds.WebDataset(f"{run}/protected/{name}.tar", shardshuffle=False)}
+        for i, key in enumerate(keys):  # the published image is the canvas plus its cluster's perturbation, clipped
+            pixels = np.asarray(Image.open(io.BytesIO(published[key]["png"])))
+            assert np.array_equal(pixels, np.clip(src.canvases[i].astype(int) + pert[clusters[i]], 0, 255))
+            assert published[key]["txt"].decode() == src.captions[i]  # no trigger
+    assert seen == {0, 1, 2}
+    assert verify.verify(run)["mismatches"] == 0
+
+
+def launch(args: list[str], processes: int) -> None:
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    if processes == 1:
+        cmd = [sys.executable, os.path.join(ROOT, "mem_dist", "generate.py"), *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(free_port()), os.path.join(ROOT, "mem_dist", "generate.py"), *args]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+
+
+def state_bytes(output: str) -> dict[str, bytes]:
+    files = {f"round-001/{n}": open(f"{output}/state/round-001/{n}", "rb").read() for n in sorted(os.listdir(f"{output}/state/round-001"))}
+    files.update({f"uc/{n}": open(f"{output}/state/uc/{n}", "rb").read() for n in ("centroids.npy", "perturbations.npy")})
+    return files
+
+
+def test_two_ranks_give_the_same_clusters_and_bytes_as_one(demo_dir, tmp_path):
+    """Shards split over two processes (shard i on rank i % 2), gradients summed in fixed point:
+    the same centroids, assignments and perturbations as one process, byte for byte."""
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    direct = {"uc.perturbation": "direct", "uc.lr": 40}  # the random tiny surrogate barely separates its clusters
+    launch(uc_overrides(f"{demo_dir}/train/{SHARDS}", one, **direct), 1)
+    launch(uc_overrides(f"{demo_dir}/train/{SHARDS}", two, **direct), 2)
+    a, b = state_bytes(one), state_bytes(two)
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]]
+    assert np.abs(np.load(io.BytesIO(a["uc/perturbations.npy"])).astype(int)).max() > 0
+
+
+def test_an_interrupted_run_resumes_to_the_same_bytes(run, demo_dir, tmp_path):
+    """Killed after epoch 1 (its checkpoint written, nothing after): the same command finishes
+    with exactly the perturbations of the uninterrupted run."""
+    copy = str(tmp_path / "run")
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("protected", "manifest"))
+    os.remove(f"{copy}/state/uc/perturbations.npy")
+    os.remove(f"{copy}/checkpoints/uc-epoch-002.pt")
+    assert generate(uc_overrides(f"{demo_dir}/train/{SHARDS}", copy)) == 0
+    assert open(f"{copy}/state/uc/perturbations.npy", "rb").read() == open(f"{run}/state/uc/perturbations.npy", "rb").read()
+    assert generate(uc_overrides(f"{demo_dir}/train/{SHARDS}", copy, **{"uc.clusters": 4})) == 2  # another config: refused
+
+
+def test_a_torchvision_classifier_is_the_uc_surrogate(demo_dir, tmp_path, capsys):
+    import torchvision
+
+    ckpt = str(tmp_path / "resnet18.pt")
+    torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), ckpt)
+    out = str(tmp_path / "tv")
+    args = uc_overrides(f"{demo_dir}/train/00000.tar", out, **{"surrogate.model": "torchvision:resnet18",
+                                                                "surrogate.pretrained": ckpt, "uc.train_on": "cluster"})
+    assert generate(args) == 0
+    assert uc.read_perturbations(out).shape == (3, 32, 32, 3)
+    bad = uc_overrides(f"{demo_dir}/train/00000.tar", str(tmp_path / "bad"), **{"surrogate.model": "torchvision:resnet18",
+                                                                              "surrogate.pretrained": str(tmp_path / "nope.pt")})
+    assert generate(bad) == 2 and "surrogate.pretrained" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="uc.clusters"):
+        load_config(RunConfig, None, uc_overrides(f"{demo_dir}/train/00000.tar", out, **{"uc.clusters": 1}))
+
+
+def test_merge_waits_for_the_perturbations(run, tmp_path, capsys):
+    copy = str(tmp_path / "run")
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("protected", "manifest"))
+    os.remove(f"{copy}/state/uc/perturbations.npy")
+    assert merge.main([copy]) == 2 and "finish generate first" in capsys.readouterr().err
+    assert state.completed(copy, 1) == {"00000", "00001", "00002"}
