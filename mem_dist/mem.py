@@ -18,11 +18,10 @@ import itertools
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from mem_dist import distributed, state, storage, text
+from mem_dist import distributed, state, text
 from mem_dist.config import RunConfig, seed_of
 from mem_dist.data import Shard, ShardCache, check_shards, owned
 from mem_dist.ensemble import Ensemble
@@ -77,26 +76,6 @@ def tokens(run: Run, bodies: list[list[int]], trigger_Nk: torch.Tensor) -> torch
     captions repeated r times, as HotFlip scores r candidates at once)."""
     reps = len(trigger_Nk) // max(1, len(bodies))
     return text.assemble_tokens(bodies * reps, trigger_Nk.cpu(), run.ensemble.tokenizer).to(run.dist.device)
-
-
-# --------------------------------------------------------------------------------------
-# The state a round starts from
-# --------------------------------------------------------------------------------------
-
-
-def start_state(run: Run, shard: Shard, round_: int) -> tuple[np.ndarray, np.ndarray]:
-    """(delta int8 [N,H,W,C], trigger int64 [N,k]) of a shard before ``round_``: the
-    previous round's state, or zero delta and seeded random triggers before round 1."""
-    cfg = run.cfg
-    if round_ == 1 or len(shard) == 0:
-        delta = np.zeros_like(shard.canvases, dtype=np.int8)
-        trig = text.initial_triggers(shard.keys, run.vocab.cpu().numpy(), cfg.mem.trigger_len, cfg.seed)
-        return delta, trig
-    prev = state.read_state(state.state_url(cfg.output, round_ - 1, shard.name))
-    if prev.keys != shard.keys:
-        raise RuntimeError(f"state of round {round_ - 1} for shard {shard.name} does not match the source shard's keys; "
-                           f"was the source changed during the run?")
-    return prev.delta, prev.trigger_ids
 
 
 # --------------------------------------------------------------------------------------

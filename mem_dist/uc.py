@@ -40,11 +40,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mem_dist import distributed, rundir, state, storage, surrogate
 from mem_dist.config import ConfigError, RunConfig, seed_of
+from mem_dist.perturbations import Perturbations, pull_loss
 from mem_dist.data import Shard, ShardCache, check_shards, generation_view, load_shard, owned, shard_name
 
 ASSIGN_SCHEMA = pa.schema([("key", pa.string()), ("cluster", pa.int32()), ("distance", pa.float32())])
@@ -130,96 +130,6 @@ def share(name: str, n: int, quota: int, seed: int, purpose: str) -> np.ndarray:
     """A shard's seeded subset of ``quota`` rows (sorted): the same on any rank and any world size."""
     rng = np.random.default_rng(seed_of(seed, "uc", purpose, name))
     return np.sort(rng.permutation(n)[:quota])
-
-
-# --------------------------------------------------------------------------------------
-# The perturbations
-# --------------------------------------------------------------------------------------
-
-
-class ResnetGenerator(nn.Module):
-    """The authors' generator (pix2pix's ResNet generator): 7x7 conv, two stride-2 downs,
-    residual blocks, two transposed-conv ups, 7x7 conv, tanh; BatchNorm, ReLU."""
-
-    def __init__(self, width: int = 64, blocks: int = 6):
-        super().__init__()
-        w = width
-        layers: list[nn.Module] = [nn.ReflectionPad2d(3), nn.Conv2d(3, w, 7), nn.BatchNorm2d(w), nn.ReLU(True)]
-        for m in (1, 2):
-            layers += [nn.Conv2d(w * m, w * m * 2, 3, stride=2, padding=1), nn.BatchNorm2d(w * m * 2), nn.ReLU(True)]
-        layers += [ResBlock(w * 4) for _ in range(blocks)]
-        for m in (4, 2):
-            layers += [nn.ConvTranspose2d(w * m, w * m // 2, 3, stride=2, padding=1, output_padding=1),
-                       nn.BatchNorm2d(w * m // 2), nn.ReLU(True)]
-        layers += [nn.ReflectionPad2d(3), nn.Conv2d(w, 3, 7), nn.Tanh()]
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return self.net(z)
-
-
-class ResBlock(nn.Module):
-    def __init__(self, w: int):
-        super().__init__()
-        self.body = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(w, w, 3), nn.BatchNorm2d(w), nn.ReLU(True),
-                                  nn.ReflectionPad2d(1), nn.Conv2d(w, w, 3), nn.BatchNorm2d(w))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(x)
-
-
-class Perturbations(nn.Module):
-    """p perturbations on the canvas, float [p, C, H, W] in 1/255 units within +-epsilon:
-    generators from one fixed noise input each (clamped, as the authors'), or free tensors
-    (projected after every step)."""
-
-    def __init__(self, cfg: RunConfig, size: int):
-        super().__init__()
-        u, self.eps = cfg.uc, float(cfg.mem.epsilon)
-        torch.manual_seed(seed_of(cfg.seed, "uc", "perturbations"))
-        self.kind = u.perturbation
-        if self.kind == "generator":
-            # the canvas side rounded up to a multiple of 4 (two stride-2 downs), cropped after
-            self.side = -(-size // 4) * 4
-            self.register_buffer("z", torch.rand(u.clusters, 3, self.side, self.side))
-            self.generators = nn.ModuleList(ResnetGenerator(u.generator_width, u.generator_blocks) for _ in range(u.clusters))
-        else:
-            self.delta = nn.Parameter(torch.zeros(u.clusters, 3, size, size))
-        self.size = size
-
-    def forward(self) -> torch.Tensor:
-        if self.kind == "direct":
-            return self.delta
-        out = torch.cat([g(self.z[k:k + 1]) for k, g in enumerate(self.generators)])[..., : self.size, : self.size]
-        return (255 * out).clamp(-self.eps, self.eps)
-
-    @torch.no_grad()
-    def project(self) -> None:
-        if self.kind == "direct":
-            self.delta.clamp_(-self.eps, self.eps)
-
-    def as_int8(self) -> np.ndarray:
-        """The final perturbations as stored: int8 [p, H, W, C], |delta| <= epsilon (generators in
-        training mode, as they were optimised: BatchNorm on their one input's statistics)."""
-        with torch.no_grad():
-            d = self().round().clamp(-self.eps, self.eps)
-        return d.to(torch.int8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def pull_loss(net: FeatureNet, canvas_BCHW: torch.Tensor, delta_pCHW: torch.Tensor, clusters_B: torch.Tensor | None,
-              targets_pE: torch.Tensor) -> torch.Tensor:
-    """The summed KL(softmax(target) || softmax(features(clip(canvas + delta)))) of a batch: with
-    ``clusters_B`` None every image under every perturbation k against target k, else each
-    image under its own cluster's perturbation against that cluster's target."""
-    B, p = len(canvas_BCHW), len(delta_pCHW)
-    if clusters_B is None:
-        pix = (canvas_BCHW.unsqueeze(0) + delta_pCHW.unsqueeze(1)).clamp(0, 255).flatten(0, 1)  # [p*B, C, H, W]
-        target = targets_pE.repeat_interleave(B, 0)
-    else:
-        pix = (canvas_BCHW + delta_pCHW[clusters_B]).clamp(0, 255)
-        target = targets_pE[clusters_B]
-    logp = F.log_softmax(net(pix), dim=-1)
-    return F.kl_div(logp, F.softmax(target, dim=-1), reduction="sum")
 
 
 # --------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ import os
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 import webdataset as wds
 from PIL import Image
 

@@ -17,7 +17,7 @@ from mem_dist import merge, state, uc, verify
 from mem_dist.config import ConfigError, RunConfig, load_config
 from mem_dist.data import load_shard
 from mem_dist.generate import main as generate
-from tests.conftest import ROOT, TINY_RN, tiny_overrides
+from tests.conftest import ROOT, tiny_overrides
 from tests.test_distributed import free_port
 
 SHARDS = "{00000..00002}.tar"

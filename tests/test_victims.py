@@ -1,7 +1,6 @@
 """Victims on real photos (Fashion-MNIST, Debian's package): zero-shot top-1 for CLIP victims,
 the classifier victim (json and k-means labels), the squeezing defences."""
 
-import json
 import os
 
 import numpy as np
