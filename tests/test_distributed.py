@@ -53,11 +53,17 @@ def s3(demo_dir):
             os.environ[k] = v
 
 
-def launch(overrides: list[str], env: dict, processes: int = 2) -> subprocess.Popen:
-    """``accelerate launch`` with N CPU processes, the way launch/cpu-multiprocess.sh does it."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(free_port()), os.path.join(ROOT, "mem_dist", "generate.py"), *overrides]
+def launch(overrides: list[str], env: dict, processes: int = 2, machines: tuple[int, int] | None = None,
+           port: int | None = None) -> subprocess.Popen:
+    """``accelerate launch`` with N CPU processes, the way launch/cpu-multiprocess.sh does it;
+    ``machines`` = (machine rank, machines): one node of a multi-node launch (rendezvous on
+    127.0.0.1:``port``), as launch/slurm-multinode.sbatch starts one per node."""
+    nodes = ["--num_machines", "1"] if machines is None else [
+        "--num_machines", str(machines[1]), "--machine_rank", str(machines[0]), "--main_process_ip", "127.0.0.1",
+        "--same_network"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), *nodes,
+           "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(port or free_port()), os.path.join(ROOT, "mem_dist", "generate.py"), *overrides]
     full_env = dict(os.environ, **env, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -142,6 +148,19 @@ def test_sigkill_and_resume_is_byte_identical(s3, reference, kill_when):
     log = finish(launch(args, env))
     assert "resuming" in log
     assert final_state(fs, prefix, 2) == reference[1]
+
+
+def test_two_machines_give_the_state_of_one_machine_with_two_processes(s3, reference):
+    """Multi-node without a cluster: two accelerate launches with --num_machines 2 and
+    --machine_rank 0 | 1 on 127.0.0.1, one CPU process each, end with exactly the state of
+    the two-process single-machine run."""
+    fs, env = s3
+    args, port = tiny_overrides(SHARDS, "s3://out/two-nodes", **ARGS), free_port()
+    nodes = [launch(args, env, processes=2, machines=(rank, 2), port=port) for rank in (0, 1)]
+    logs = [finish(node) for node in nodes]
+    assert "round 2/2" in logs[0]  # rank 0 (machine 0) reports the rounds
+    assert final_state(fs, "out/two-nodes", 2) == reference[1]
+    assert __import__("json").loads(fs.cat_file("out/two-nodes/run.json"))["world_size"] == 2
 
 
 def test_two_processes_keep_every_ensemble_member_in_step(s3):
