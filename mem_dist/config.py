@@ -234,7 +234,7 @@ class RunConfig:
     """Seeds the surrogate's init, the trigger init and every per-shard random stream."""
     output: str = "runs/demo"
     """Run folder: any fsspec URL (local path, file://, s3://bucket/prefix)."""
-    data: DataConfig = field(default_factory=lambda: DataConfig(shards="data/demo/train/{00000..00007}.tar"))
+    data: DataConfig = field(default_factory=DataConfig)  # data.shards is required: no default
     surrogate: SurrogateConfig = field(default_factory=SurrogateConfig)
     mem: MemConfig = field(default_factory=MemConfig)
     uc: UCConfig = field(default_factory=UCConfig)

@@ -7,6 +7,7 @@ h/w model input side, C = 3 channels. Pixel tensors are float in [0, 255] units.
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -21,6 +22,17 @@ from mem_dist import storage
 from mem_dist.config import ConfigError
 
 LOGIT_SCALE_MAX = math.log(100.0)
+
+
+class _QuietRandomInit(logging.Filter):
+    """open_clip warns "No pretrained weights loaded" at every random init; mem-dist means it
+    (nothing is ever downloaded), so the line is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+logging.getLogger().addFilter(_QuietRandomInit())
 
 
 @dataclass(frozen=True)

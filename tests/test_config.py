@@ -56,7 +56,7 @@ def test_a_key_given_twice_in_a_row_is_refused(demo_dir, tmp_path, capsys):
     assert err == ("mem-dist: error: config key 'data.shards' is given twice in a row on the command line "
                    "(if the value holds {a..b}, quote it so the shell does not expand it)")
     assert not os.path.exists(tmp_path / "run")
-    assert load_config(RunConfig, None, ["mem.rounds=2", "mem.lr=1e-5", "mem.rounds=3"]).mem.rounds == 3
+    assert load_config(RunConfig, None, ["data.shards=x.tar", "mem.rounds=2", "mem.lr=1e-5", "mem.rounds=3"]).mem.rounds == 3
 
 
 def test_missing_shard_and_file(tmp_path, capsys):

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The fine-tuning threat on demo data, about 7 minutes on 2 CPU cores after demo.sh (which it
+# The fine-tuning threat on demo data, about 7 minutes on 2 CPU cores after demos/demo.sh (which it
 # needs: data/demo, runs/demo-random3, runs/demo-prefix3, runs/demo-mem3):
 # a "public checkpoint" (a tiny CLIP trained on other, colour-free scenes) -> MEM-3 with the
 # surrogate started from it -> victims fine-tuned from it -> retrieval on clean val data.
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."
 export PYTHONWARNINGS=ignore
 echo "== the public checkpoint: a victim trained on other scenes, weights saved"
 mem-dist demo-data data/public --train 2000 --val 500 --size 32 --per-shard 500 --no-colours --seed 7

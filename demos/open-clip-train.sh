@@ -2,10 +2,10 @@
 # Another training pipeline as the victim: open_clip's own trainer (open_clip_train.main)
 # fine-tunes the public checkpoint on clean and protected shards, and `mem-dist evaluate`
 # scores the checkpoints it writes (conditions.NAME.checkpoint), training nothing itself.
-# About 3 minutes on 2 CPU cores after demo-finetune.sh (which it needs: data/demo,
+# About 3 minutes on 2 CPU cores after demos/finetune.sh (which it needs: data/demo,
 # runs/public, runs/demo-random3, runs/demo-prefix3, runs/demo-ft-mem3).
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."
 export PYTHONWARNINGS=ignore
 # open_clip_train takes registered model names (RN50, ViT-B-32, ...); the demo's model is a
 # config JSON, so it is registered first (with a registered name: python -m open_clip_train.main).

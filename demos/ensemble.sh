@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Several public checkpoints, one ensemble (surrogate.ensemble), about 12 minutes on 2 CPU cores
-# after demo-finetune.sh (which it needs: data/demo, runs/public, runs/demo-prefix3, runs/demo-ft-mem3).
+# after demos/finetune.sh (which it needs: data/demo, runs/public, runs/demo-prefix3, runs/demo-ft-mem3).
 # Protection against fine-tuning holds for the checkpoints the surrogates start from: this
 # trains two more "public checkpoints" (B, C: the same tiny RN from other inits, on other
 # colour-free scenes), protects the demo data with an ensemble started from A (runs/public) and B,
 # and fine-tunes victims from A, B and C. C is in no surrogate: the control.
 set -euo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."
 export PYTHONWARNINGS=ignore
 for seed in 8 10; do
   echo "== public checkpoint from seed $seed"
