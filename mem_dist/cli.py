@@ -3,12 +3,15 @@
     mem-dist demo-data OUT --train N --val N     LAION-style demo shards (img2dataset layout)
     mem-dist import fashion-mnist OUT            labelled photos as shards: Fashion-MNIST (Debian's
     mem-dist import folder DIR OUT                 dataset-fashion-mnist) or an ImageFolder tree
-    mem-dist generate --config C [k=v ...]       MEM state (one process; use accelerate launch for more)
+    mem-dist generate --config C [k=v ...]       MEM / UC state (one process; use accelerate launch for more)
     mem-dist merge OUTPUT [merge.k=v ...]        protected shards (public) + manifest (private)
     mem-dist verify OUTPUT                       re-check every protected sample
-    mem-dist evaluate --config E [k=v ...]       train victims, report retrieval on clean data
+    mem-dist evaluate --config E [k=v ...]       train victims (CLIP or classifier), score them on clean data
     mem-dist bench merge --config C              merge throughput vs a bare loop
-    mem-dist bench generate --config C           generation cost per phase, peak memory, run estimate
+    mem-dist bench generate --config C           generation cost per phase, FLOP/s, memory, run estimates
+    mem-dist bench scale                         a round's cost against the number of shards (moto S3)
+
+Details: docs/reference.md.
 """
 
 from __future__ import annotations
