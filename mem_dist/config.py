@@ -161,9 +161,10 @@ class UCConfig:
     train_samples: int = 20_000
     """Images the perturbations are optimised on (a seeded subset, the same share of every
     shard, held in memory across the ranks)."""
-    perturbation: Literal["generator", "direct"] = "generator"
+    perturbation: Literal["generator", "direct", "random"] = "generator"
     """generator: the authors' per-cluster ResNet generator from one fixed noise input, its
-    output clamped to epsilon; direct: the p perturbations themselves, projected to epsilon."""
+    output clamped to epsilon; direct: the p perturbations themselves, projected to epsilon;
+    random: the control, seeded uniform noise per cluster, nothing optimised."""
     train_on: Literal["all", "cluster"] = "all"
     """all: every image is pushed by every cluster's perturbation toward that cluster's
     target (the authors' code: universal perturbations); cluster: each image only by its

@@ -51,8 +51,8 @@ class ResBlock(nn.Module):
 
 class Perturbations(nn.Module):
     """p perturbations on the canvas, float [p, C, H, W] in 1/255 units within +-epsilon:
-    generators from one fixed noise input each (clamped, as the authors'), or free tensors
-    (projected after every step)."""
+    generators from one fixed noise input each (clamped, as the authors'), free tensors
+    (projected after every step), or random ones (the control: nothing optimised)."""
 
     def __init__(self, cfg: RunConfig, size: int):
         super().__init__()
@@ -64,12 +64,15 @@ class Perturbations(nn.Module):
             self.side = -(-size // 4) * 4
             self.register_buffer("z", torch.rand(u.clusters, 3, self.side, self.side))
             self.generators = nn.ModuleList(ResnetGenerator(u.generator_width, u.generator_blocks) for _ in range(u.clusters))
-        else:
+        elif self.kind == "direct":
             self.delta = nn.Parameter(torch.zeros(u.clusters, 3, size, size))
+        else:  # random: the control, uniform integers in [-eps, eps] per cluster, nothing optimised
+            noise = torch.randint(-int(self.eps), int(self.eps) + 1, (u.clusters, 3, size, size)).float()
+            self.delta = nn.Parameter(noise, requires_grad=False)
         self.size = size
 
     def forward(self) -> torch.Tensor:
-        if self.kind == "direct":
+        if self.kind != "generator":
             return self.delta
         out = torch.cat([g(self.z[k:k + 1]) for k, g in enumerate(self.generators)])[..., : self.size, : self.size]
         return (255 * out).clamp(-self.eps, self.eps)

@@ -289,6 +289,9 @@ def optimise(cfg: RunConfig, dist, net: FeatureNet, urls, mine, centroids: torch
     """Adam on the p perturbations; writes state/uc/perturbations.npy (rank 0) and returns the
     mean loss per epoch."""
     u, dev = cfg.uc, dist.device
+    if u.perturbation == "random":  # the control: nothing to optimise
+        write_perturbations(cfg, dist, Perturbations(cfg, cfg.data.image_size))
+        return []
     q = quota(u.train_samples, len(urls))
     data = []  # (canvases uint8 [n, H, W, C], clusters [n]) of this rank's shards' training shares, in shard order
     for url in mine:
@@ -340,13 +343,18 @@ def optimise(cfg: RunConfig, dist, net: FeatureNet, urls, mine, centroids: torch
             rundir.save_checkpoint(cfg.output, epoch, {"perturbations": pert.state_dict(), "optimizer": opt.state_dict()},
                                    cfg.state.checkpoint_keep, prefix="uc-epoch")
         dist.barrier()
+    write_perturbations(cfg, dist, pert)
+    return losses
+
+
+def write_perturbations(cfg: RunConfig, dist, pert: Perturbations) -> None:
+    """state/uc/perturbations.npy (rank 0), written last: the run is complete."""
     final = pert.as_int8()
     if dist.is_main:
         buf = io.BytesIO()
         np.save(buf, final)
-        storage.write_bytes_atomic(perturbations_url(cfg.output), buf.getvalue())  # last: the run is complete
+        storage.write_bytes_atomic(perturbations_url(cfg.output), buf.getvalue())
     dist.barrier()
-    return losses
 
 
 def resume_epoch(cfg: RunConfig, pert: Perturbations, opt) -> int:

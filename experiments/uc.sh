@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Unlearnable Clusters on real photos: the rows of docs/efficacy.md's UC tables. Fashion-MNIST
+# (after experiments/fashion_mnist.sh data public generate: data/fmnist, the stand-in public CLIP
+# checkpoint runs/fm-public, the MEM shards for the side-by-side rows), 4,000 train / 1,000 val at 32 px.
+#   bash experiments/uc.sh [STEP ...]     steps: surrogates generate classifier families labels defences clip
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONWARNINGS=ignore
+D=data/fmnist
+R=runs/fm
+SHARDS="$D/train/{00000..00007}.tar"
+P="{00000..00007}.tar"
+STEPS=${*:-surrogates generate classifier families labels defences clip}
+gen() {  # name overrides...  (UC on the train split; configs/uc-demo.yaml's settings)
+  local name=$1; shift
+  [ -f "$R-$name/manifest/00007_stats.json" ] && return
+  python mem_dist/generate.py --config configs/uc-demo.yaml "data.shards=$SHARDS" output=$R-$name progress=false "$@"
+  mem-dist merge $R-$name progress=false
+}
+evaluate() {  # output conditions overrides...
+  local out=$1 conds=$2; shift 2
+  [ -f "$out/report.md" ] && return
+  mem-dist evaluate --config configs/eval-fmnist.yaml output=$out "conditions=$conds" "$@"
+}
+UCCLIP="$R-uc/protected/$P"
+for step in $STEPS; do
+  case $step in
+    surrogates)  # UC (not CLIP): a ResNet-18 classifier trained on the public split's labels
+      evaluate $R-public-cls "{public: '$D/public/$P'}" victim.kind=classifier save_victims=true seed=7 ;;
+    generate)
+      gen uc                                                   # UC-CLIP, the authors' generator, eps 16
+      gen uc-direct uc.perturbation=direct                     # the perturbations optimised directly
+      gen uc-eps8 mem.epsilon=8
+      gen uc-cluster uc.train_on=cluster                       # each image pushed only by its own cluster's
+      gen uc-random uc.perturbation=random                     # control: random noise per cluster, same clusters
+      gen uc-resnet surrogate.model=torchvision:resnet18 surrogate.pretrained=$R-public-cls/victims/public.pt
+      [ -f "$R-random16/manifest/00007_stats.json" ] || {     # control: random noise per image at eps 16
+        python mem_dist/generate.py --config configs/demo.yaml "data.shards=$SHARDS" output=$R-random16 progress=false \
+          mem.method=random mem.trigger_len=0 mem.epsilon=16
+        mem-dist merge $R-random16 progress=false; } ;;
+    classifier)  # ResNet-18 from scratch on the json labels
+      evaluate $R-uc-classifier "{clean: '$SHARDS', random16: '$R-random16/protected/$P', uc-random: '$R-uc-random/protected/$P',
+        uc-clip: '$UCCLIP', uc-clip-direct: '$R-uc-direct/protected/$P', uc-clip-eps8: '$R-uc-eps8/protected/$P',
+        uc-clip-cluster: '$R-uc-cluster/protected/$P', uc-resnet: '$R-uc-resnet/protected/$P'}" victim.kind=classifier ;;
+    families)  # a second family of classifier
+      evaluate $R-uc-vgg "{clean: '$SHARDS', uc-clip: '$UCCLIP', uc-resnet: '$R-uc-resnet/protected/$P'}" victim.kind=classifier classifier.model=vgg11_bn classifier.lr=0.05 ;;
+    labels)  # the attacker's own labels: k-means on the training pixels
+      evaluate $R-uc-kmeans "{clean: '$SHARDS', uc-clip: '$UCCLIP', uc-resnet: '$R-uc-resnet/protected/$P'}" victim.kind=classifier classifier.labels=kmeans ;;
+    defences)
+      for d in grayscale jpeg cutout mixup gaussian bits; do
+        evaluate $R-uc-def-$d "{clean: '$SHARDS', uc-clip: '$UCCLIP', uc-resnet: '$R-uc-resnet/protected/$P'}" victim.kind=classifier defence.image=$d
+      done ;;
+    clip)  # CLIP victims: from scratch (zero-shot, retrieval) and fine-tuning the public checkpoint
+      evaluate $R-uc-clip-scratch "{clean: '$SHARDS', uc-clip: '$UCCLIP', uc-resnet: '$R-uc-resnet/protected/$P'}"
+      evaluate $R-uc-clip-ft "{clean: '$SHARDS', uc-clip: '$UCCLIP', uc-resnet: '$R-uc-resnet/protected/$P'}" victim.pretrained=$R-public/victims/public.pt victim.lr=1e-4 ;;
+    *) echo "unknown step $step" >&2; exit 2 ;;
+  esac
+done
