@@ -292,7 +292,8 @@ def load_config(cls: type[T], path: Optional[str] = None, overrides: typing.Sequ
         path: a YAML file, or None for the defaults.
         overrides: dotted ``key=value`` strings; values are parsed as YAML scalars
             (``2`` is an int, ``null`` is None, ``[a, b]`` a list).
-        base: raw keys to start from instead of a file (a recorded config, :func:`to_dict`).
+        base: raw keys to start from (a recorded config, :func:`to_dict`); the file's keys,
+            then the overrides, are laid over them.
 
     Returns:
         The validated, frozen config.
@@ -302,18 +303,33 @@ def load_config(cls: type[T], path: Optional[str] = None, overrides: typing.Sequ
     """
     raw: dict[str, Any] = json.loads(json.dumps(base)) if base is not None else {}
     if path is not None:
-        try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of keys")
+        _lay_over(raw, read_yaml(path))
     for key, value in parse_overrides(overrides):
         _set_dotted(raw, key, value)
     return build(cls, raw, prefix="")
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    """A config file's raw mapping; one-line errors for a missing file, bad YAML or a non-mapping."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of keys")
+    return raw
+
+
+def _lay_over(tree: dict[str, Any], top: dict[str, Any]) -> None:
+    """``top``'s keys into ``tree``, section by section (a section in ``top`` keeps ``tree``'s other keys)."""
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _lay_over(tree[key], value)
+        else:
+            tree[key] = value
 
 
 def parse_overrides(overrides: typing.Sequence[str]) -> list[tuple[str, Any]]:

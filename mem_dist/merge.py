@@ -45,7 +45,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mem_dist import manifest, publish, state, storage, text
-from mem_dist.config import ConfigError, MergeConfig, RunConfig, build, load_config, parse_overrides, to_dict
+from mem_dist.config import ConfigError, MergeConfig, RunConfig, build, load_config, parse_overrides, read_yaml, to_dict
 from mem_dist.data import Shard, check_shards, load_shard, owned, shard_name
 from mem_dist.errors import one_line_errors
 
@@ -261,8 +261,11 @@ def resolve_config(output: str | None, config: str | None, overrides: list[str],
         if run is None:
             raise ConfigError(f"{storage.join(output, 'run.json')} not found: is {output} a mem-dist run folder? (or use --config)")
         return load_config(RunConfig, None, overrides, base=to_dict(run))
-    given = load_config(RunConfig, config, overrides)
-    run = recorded_config(given.output)
+    # The run is named by the output override or the file's output key; its run.json supplies
+    # every key the file does not give (data.shards, say), so a merge-only config is enough.
+    target = dict(pairs).get("output") or (read_yaml(config).get("output") if config else None)
+    run = recorded_config(target) if target else None
+    given = load_config(RunConfig, config, overrides, base=to_dict(run) if run is not None else None)
     if run is None:
         return given
     mine, theirs = to_dict(given), to_dict(run)
