@@ -36,7 +36,8 @@ from PIL import Image
 from mem_dist import distributed, state, text
 from mem_dist.bench_generate import bench_generate, print_generate
 from mem_dist.errors import one_line_errors
-from mem_dist.config import ConfigError, RunConfig, load_config
+from mem_dist.config import RunConfig
+from mem_dist.config_io import ConfigError, load_config
 from mem_dist.data import check_shards, iter_samples, shard_name, to_canvas
 from mem_dist.merge import encode_image, merge_shard
 

@@ -23,7 +23,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mem_dist import distributed, mem
-from mem_dist.config import ConfigError, RunConfig
+from mem_dist.config import RunConfig
+from mem_dist.config_io import ConfigError
 
 # Dense peak FLOP/s by device name and precision (vendor datasheets, SXM parts; fp32 without TF32).
 PEAKS = {"H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}, "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},

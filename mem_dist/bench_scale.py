@@ -27,7 +27,7 @@ import threading
 import time
 
 from mem_dist import storage
-from mem_dist.config import ConfigError
+from mem_dist.config_io import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

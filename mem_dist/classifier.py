@@ -24,7 +24,8 @@ import torch.nn.functional as F
 import torchvision
 
 from mem_dist import defences, surrogate
-from mem_dist.config import ConfigError, seed_of
+from mem_dist.config import seed_of
+from mem_dist.config_io import ConfigError
 from mem_dist.eval_config import ClassifierConfig, Condition, EvalConfig, resolve_device
 from mem_dist.pairs import Pairs, load_condition
 from mem_dist.scores import match_clusters, top1

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from mem_dist import defences, surrogate
-from mem_dist.config import ConfigError, seed_of
+from mem_dist.config import seed_of
+from mem_dist.config_io import ConfigError
 from mem_dist.eval_config import Condition, EvalConfig, VictimConfig, resolve_device
 from mem_dist.pairs import Pairs, load_condition
 from mem_dist.scores import class_embeddings, retrieval_metrics, zero_shot_top1

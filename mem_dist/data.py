@@ -32,7 +32,8 @@ import webdataset as wds
 from PIL import Image, ImageOps
 
 from mem_dist import storage
-from mem_dist.config import ConfigError, DataConfig
+from mem_dist.config import DataConfig
+from mem_dist.config_io import ConfigError
 
 
 @dataclass

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mem_dist.config import check
+from mem_dist.config_io import check
 from mem_dist.pgd import minimize_delta, project
 from mem_dist.surrogate import LOGIT_SCALE_MAX
 

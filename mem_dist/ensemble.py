@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from mem_dist import distributed, hotflip, surrogate
-from mem_dist.config import ConfigError, RunConfig, seed_of
+from mem_dist.config import RunConfig, seed_of
+from mem_dist.config_io import ConfigError
 
 MAX_TEXT_BATCH = 4096
 """HotFlip scores a position's candidates for the whole batch in forwards of at most this many sequences."""

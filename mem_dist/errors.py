@@ -6,7 +6,7 @@ import sys
 from typing import Callable
 
 from mem_dist import storage
-from mem_dist.config import ConfigError
+from mem_dist.config_io import ConfigError
 
 
 def one_line_errors(body: Callable[[], int], *expected: type[Exception]) -> int:

@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from mem_dist.config import ConfigError, build, check
+from mem_dist.config_io import ConfigError, build, check
 from mem_dist.defences import DefenceConfig
 from mem_dist.importers import CAPTION_TEMPLATES
 

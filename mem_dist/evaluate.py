@@ -31,7 +31,7 @@ import torch
 from mem_dist import report, storage
 from mem_dist.classifier import train_classifier
 from mem_dist.clip_victim import evaluate_checkpoint, train_victim
-from mem_dist.config import ConfigError, load_config, to_dict
+from mem_dist.config_io import ConfigError, load_config, to_dict
 from mem_dist.data import expand_shards, load_shard
 from mem_dist.errors import one_line_errors
 from mem_dist.eval_config import EvalConfig, resolve_device

@@ -15,7 +15,8 @@ if __package__ in (None, ""):  # run as a file: make the package importable
 
 from mem_dist import distributed, engine, rundir
 from mem_dist.errors import one_line_errors
-from mem_dist.config import RunConfig, load_config
+from mem_dist.config import RunConfig
+from mem_dist.config_io import load_config
 from mem_dist.data import check_shards
 
 

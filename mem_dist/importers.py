@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from mem_dist import storage
-from mem_dist.config import ConfigError
+from mem_dist.config_io import ConfigError
 from mem_dist.data import to_canvas
 from mem_dist.shards import write_shards
 

@@ -45,7 +45,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from mem_dist import manifest, publish, state, storage, text
-from mem_dist.config import ConfigError, MergeConfig, RunConfig, build, load_config, parse_overrides, read_yaml, to_dict
+from mem_dist.config import MergeConfig, RunConfig
+from mem_dist.config_io import ConfigError, build, load_config, parse_overrides, read_yaml, to_dict
 from mem_dist.data import Shard, check_shards, load_shard, owned, shard_name
 from mem_dist.errors import one_line_errors
 

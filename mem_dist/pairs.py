@@ -17,7 +17,8 @@ from typing import Optional
 import numpy as np
 
 from mem_dist import storage
-from mem_dist.config import ConfigError, DataConfig
+from mem_dist.config import DataConfig
+from mem_dist.config_io import ConfigError
 from mem_dist.data import expand_shards, load_shard
 from mem_dist.eval_config import Condition, EvalConfig
 

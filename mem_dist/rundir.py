@@ -15,7 +15,8 @@ import time
 import torch
 
 from mem_dist import __version__, storage
-from mem_dist.config import RunConfig, to_dict
+from mem_dist.config import RunConfig
+from mem_dist.config_io import to_dict
 
 
 class ResumeError(RuntimeError):

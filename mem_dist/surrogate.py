@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mem_dist import storage
-from mem_dist.config import ConfigError
+from mem_dist.config_io import ConfigError
 
 LOGIT_SCALE_MAX = math.log(100.0)
 

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from mem_dist.config import ConfigError
+from mem_dist.config_io import ConfigError
 
 
 def _word(tokenizer, token_id: int) -> str | None:

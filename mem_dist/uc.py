@@ -43,7 +43,8 @@ import torch
 from torch import nn
 
 from mem_dist import distributed, rundir, state, storage, surrogate
-from mem_dist.config import ConfigError, RunConfig, seed_of
+from mem_dist.config import RunConfig, seed_of
+from mem_dist.config_io import ConfigError
 from mem_dist.perturbations import Perturbations, pull_loss
 from mem_dist.data import Shard, ShardCache, check_shards, generation_view, load_shard, owned, shard_name
 

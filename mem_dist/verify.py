@@ -49,7 +49,8 @@ from PIL import Image
 from skimage.metrics import structural_similarity
 
 from mem_dist import manifest, publish, state, storage, text
-from mem_dist.config import ConfigError, MergeConfig, RunConfig, load_config
+from mem_dist.config import MergeConfig, RunConfig
+from mem_dist.config_io import ConfigError, load_config
 from mem_dist.data import expand_shards, load_shard, shard_name
 from mem_dist.errors import one_line_errors
 from mem_dist.merge import decode_image, delta_kept, encode_image, final_state, kept_summary, published_url, recorded_config

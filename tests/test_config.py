@@ -5,7 +5,8 @@ import subprocess
 
 import pytest
 
-from mem_dist.config import ConfigError, RunConfig, load_config
+from mem_dist.config import RunConfig
+from mem_dist.config_io import ConfigError, load_config
 from mem_dist.generate import main
 from tests.conftest import ROOT, python_cmd, tiny_overrides
 

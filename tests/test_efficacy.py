@@ -21,7 +21,8 @@ import os
 import pytest
 
 from mem_dist import evaluate, merge
-from mem_dist.config import RunConfig, load_config
+from mem_dist.config import RunConfig
+from mem_dist.config_io import load_config
 from mem_dist.demo import make_demo_data
 from mem_dist.generate import main as generate
 from tests.conftest import ROOT

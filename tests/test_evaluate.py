@@ -14,7 +14,8 @@ import webdataset as wds
 from PIL import Image
 
 from mem_dist import defences, report, surrogate
-from mem_dist.config import ConfigError, DataConfig, load_config
+from mem_dist.config import DataConfig
+from mem_dist.config_io import ConfigError, load_config
 from mem_dist.data import load_shard
 from mem_dist.defences import DefenceConfig
 from mem_dist.clip_victim import create_victim, evaluate_retrieval

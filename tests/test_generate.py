@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mem_dist import rundir, state, storage, surrogate
-from mem_dist.config import RunConfig, load_config
+from mem_dist.config import RunConfig
+from mem_dist.config_io import load_config
 from mem_dist.data import expand_shards, load_shard
 from mem_dist.generate import main
 from tests.conftest import TINY_RN, TINY_VIT, tiny_overrides

@@ -24,7 +24,8 @@ from PIL import Image
 
 from mem_dist import bench, manifest, merge, state, storage, text, verify
 from mem_dist.cli import main as cli_main
-from mem_dist.config import RunConfig, load_config, to_dict
+from mem_dist.config import RunConfig
+from mem_dist.config_io import load_config, to_dict
 from mem_dist.data import check_shards, load_shard
 from mem_dist.demo import make_demo_data
 from mem_dist.surrogate import resolve_model_name

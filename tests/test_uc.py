@@ -14,7 +14,8 @@ import webdataset as wds
 from PIL import Image
 
 from mem_dist import merge, state, uc, verify
-from mem_dist.config import ConfigError, RunConfig, load_config
+from mem_dist.config import RunConfig
+from mem_dist.config_io import ConfigError, load_config
 from mem_dist.data import load_shard
 from mem_dist.generate import main as generate
 from tests.conftest import ROOT, tiny_overrides

@@ -10,7 +10,7 @@ import torch
 from mem_dist import defences, report, scores
 from mem_dist.classifier import crop_flip, kmeans_labels
 from mem_dist.cli import main as cli
-from mem_dist.config import ConfigError, load_config
+from mem_dist.config_io import ConfigError, load_config
 from mem_dist.defences import DefenceConfig
 from mem_dist.eval_config import EvalConfig
 from mem_dist.evaluate import main, run
