@@ -1,17 +1,18 @@
-"""Reduced demos of the two threats, so a regression in efficacy fails CI.
+"""Reduced versions of docs/efficacy.md's tables, so a regression in efficacy fails CI.
 
-From scratch: a victim trained on MEM-protected shards must stay well below one trained on
-the clean shards (measured, victim from its own init: clean 0.85, MEM-3 0.425, chance 0.05;
-random noise or a lost delta/trigger would leave it at the clean one's level). This guards
-that the trigger reaches the victim's captions, not MEM's optimisation: on the demo a single
-fixed prefix on every caption (`mem.method=prefix`) lowers a from-scratch victim about as much
-(docs/efficacy.md), which is why the fine-tuning test below compares against a control.
+From scratch, on real photos (Fashion-MNIST, Debian's package): a CLIP victim trained on
+MEM-5-protected shards must stay measurably below one trained on the clean shards in peak
+zero-shot top-1, and come back to the clean one's level when the trigger is cut (the table:
+δ alone carries nothing; measured at this size: clean 0.805, MEM-5 0.735, chance 0.10). This
+guards that the trigger reaches the victim's captions, not MEM's optimisation: a random
+trigger lowers a from-scratch victim as much (docs/efficacy.md), which is why the
+fine-tuning test below compares against a control.
 
-Fine-tuning: victims fine-tuned from a "public checkpoint" that MEM's surrogate started
-from (surrogate lr 1e-5, so it stays near it) must gain much less from MEM-3 data than from
-clean data, and much less than from random noise with a random trigger: this is the regime
-where the optimisation itself counts (docs/efficacy.md). Measured: the checkpoint's R@10
-0.180; gains clean +0.295, random3 +0.160, MEM-3 -0.005.
+Fine-tuning (demo scenes): victims fine-tuned from a "public checkpoint" that MEM's surrogate
+started from (surrogate lr 1e-5, so it stays near it) must gain much less from MEM-5 data than
+from clean data, and much less than from random noise with a random trigger: this is the
+regime where the optimisation itself counts (docs/efficacy.md). Measured: the checkpoint's
+R@10 0.180; gains clean +0.295, random3 +0.160, MEM-5 -0.005.
 
 Several checkpoints: an ensemble of surrogates from checkpoints A and B must protect victims
 fine-tuned from B, which a surrogate from A alone does not (numbers in the test's docstring)."""
@@ -21,11 +22,12 @@ import os
 import pytest
 
 from mem_dist import evaluate, merge
+from mem_dist.cli import main as cli
 from mem_dist.config import RunConfig
 from mem_dist.config_io import load_config
 from mem_dist.demo import make_demo_data
 from mem_dist.generate import main as generate
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TINY_RN, tiny_overrides
 
 RN32 = os.path.join(ROOT, "configs", "models", "tiny-rn32.json")
 EVAL_DEMO = os.path.join(ROOT, "configs", "eval-demo.yaml")
@@ -52,17 +54,46 @@ def r10(result: dict, name: str) -> float:
     return result["conditions"][name]["final"]["i2t"]["r10"]
 
 
-def test_protected_victim_is_far_below_clean_victim(demo, tmp_path):
-    data, shards = demo
-    mem3 = protect(shards, f"{tmp_path}/mem3")
-    cfg = load_config(evaluate.EvalConfig, EVAL_DEMO, [
-        f"output={tmp_path}/eval", f"val_shards={data}/val/00000.tar", "victim.epochs=8", "victim.warmup_steps=20",
-        f"conditions={{clean: '{shards}', mem3: '{mem3}'}}"])
-    result = evaluate.run(cfg)
-    clean, mem3, chance = r10(result, "clean"), r10(result, "mem3"), result["chance"]["r10"]
-    print(f"i2t R@10: clean victim {clean:.3f}, MEM-3 victim {mem3:.3f}, chance {chance:.3f}")
-    assert clean > 10 * chance, (clean, chance)  # the victim learns the clean data
-    assert mem3 < 0.7 * clean, (mem3, clean)  # and much less from the protected data
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("fmnist"))
+    assert cli(["import", "fashion-mnist", out, "--train", "1000", "--public", "0", "--val", "200", "--size", "32",
+                "--per-shard", "500"]) == 0
+    return out, f"{out}/train/{{00000..00001}}.tar"
+
+
+def test_real_photos_protected_victim_is_below_clean_until_the_trigger_is_cut(photos, tmp_path):
+    """Also what a CLIP victim on labelled val shards reports: zero-shot top-1 per epoch, in
+    metrics.json, the report and accuracy.png."""
+    data, shards = photos
+    args = tiny_overrides(shards, f"{tmp_path}/mem5", **{"mem.trigger_len": 5})
+    assert generate(args) == 0
+    merge.merge(load_config(RunConfig, None, args))
+    mem5 = f"{tmp_path}/mem5/protected/{{00000..00001}}.tar"
+
+    def victims(out: str, *extra: str) -> dict:
+        return evaluate.run(load_config(evaluate.EvalConfig, None, [
+            f"conditions={{clean: '{shards}', mem5: '{mem5}'}}", f"val_shards={data}/val/00000.tar", "image_size=32",
+            f"output={out}", "device=cpu", f"victim.model={TINY_RN}", "victim.epochs=10", "victim.batch_size=64",
+            "victim.lr=2e-3", "victim.warmup_steps=5", *extra]))
+
+    result = victims(f"{tmp_path}/eval")
+    assert result["chance"]["top1"] == pytest.approx(0.1)
+    assert all(0 <= e["zero_shot_top1"] <= 1 for c in result["conditions"].values() for e in c["epochs"])
+    text = open(f"{tmp_path}/eval/report.md").read()
+    assert "peak zero-shot top-1 (epoch)" in text and os.path.getsize(f"{tmp_path}/eval/accuracy.png") > 0
+    clean, protected = top1(result, "clean"), top1(result, "mem5")
+    cut = top1(victims(f"{tmp_path}/cut", "conditions={mem5: '" + mem5 + "'}", "defence.text=drop_prefix",
+                       "defence.prefix_words=5"), "mem5")
+    print(f"peak zero-shot top-1: clean {clean:.3f}, MEM-5 {protected:.3f}, MEM-5 with the trigger cut {cut:.3f}")
+    assert clean > 0.6, clean  # the victim learns the photos' classes (chance 0.1)
+    assert protected < clean - 0.04, (protected, clean)  # the trigger costs it measurably
+    assert cut > clean - 0.04, (cut, clean)  # and nothing is left when it is cut: δ alone protects nothing
+
+
+def top1(result: dict, name: str) -> float:
+    """A condition's peak zero-shot top-1 over the epochs (what an attacker who stops at the best epoch keeps)."""
+    return max(e["zero_shot_top1"] for e in result["conditions"][name]["epochs"])
 
 
 @pytest.fixture(scope="module")
@@ -97,28 +128,33 @@ def fine_tune_gains(data: str, tmp_path, checkpoint: str, conditions: dict[str, 
     return gain
 
 
-def test_fine_tuned_victim_gains_little_from_protected_data(demo, public_checkpoint, tmp_path):
+MEM5 = ("mem.lr=1e-5", "mem.trigger_len=5")
+
+
+@pytest.fixture(scope="module")
+def mem5_from_a(demo, public_checkpoint, tmp_path_factory) -> str:
+    """MEM-5 shards from a surrogate started from checkpoint A (both fine-tuning tests read them)."""
+    return protect(demo[1], str(tmp_path_factory.mktemp("mem5") / "a"), f"surrogate.pretrained={public_checkpoint(2)}", *MEM5)
+
+
+def test_fine_tuned_victim_gains_little_from_protected_data(demo, public_checkpoint, mem5_from_a, tmp_path):
     data, shards = demo
-    checkpoint = public_checkpoint(2)
-    mem3 = protect(shards, f"{tmp_path}/mem3", f"surrogate.pretrained={checkpoint}", "mem.lr=1e-5")
     random3 = protect(shards, f"{tmp_path}/random3", "mem.method=random")
-    gain = fine_tune_gains(data, tmp_path, checkpoint, {"clean": shards, "random3": random3, "mem3": mem3})
+    gain = fine_tune_gains(data, tmp_path, public_checkpoint(2), {"clean": shards, "random3": random3, "mem5": mem5_from_a})
     assert gain["clean"] > 0.2, gain  # fine-tuning on clean data teaches the victim a lot
-    assert gain["mem3"] < 0.5 * gain["clean"], gain  # MEM-3 data much less
-    assert gain["mem3"] < 0.5 * gain["random3"], gain  # and much less than an unoptimised trigger + noise
+    assert gain["mem5"] < 0.5 * gain["clean"], gain  # MEM-5 data much less
+    assert gain["mem5"] < 0.5 * gain["random3"], gain  # and much less than an unoptimised trigger + noise
 
 
-def test_an_ensemble_protects_every_checkpoint_in_it(demo, public_checkpoint, tmp_path):
+def test_an_ensemble_protects_every_checkpoint_in_it(demo, public_checkpoint, mem5_from_a, tmp_path):
     """surrogate.ensemble: surrogates from checkpoints A and B (MEM-5); victims fine-tuned from
     B gain much less than from clean data and than from data protected by a surrogate from A
     alone (which does not protect B's victims). Measured: B's R@10 0.190; gains clean +0.200,
     MEM-5 from A +0.195, MEM-5 from A + B +0.050 (victims from A: +0.295, -0.005, +0.005)."""
     data, shards = demo
     a, b = public_checkpoint(2), public_checkpoint(3)
-    mem5 = ("mem.lr=1e-5", "mem.trigger_len=5")
-    only_a = protect(shards, f"{tmp_path}/a", f"surrogate.pretrained={a}", *mem5)
-    both = protect(shards, f"{tmp_path}/ab", f"surrogate.pretrained={a}", f"surrogate.ensemble=[{{pretrained: {b}}}]", *mem5)
-    gain = fine_tune_gains(data, tmp_path, b, {"clean": shards, "mem5-a": only_a, "mem5-ab": both})
+    both = protect(shards, f"{tmp_path}/ab", f"surrogate.pretrained={a}", f"surrogate.ensemble=[{{pretrained: {b}}}]", *MEM5)
+    gain = fine_tune_gains(data, tmp_path, b, {"clean": shards, "mem5-a": mem5_from_a, "mem5-ab": both})
     assert gain["clean"] > 0.15, gain
     assert gain["mem5-ab"] < 0.5 * gain["clean"], gain
     assert gain["mem5-ab"] < 0.5 * gain["mem5-a"], gain
