@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import time
 
 import numpy as np
@@ -351,6 +352,11 @@ def optimise(cfg: RunConfig, dist, net: FeatureNet, urls, mine, centroids: torch
 def write_perturbations(cfg: RunConfig, dist, pert: Perturbations) -> None:
     """state/uc/perturbations.npy (rank 0), written last: the run is complete."""
     final = pert.as_int8()
+    if dist.is_main and pert.kind != "random" and not final.any():
+        # direct perturbations that never left +-0.5/255 round to nothing: say so, do not publish clean data silently
+        print(f"mem-dist: uc: warning: the optimised perturbations round to 0 (|delta| < 0.5/255 everywhere): the "
+              f"published images will equal the source; raise uc.lr (now {cfg.uc.lr:g}) or use uc.perturbation=generator",
+              file=sys.stderr)
     if dist.is_main:
         buf = io.BytesIO()
         np.save(buf, final)

@@ -112,11 +112,12 @@ def normalise(args: list[str]) -> dict:
 
 def readme_setup_installs() -> list[dict]:
     readme = _read(os.path.join(ROOT, "README.md"))
-    sec = re.search(r"^## Set up\s*$(.*?)^## ", readme, re.S | re.M)
-    assert sec, "README.md has no '## Set up' section"
+    sec = re.search(r"^## Quick start\s*$(.*?)^## ", readme, re.S | re.M)
+    assert sec, "README.md has no '## Quick start' section (set-up, demo and test commands)"
     block = re.search(r"```(?:bash|sh)?\n(.*?)```", sec.group(1), re.S)
     assert block, "README's set-up section has no code block"
-    cmds = simple_commands(block.group(1).replace("\\\n", " "))
+    lines = block.group(1).replace("\\\n", " ").splitlines()  # one command line each: set-up, demo, tests
+    cmds = [c for line in lines for c in simple_commands(line)]
     installs = [normalise(a) for a in (pip_install_args(c) for c in cmds) if a is not None]
     assert installs, "README's set-up installs nothing with pip"
     return installs

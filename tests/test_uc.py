@@ -125,3 +125,12 @@ def test_merge_waits_for_the_perturbations(run, tmp_path, capsys):
     os.remove(f"{copy}/state/uc/perturbations.npy")
     assert merge.main([copy]) == 2 and "finish generate first" in capsys.readouterr().err
     assert state.completed(copy, 1) == {"00000", "00001", "00002"}
+
+
+def test_perturbations_that_round_to_zero_are_reported(demo_dir, tmp_path, capsys):
+    """Direct perturbations that never leave +-0.5/255 publish the source images: a warning says so."""
+    out = str(tmp_path / "run")
+    assert generate(uc_overrides(f"{demo_dir}/train/{SHARDS}", out, **{"uc.perturbation": "direct", "uc.lr": 1e-6,
+                                                                      "uc.epochs": 1})) == 0
+    assert not uc.read_perturbations(out).any()
+    assert "round to 0" in capsys.readouterr().err
