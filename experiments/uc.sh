@@ -29,8 +29,7 @@ for step in $STEPS; do
       evaluate $R-public-cls "{public: '$D/public/$P'}" victim.kind=classifier save_victims=true seed=7 ;;
     generate)
       gen uc                                                   # UC-CLIP, the authors' generator, eps 16
-      gen uc-direct uc.perturbation=direct                     # the perturbations optimised directly (they round to 0)
-      gen uc-direct-lr8 uc.perturbation=direct uc.lr=8         # the same at 16x the learning rate (also 0)
+      gen uc-direct uc.perturbation=direct                     # the perturbations optimised directly
       gen uc-eps8 mem.epsilon=8
       gen uc-cluster uc.train_on=cluster                       # each image pushed only by its own cluster's
       gen uc-random uc.perturbation=random                     # control: random noise per cluster, same clusters

@@ -170,7 +170,10 @@ class UCConfig:
     lr: Optional[float] = None
     """Adam learning rate (cosine to 0); null = the perturbation's default: 1e-4 for the
     generator (the authors'), 0.5 for direct perturbations (they move in 1/255 units)."""
-    weight_decay: float = 5.0e-4
+    weight_decay: Optional[float] = None
+    """Adam's L2 weight decay; null = the perturbation's default: 5e-4 for the generator's
+    weights (the authors'), 0 for direct perturbations (in 1/255 units, a decay of 5e-4 * delta
+    outweighs their mean-normalised gradient a hundredfold and holds them at 0)."""
     generator_width: int = 64
     """The generator's ngf (64: the authors')."""
     generator_blocks: int = 6
@@ -179,11 +182,14 @@ class UCConfig:
     def __post_init__(self) -> None:
         if self.lr is None:
             object.__setattr__(self, "lr", 1.0e-4 if self.perturbation == "generator" else 0.5)
+        if self.weight_decay is None:
+            object.__setattr__(self, "weight_decay", 5.0e-4 if self.perturbation == "generator" else 0.0)
         check(self.clusters >= 2, "uc.clusters", "must be at least 2")
         for key in ("kmeans_samples", "train_samples", "epochs", "batch_size", "generator_width"):
             check(getattr(self, key) >= 1, f"uc.{key}", "must be at least 1")
         check(self.generator_blocks >= 0, "uc.generator_blocks", "must be 0 or more")
         check(self.lr > 0, "uc.lr", "must be positive")
+        check(self.weight_decay >= 0, "uc.weight_decay", "must be 0 or more")
 
 
 @dataclass(frozen=True)

@@ -82,9 +82,10 @@ def test_two_ranks_give_the_same_clusters_and_bytes_as_one(demo_dir, tmp_path):
     """Shards split over two processes (shard i on rank i % 2), gradients summed in fixed point:
     the same centroids, assignments and perturbations as one process, byte for byte."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
-    direct = {"uc.perturbation": "direct", "uc.lr": 40}  # the random tiny surrogate barely separates its clusters
-    launch(uc_overrides(f"{demo_dir}/train/{SHARDS}", one, **direct), 1)
-    launch(uc_overrides(f"{demo_dir}/train/{SHARDS}", two, **direct), 2)
+    # the generator (its output is never 0): the random tiny surrogate's features barely differ,
+    # so directly optimised perturbations get gradients below the fixed-point resolution and stay 0
+    launch(uc_overrides(f"{demo_dir}/train/{SHARDS}", one), 1)
+    launch(uc_overrides(f"{demo_dir}/train/{SHARDS}", two), 2)
     a, b = state_bytes(one), state_bytes(two)
     assert a.keys() == b.keys() and all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]]
     assert np.abs(np.load(io.BytesIO(a["uc/perturbations.npy"])).astype(int)).max() > 0
