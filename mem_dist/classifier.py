@@ -14,7 +14,6 @@ Per batch: canvas -> image defence -> crop + flip -> [0, 1], normalised (mean 0.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Callable
 
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 import torchvision
 
 from mem_dist import defences, surrogate
+from mem_dist.clip_victim import cosine_lr
 from mem_dist.config import seed_of
 from mem_dist.config_io import ConfigError
 from mem_dist.eval_config import ClassifierConfig, Condition, EvalConfig, resolve_device
@@ -136,7 +136,7 @@ def train_classifier(cond: Condition, val: Pairs, cfg: EvalConfig, name: str, lo
         order = torch.randperm(len(train), generator=order_gen)
         for b in range(steps_per_epoch):
             step = (epoch - 1) * steps_per_epoch + b
-            lr = 0.5 * (1 + math.cos(math.pi * step / max(1, total))) * ccfg.lr
+            lr = cosine_lr(step, ccfg.lr, 0, total)  # no warm-up: the papers' schedule
             for group in optimizer.param_groups:
                 group["lr"] = lr
             idx = order[b * batch:(b + 1) * batch].to(device)
