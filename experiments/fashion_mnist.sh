@@ -10,27 +10,14 @@
 #   bash experiments/fashion_mnist.sh [STEP ...]     steps: data public generate scratch finetune classifier
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONWARNINGS=ignore
-D=data/fmnist
-R=runs/fm
-SHARDS="$D/train/{00000..00007}.tar"
+. experiments/fmnist-common.sh
 STEPS=${*:-data public generate scratch finetune classifier}
-gen() {  # name overrides...
-  local name=$1; shift
-  [ -f "$R-$name/manifest/00007_stats.json" ] && return
-  python mem_dist/generate.py --config configs/demo.yaml "data.shards=$SHARDS" output=$R-$name progress=false "$@"
-  mem-dist merge $R-$name progress=false
-}
+gen() { generate_with configs/demo.yaml "$@"; }  # name overrides...  (MEM: the demo's settings)
 conditions() {  # suffix (""|-ft) -> the conditions mapping of the seven rows
   local ft=$1
   echo "{clean: '$SHARDS', random: '$R-random/protected/{00000..00007}.tar', random3: '$R-random3/protected/{00000..00007}.tar',"\
        "prefix3: '$R-prefix3/protected/{00000..00007}.tar', em: '$R-em$ft/protected/{00000..00007}.tar',"\
        "mem3: '$R-mem3$ft/protected/{00000..00007}.tar', mem5: '$R-mem5$ft/protected/{00000..00007}.tar'}"
-}
-evaluate() {  # output conditions overrides...
-  local out=$1 conds=$2; shift 2
-  [ -f "$out/report.md" ] && return
-  mem-dist evaluate --config configs/eval-fmnist.yaml output=$out "conditions=$conds" "$@"
 }
 CKPT=$R-public/victims/public.pt
 for step in $STEPS; do

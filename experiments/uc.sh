@@ -5,23 +5,10 @@
 #   bash experiments/uc.sh [STEP ...]     steps: surrogates generate classifier families labels defences clip
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONWARNINGS=ignore
-D=data/fmnist
-R=runs/fm
-SHARDS="$D/train/{00000..00007}.tar"
+. experiments/fmnist-common.sh
 P="{00000..00007}.tar"
 STEPS=${*:-surrogates generate classifier families labels defences clip}
-gen() {  # name overrides...  (UC on the train split; configs/uc-demo.yaml's settings)
-  local name=$1; shift
-  [ -f "$R-$name/manifest/00007_stats.json" ] && return
-  python mem_dist/generate.py --config configs/uc-demo.yaml "data.shards=$SHARDS" output=$R-$name progress=false "$@"
-  mem-dist merge $R-$name progress=false
-}
-evaluate() {  # output conditions overrides...
-  local out=$1 conds=$2; shift 2
-  [ -f "$out/report.md" ] && return
-  mem-dist evaluate --config configs/eval-fmnist.yaml output=$out "conditions=$conds" "$@"
-}
+gen() { generate_with configs/uc-demo.yaml "$@"; }  # name overrides...  (UC: configs/uc-demo.yaml's settings)
 UCCLIP="$R-uc/protected/$P"
 for step in $STEPS; do
   case $step in
@@ -34,10 +21,7 @@ for step in $STEPS; do
       gen uc-cluster uc.train_on=cluster                       # each image pushed only by its own cluster's
       gen uc-random uc.perturbation=random                     # control: random noise per cluster, same clusters
       gen uc-resnet surrogate.model=torchvision:resnet18 surrogate.pretrained=$R-public-cls/victims/public.pt
-      [ -f "$R-random16/manifest/00007_stats.json" ] || {     # control: random noise per image at eps 16
-        python mem_dist/generate.py --config configs/demo.yaml "data.shards=$SHARDS" output=$R-random16 progress=false \
-          mem.method=random mem.trigger_len=0 mem.epsilon=16
-        mem-dist merge $R-random16 progress=false; } ;;
+      generate_with configs/demo.yaml random16 mem.method=random mem.trigger_len=0 mem.epsilon=16 ;;  # control: random noise per image at eps 16
     classifier)  # ResNet-18 from scratch on the json labels
       evaluate $R-uc-classifier "{clean: '$SHARDS', random16: '$R-random16/protected/$P', uc-random: '$R-uc-random/protected/$P',
         uc-clip: '$UCCLIP', uc-clip-direct: '$R-uc-direct/protected/$P', uc-clip-eps8: '$R-uc-eps8/protected/$P',
