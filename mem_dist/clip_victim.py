@@ -13,7 +13,6 @@ Shapes: N samples, B batch, E embedding dim, H/W canvas side, C = 3, L context l
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from mem_dist.config import seed_of
 from mem_dist.config_io import ConfigError
 from mem_dist.eval_config import Condition, EvalConfig, VictimConfig, resolve_device
 from mem_dist.pairs import Pairs, load_condition
+from mem_dist.schedule import cosine_lr
 from mem_dist.scores import class_embeddings, retrieval_metrics, zero_shot_top1
 
 Log = Callable[[str], None]
@@ -40,13 +40,6 @@ def create_victim(cfg: VictimConfig, device: torch.device, seed: int):
     the surrogate's exact weights and measure a shortcut no attacker gets."""
     torch.manual_seed(seed_of(seed, "victim"))
     return surrogate.create_surrogate(cfg.model, cfg.pretrained, device, key="victim")
-
-
-def cosine_lr(step: int, base_lr: float, warmup: int, total: int) -> float:
-    """open_clip's schedule: linear warm-up to ``base_lr``, then cosine to 0 at ``total``."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup))) * base_lr
 
 
 def batch_loss(model, spec: surrogate.PixelSpec, pixels_BCHW: torch.Tensor, tokens_BL: torch.Tensor, targets_BB: torch.Tensor | None) -> torch.Tensor:

@@ -47,6 +47,7 @@ from mem_dist import distributed, rundir, state, storage, surrogate
 from mem_dist.config import RunConfig, seed_of
 from mem_dist.config_io import ConfigError
 from mem_dist.perturbations import Perturbations, pull_loss
+from mem_dist.schedule import cosine_lr
 from mem_dist.data import Shard, ShardCache, check_shards, generation_view, load_shard, owned, shard_name
 
 ASSIGN_SCHEMA = pa.schema([("key", pa.string()), ("cluster", pa.int32()), ("distance", pa.float32())])
@@ -314,7 +315,7 @@ def optimise(cfg: RunConfig, dist, net: FeatureNet, urls, mine, centroids: torch
         loss_sum, count = 0.0, 0.0
         orders = [np.random.default_rng(seed_of(cfg.seed, "uc", "order", epoch, name)).permutation(len(c)) for name, c, _ in data]
         for step in range(steps):
-            lr = float(0.5 * (1 + np.cos(np.pi * ((epoch - 1) * steps + step) / total_steps)) * u.lr)
+            lr = cosine_lr((epoch - 1) * steps + step, u.lr, 0, total_steps)
             for g in opt.param_groups:
                 g["lr"] = lr
             delta = pert()
