@@ -2,12 +2,12 @@
 # Unlearnable Clusters on real photos: the rows of docs/efficacy.md's UC tables. Fashion-MNIST
 # (after experiments/fashion_mnist.sh data public generate: data/fmnist, the stand-in public CLIP
 # checkpoint runs/fm-public, the MEM shards for the side-by-side rows), 4,000 train / 1,000 val at 32 px.
-#   bash experiments/uc.sh [STEP ...]     steps: surrogates generate classifier families labels defences clip
+#   bash experiments/uc.sh [STEP ...]     steps: surrogates generate classifier families labels defences clip more
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . experiments/fmnist-common.sh
 P="{00000..00007}.tar"
-STEPS=${*:-surrogates generate classifier families labels defences clip}
+STEPS=${*:-surrogates generate classifier families labels defences clip more}
 gen() { generate_with configs/uc-demo.yaml "$@"; }  # name overrides...  (UC: configs/uc-demo.yaml's settings)
 UCCLIP="$R-uc/protected/$P"
 for step in $STEPS; do
@@ -38,6 +38,14 @@ for step in $STEPS; do
     clip)  # CLIP victims: from scratch (zero-shot, retrieval) and fine-tuning the public checkpoint
       evaluate $R-uc-clip-scratch "{clean: '$SHARDS', uc-clip: '$UCCLIP', uc-resnet: '$R-uc-resnet/protected/$P'}"
       evaluate $R-uc-clip-ft "{clean: '$SHARDS', uc-clip: '$UCCLIP', uc-resnet: '$R-uc-resnet/protected/$P'}" victim.pretrained=$R-public/victims/public.pt victim.lr=1e-4 ;;
+    more)  # attempts after the first table: UC-CLIP's perturbations given by true class (the oracle: would
+      # better clusters help?), more clusters, a larger budget, the authors' 50 epochs (19 min)
+      [ -f "$R-uc-oracle/manifest/00007_stats.json" ] || { python experiments/uc_oracle.py $R-uc $R-uc-oracle && mem-dist merge $R-uc-oracle progress=false; }
+      gen uc-p40 uc.clusters=40
+      gen uc-eps32 mem.epsilon=32
+      gen uc-e50 uc.epochs=50
+      evaluate $R-uc-more "{uc-clip-oracle: '$R-uc-oracle/protected/$P', uc-clip-p40: '$R-uc-p40/protected/$P',
+        uc-clip-eps32: '$R-uc-eps32/protected/$P', uc-clip-e50: '$R-uc-e50/protected/$P'}" victim.kind=classifier ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

@@ -59,3 +59,37 @@ def test_group_code_gives_every_group_one_pattern_and_one_word(demo_dir, tmp_pat
         unclipped = ((source.canvases[rows] >= 8) & (source.canvases[rows] <= 247)).all(0)
         d = delta[rows][:, unclipped]
         assert d.size and (d == d[0]).all()
+
+
+def test_uc_oracle_gives_every_class_one_perturbation(tmp_path):
+    """experiments/uc_oracle.py on a finished UC run over labelled photos: after its merge every
+    image carries the perturbation of the cluster its class was matched to, one per class."""
+    from mem_dist import merge, uc
+    from mem_dist.generate import main as generate
+    from mem_dist.importers import import_fashion_mnist
+    from mem_dist.pairs import read_labels
+    from tests.test_uc import uc_overrides
+
+    urls = import_fashion_mnist(str(tmp_path / "fm"), train=120, val=1, public=0, per_shard=60)["train"]
+    src, dst = str(tmp_path / "uc"), str(tmp_path / "oracle")
+    shards = str(tmp_path / "fm" / "train" / "{00000..00001}.tar")
+    assert generate(uc_overrides(shards, src, **{"uc.clusters": 10, "uc.kmeans_samples": 120})) == 0
+    done = subprocess.run(python_cmd(os.path.join(ROOT, "experiments", "uc_oracle.py"), src, dst), capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "of the samples keep their cluster" in done.stdout
+    assert merge.main([dst]) == 0
+    pert = uc.read_perturbations(src).astype(int)
+    assert np.array_equal(pert, uc.read_perturbations(dst).astype(int)) and len(np.unique(pert.reshape(10, -1), axis=0)) == 10
+    cluster_of_class: dict[int, int] = {}
+    for url in urls:
+        source = load_shard(url, DataConfig(shards=url, image_size=32))
+        labels, _ = read_labels(source.meta)
+        keys, clusters, _, _ = uc.read_assignments(dst, source.name)
+        assert keys == source.keys
+        for label, cluster in zip(labels.tolist(), clusters.tolist()):
+            assert cluster_of_class.setdefault(label, cluster) == cluster
+        published = {s["__key__"]: s for s in wds.WebDataset(f"{dst}/protected/{source.name}.tar", shardshuffle=False)}
+        for i, key in enumerate(keys):
+            pixels = np.asarray(Image.open(io.BytesIO(published[key]["png"]))).astype(int)
+            assert np.array_equal(pixels, np.clip(source.canvases[i].astype(int) + pert[clusters[i]], 0, 255))
+    assert sorted(cluster_of_class) == list(range(10)) and len(set(cluster_of_class.values())) == 10

@@ -1,0 +1,73 @@
+"""A diagnostic for docs/efficacy.md's UC section: would UC's perturbations protect if the
+clusters *were* the classes?
+
+Copies a finished UC run's private side (run.json, state) to a new run directory and
+rewrites every sample's cluster id: the perturbation it gets is the one of the cluster its
+*true* class (the json's ``label``) was matched to, each class to its own cluster by the
+largest overlap (Hungarian matching; needs at least as many clusters as classes). The
+perturbations are the run's own, unchanged; only who gets which changes. A victim trained
+on the merge of that run sees a class-wise code made of UC's optimised perturbations: a
+perfect label predictor. If it still learns the content, better clusters cannot save UC
+against this victim.
+
+    python experiments/uc_oracle.py runs/fm-uc runs/fm-uc-oracle && mem-dist merge runs/fm-uc-oracle
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from mem_dist import storage, uc
+from mem_dist.config import RunConfig
+from mem_dist.config_io import build
+from mem_dist.data import load_shard, shard_name
+from mem_dist.pairs import read_labels
+
+
+def class_to_cluster(labels: np.ndarray, clusters: np.ndarray, p: int) -> dict[int, int]:
+    """Each class -> its own cluster, maximising the samples whose cluster stays the same."""
+    classes = int(labels.max()) + 1
+    if classes > p:
+        raise SystemExit(f"uc_oracle: {classes} classes but only {p} clusters; each class needs its own")
+    overlap = np.zeros((classes, p), np.int64)
+    np.add.at(overlap, (labels, clusters), 1)
+    rows, cols = linear_sum_assignment(-overlap)
+    print(f"uc_oracle: class -> cluster {dict(zip(rows.tolist(), cols.tolist()))}; "
+          f"{overlap[rows, cols].sum() / len(labels):.3f} of the samples keep their cluster")
+    return dict(zip(rows.tolist(), cols.tolist()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("src", help="a finished UC run directory (local)")
+    ap.add_argument("dst", help="the new run directory, to merge afterwards")
+    args = ap.parse_args(argv)
+    run = storage.read_json(os.path.join(args.src, "run.json"))
+    data = build(RunConfig, run["config"], "").data
+    shutil.copytree(os.path.join(args.src, "state"), os.path.join(args.dst, "state"), dirs_exist_ok=True)
+    names = [shard_name(url) for url in run["shards"]]
+    assigned = {name: uc.read_assignments(args.dst, name) for name in names}
+    label_of = {}
+    for url in run["shards"]:
+        shard = load_shard(url, data)
+        labels, _ = read_labels(shard.meta or [None] * len(shard))
+        if labels is None or (labels < 0).any():
+            raise SystemExit(f"uc_oracle: {url} has samples without an integer json 'label'")
+        label_of.update(zip(shard.keys, labels.tolist()))
+    keys = [k for name in names for k in assigned[name][0]]
+    to_cluster = class_to_cluster(np.array([label_of[k] for k in keys]), np.concatenate([assigned[n][1] for n in names]),
+                                  len(uc.read_perturbations(args.src)))
+    for name in names:
+        keys, _, distances, skipped = assigned[name]
+        uc.write_assignments(args.dst, name, keys, np.array([to_cluster[label_of[k]] for k in keys]), distances, skipped)
+    run["config"]["output"] = args.dst
+    storage.write_json(os.path.join(args.dst, "run.json"), run)
+
+
+if __name__ == "__main__":
+    main()
