@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Unlearnable Clusters on real photos: the rows of docs/efficacy.md's UC tables. Fashion-MNIST
 # (after experiments/fashion_mnist.sh data public generate: data/fmnist, the stand-in public CLIP
-# checkpoint runs/fm-public, the MEM shards for the side-by-side rows), 4,000 train / 1,000 val at 32 px.
-#   bash experiments/uc.sh [STEP ...]     steps: surrogates generate classifier families labels defences clip more
+# checkpoint runs/fm-public, the MEM shards for the side-by-side rows), 4,000 train / 1,000 val at 32 px;
+# about 2 h on 2 CPU cores, one job at a time (the steps skip runs already finished).
+#   bash experiments/uc.sh [STEP ...]     steps: surrogates generate classifier families labels defences clip more classwise
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . experiments/fmnist-common.sh
 P="{00000..00007}.tar"
-STEPS=${*:-surrogates generate classifier families labels defences clip more}
+STEPS=${*:-surrogates generate classifier families labels defences clip more classwise}
 gen() { generate_with configs/uc-demo.yaml "$@"; }  # name overrides...  (UC: configs/uc-demo.yaml's settings)
 UCCLIP="$R-uc/protected/$P"
+oracle() {  # name: runs/fm-NAME's perturbations handed out by true class -> runs/fm-NAME-oracle, merged
+  [ -f "$R-$1-oracle/manifest/00007_stats.json" ] || { python experiments/uc_oracle.py $R-$1 $R-$1-oracle && mem-dist merge $R-$1-oracle progress=false; }
+}
 for step in $STEPS; do
   case $step in
     surrogates)  # UC (not CLIP): a ResNet-18 classifier trained on the public split's labels
@@ -40,12 +44,23 @@ for step in $STEPS; do
       evaluate $R-uc-clip-ft "{clean: '$SHARDS', uc-clip: '$UCCLIP', uc-resnet: '$R-uc-resnet/protected/$P'}" victim.pretrained=$R-public/victims/public.pt victim.lr=1e-4 ;;
     more)  # attempts after the first table: UC-CLIP's perturbations given by true class (the oracle: would
       # better clusters help?), more clusters, a larger budget, the authors' 50 epochs (19 min)
-      [ -f "$R-uc-oracle/manifest/00007_stats.json" ] || { python experiments/uc_oracle.py $R-uc $R-uc-oracle && mem-dist merge $R-uc-oracle progress=false; }
+      oracle uc
       gen uc-p40 uc.clusters=40
       gen uc-eps32 mem.epsilon=32
       gen uc-e50 uc.epochs=50
       evaluate $R-uc-more "{uc-clip-oracle: '$R-uc-oracle/protected/$P', uc-clip-p40: '$R-uc-p40/protected/$P',
         uc-clip-eps32: '$R-uc-eps32/protected/$P', uc-clip-e50: '$R-uc-e50/protected/$P'}" victim.kind=classifier ;;
+    classwise)  # the oracle's control: UC's random noise per cluster handed out by true class (a random
+      # class-wise code); and the class-wise codes against a victim without random crop and flip
+      gen uc-random uc.perturbation=random
+      generate_with configs/demo.yaml random16 mem.method=random mem.trigger_len=0 mem.epsilon=16
+      noaug=(victim.kind=classifier classifier.crop_padding=0 classifier.flip=false)
+      for name in uc uc-random uc-eps32; do oracle $name; done
+      evaluate $R-uc-classwise "{uc-random-oracle: '$R-uc-random-oracle/protected/$P'}" victim.kind=classifier
+      evaluate $R-uc-noaug "{clean: '$SHARDS', random16: '$R-random16/protected/$P', uc-random-oracle: '$R-uc-random-oracle/protected/$P',
+        uc-clip: '$UCCLIP', uc-clip-oracle: '$R-uc-oracle/protected/$P'}" "${noaug[@]}"
+      evaluate $R-uc-classwise-eps32 "{uc-clip-eps32-oracle: '$R-uc-eps32-oracle/protected/$P'}" victim.kind=classifier
+      evaluate $R-uc-noaug-eps32 "{uc-clip-eps32-oracle: '$R-uc-eps32-oracle/protected/$P'}" "${noaug[@]}" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
