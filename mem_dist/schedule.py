@@ -1,5 +1,6 @@
-"""The learning-rate schedule every optimiser in mem-dist follows (UC's perturbations, the
-CLIP and classifier victims): open_clip's cosine, with an optional linear warm-up."""
+"""The learning-rate schedule of UC's perturbation optimiser and of both victims (CLIP and
+classifier): open_clip's cosine, with an optional linear warm-up. (MEM's surrogate keeps
+a constant rate, as the authors' code does.)"""
 
 from __future__ import annotations
 

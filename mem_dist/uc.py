@@ -46,9 +46,9 @@ from torch import nn
 from mem_dist import distributed, rundir, state, storage, surrogate
 from mem_dist.config import RunConfig, seed_of
 from mem_dist.config_io import ConfigError
+from mem_dist.data import Shard, ShardCache, check_shards, generation_view, load_shard, owned, shard_name
 from mem_dist.perturbations import Perturbations, pull_loss
 from mem_dist.schedule import cosine_lr
-from mem_dist.data import Shard, ShardCache, check_shards, generation_view, load_shard, owned, shard_name
 
 ASSIGN_SCHEMA = pa.schema([("key", pa.string()), ("cluster", pa.int32()), ("distance", pa.float32())])
 FIXED_POINT = 2.0**40  # gradients summed across ranks as int64 multiples of 2^-40: exact and order-free
