@@ -11,6 +11,7 @@ P="{00000..00007}.tar"
 STEPS=${*:-surrogates generate classifier families labels defences clip more classwise}
 gen() { generate_with configs/uc-demo.yaml "$@"; }  # name overrides...  (UC: configs/uc-demo.yaml's settings)
 UCCLIP="$R-uc/protected/$P"
+random16() { generate_with configs/demo.yaml random16 mem.method=random mem.trigger_len=0 mem.epsilon=16; }  # control: random noise per image at eps 16
 oracle() {  # name: runs/fm-NAME's perturbations handed out by true class -> runs/fm-NAME-oracle, merged
   [ -f "$R-$1-oracle/manifest/00007_stats.json" ] || { python experiments/uc_oracle.py $R-$1 $R-$1-oracle && mem-dist merge $R-$1-oracle progress=false; }
 }
@@ -25,7 +26,7 @@ for step in $STEPS; do
       gen uc-cluster uc.train_on=cluster                       # each image pushed only by its own cluster's
       gen uc-random uc.perturbation=random                     # control: random noise per cluster, same clusters
       gen uc-resnet surrogate.model=torchvision:resnet18 surrogate.pretrained=$R-public-cls/victims/public.pt
-      generate_with configs/demo.yaml random16 mem.method=random mem.trigger_len=0 mem.epsilon=16 ;;  # control: random noise per image at eps 16
+      random16 ;;
     classifier)  # ResNet-18 from scratch on the json labels
       evaluate $R-uc-classifier "{clean: '$SHARDS', random16: '$R-random16/protected/$P', uc-random: '$R-uc-random/protected/$P',
         uc-clip: '$UCCLIP', uc-clip-direct: '$R-uc-direct/protected/$P', uc-clip-eps8: '$R-uc-eps8/protected/$P',
@@ -53,7 +54,7 @@ for step in $STEPS; do
     classwise)  # the oracle's control: UC's random noise per cluster handed out by true class (a random
       # class-wise code); and the class-wise codes against a victim without random crop and flip
       gen uc-random uc.perturbation=random
-      generate_with configs/demo.yaml random16 mem.method=random mem.trigger_len=0 mem.epsilon=16
+      random16
       noaug=(victim.kind=classifier classifier.crop_padding=0 classifier.flip=false)
       for name in uc uc-random uc-eps32; do oracle $name; done
       evaluate $R-uc-classwise "{uc-random-oracle: '$R-uc-random-oracle/protected/$P'}" victim.kind=classifier

@@ -48,20 +48,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("dst", help="the new run directory, to merge afterwards")
     args = ap.parse_args(argv)
     run = storage.read_json(os.path.join(args.src, "run.json"))
-    data = build(RunConfig, run["config"], "").data
+    cfg = build(RunConfig, run["config"], "")
     shutil.copytree(os.path.join(args.src, "state"), os.path.join(args.dst, "state"), dirs_exist_ok=True)
     names = [shard_name(url) for url in run["shards"]]
     assigned = {name: uc.read_assignments(args.dst, name) for name in names}
     label_of = {}
     for url in run["shards"]:
-        shard = load_shard(url, data)
+        shard = load_shard(url, cfg.data)
         labels, _ = read_labels(shard.meta or [None] * len(shard))
         if labels is None or (labels < 0).any():
             raise SystemExit(f"uc_oracle: {url} has samples without an integer json 'label'")
         label_of.update(zip(shard.keys, labels.tolist()))
-    keys = [k for name in names for k in assigned[name][0]]
-    to_cluster = class_to_cluster(np.array([label_of[k] for k in keys]), np.concatenate([assigned[n][1] for n in names]),
-                                  len(uc.read_perturbations(args.src)))
+    labels = np.array([label_of[k] for name in names for k in assigned[name][0]])
+    to_cluster = class_to_cluster(labels, np.concatenate([assigned[n][1] for n in names]), cfg.uc.clusters)
     for name in names:
         keys, _, distances, skipped = assigned[name]
         uc.write_assignments(args.dst, name, keys, np.array([to_cluster[label_of[k]] for k in keys]), distances, skipped)

@@ -10,10 +10,14 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from mem_dist import surrogate
+from mem_dist import merge, surrogate, uc
 from mem_dist.config import DataConfig
 from mem_dist.data import load_shard
+from mem_dist.generate import main as generate
+from mem_dist.importers import import_fashion_mnist
+from mem_dist.pairs import read_labels
 from tests.conftest import ROOT, TINY_RN, python_cmd
+from tests.test_uc import uc_overrides
 
 
 def test_adversarial_poison_writes_bounded_deltas_with_the_source_captions(demo_dir, tmp_path):
@@ -64,12 +68,6 @@ def test_group_code_gives_every_group_one_pattern_and_one_word(demo_dir, tmp_pat
 def test_uc_oracle_gives_every_class_one_perturbation(tmp_path):
     """experiments/uc_oracle.py on a finished UC run over labelled photos: after its merge every
     image carries the perturbation of the cluster its class was matched to, one per class."""
-    from mem_dist import merge, uc
-    from mem_dist.generate import main as generate
-    from mem_dist.importers import import_fashion_mnist
-    from mem_dist.pairs import read_labels
-    from tests.test_uc import uc_overrides
-
     urls = import_fashion_mnist(str(tmp_path / "fm"), train=120, val=1, public=0, per_shard=60)["train"]
     src, dst = str(tmp_path / "uc"), str(tmp_path / "oracle")
     shards = str(tmp_path / "fm" / "train" / "{00000..00001}.tar")
