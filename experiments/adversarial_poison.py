@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mem_dist import surrogate
+from mem_dist import augment, surrogate
 from mem_dist.pgd import minimize_delta
 
 from shards import read_shards, write_shards  # experiments/shards.py, beside this script
@@ -76,7 +76,7 @@ def cosine(px, tgt):
 for s in range(0, N, 128):
     x = torch.from_numpy(canv[s:s + 128]).permute(0, 3, 1, 2).float()
     tgt = target[s:s + 128]
-    crop = (lambda px: surrogate.random_resized_crop(px, gen, (0.9, 1.0))) if a.augment else (lambda px: px)
+    crop = (lambda px: augment.random_resized_crop(px, gen, (0.9, 1.0))) if a.augment else (lambda px: px)
     d = minimize_delta(lambda px, step: -(sign * cosine(crop(px), tgt)).sum(), torch.zeros_like(x), x, a.steps, a.eps, 1.0)
     with torch.no_grad():
         before.append(cosine(x, tgt))

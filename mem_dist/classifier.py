@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import torchvision
 
 from mem_dist import defences, surrogate
+from mem_dist.augment import crop_flip
 from mem_dist.config import seed_of
 from mem_dist.config_io import ConfigError
 from mem_dist.eval_config import ClassifierConfig, Condition, EvalConfig, resolve_device
@@ -48,20 +49,6 @@ def create_classifier(cfg: ClassifierConfig, n_classes: int, device: torch.devic
 def to_input(pixels_BCHW: torch.Tensor) -> torch.Tensor:
     """[0, 255] pixels -> the classifier's normalised input."""
     return (pixels_BCHW / 255.0 - MEAN) / STD
-
-
-def crop_flip(pixels_BCHW: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Random crop of each image after zero padding, and a random horizontal flip."""
-    B, _, H, W = pixels_BCHW.shape
-    if padding:
-        padded = F.pad(pixels_BCHW, (padding,) * 4)
-        dy = torch.randint(0, 2 * padding + 1, (B,), generator=generator).tolist()
-        dx = torch.randint(0, 2 * padding + 1, (B,), generator=generator).tolist()
-        pixels_BCHW = torch.stack([padded[b, :, y:y + H, x:x + W] for b, (y, x) in enumerate(zip(dy, dx))])
-    if flip:
-        mirror = torch.rand(B, generator=generator) < 0.5
-        pixels_BCHW = torch.where(mirror.view(B, 1, 1, 1).to(pixels_BCHW.device), pixels_BCHW.flip(-1), pixels_BCHW)
-    return pixels_BCHW
 
 
 def kmeans_labels(canvases_NHWC: np.ndarray, k: int, seed: int) -> np.ndarray:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from mem_dist import defences, surrogate
+from mem_dist import augment, defences, surrogate
 from mem_dist.config import seed_of
 from mem_dist.config_io import ConfigError
 from mem_dist.eval_config import Condition, EvalConfig, VictimConfig, resolve_device
@@ -231,7 +231,7 @@ def train_step(model, optimizer, spec: surrogate.PixelSpec, pixels_BCHW: torch.T
     """One AdamW step: image defence -> crop -> (adversarial PGD) -> loss; returns the loss."""
     pixels_BCHW, targets_BB = defences.defend_images(pixels_BCHW, cfg.defence, generator)
     if cfg.victim.crop:
-        pixels_BCHW = surrogate.random_resized_crop(pixels_BCHW, generator, cfg.victim.crop_scale)
+        pixels_BCHW = augment.random_resized_crop(pixels_BCHW, generator, cfg.victim.crop_scale)
     if cfg.defence.image == "adv":
         pixels_BCHW = defences.adversarial_pixels(lambda px: batch_loss(model, spec, px, tokens_BL, targets_BB), pixels_BCHW, cfg.defence, generator)
     loss = batch_loss(model, spec, pixels_BCHW, tokens_BL, targets_BB)

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from mem_dist import distributed, hotflip, surrogate
+from mem_dist import augment, distributed, hotflip, surrogate
 from mem_dist.config import RunConfig, seed_of
 from mem_dist.config_io import ConfigError
 
@@ -83,7 +83,7 @@ class Ensemble:
 
     def _images(self, member: Member, pix_BCHW: torch.Tensor, crop_gen: torch.Generator | None) -> torch.Tensor:
         if crop_gen is not None:
-            pix_BCHW = surrogate.random_resized_crop(pix_BCHW, crop_gen)
+            pix_BCHW = augment.random_resized_crop(pix_BCHW, crop_gen)
         with self.autocast():
             return member.bare.encode_image(surrogate.to_model_input(pix_BCHW, member.spec)).float()
 
@@ -117,7 +117,7 @@ class Ensemble:
         all-reduced across ranks); returns each member's loss."""
         losses = []
         for m in self.members:
-            pix = surrogate.random_resized_crop(pix_BCHW, crop_gen) if crop_gen is not None else pix_BCHW
+            pix = augment.random_resized_crop(pix_BCHW, crop_gen) if crop_gen is not None else pix_BCHW
             with self.autocast():
                 out = m.model(surrogate.to_model_input(pix, m.spec), tok_BL)
             image, text = (out["image_features"], out["text_features"]) if isinstance(out, dict) else out[:2]

@@ -142,19 +142,6 @@ def to_model_input(pixels_BCHW: torch.Tensor, spec: PixelSpec) -> torch.Tensor:
     return ((x - mean) / std).contiguous()
 
 
-def random_resized_crop(pixels_BCHW: torch.Tensor, generator: torch.Generator, scale: tuple[float, float] = (0.8, 1.0)) -> torch.Tensor:
-    """Differentiable random resized crop, one crop per image, back to the same side
-    (expectation over the victim's crops). ``generator`` lives on the CPU."""
-    B, _, H, W = pixels_BCHW.shape
-    s = torch.empty(B).uniform_(scale[0], scale[1], generator=generator).sqrt()
-    ox = torch.rand(B, generator=generator) * (1 - s) * 2 - (1 - s)
-    oy = torch.rand(B, generator=generator) * (1 - s) * 2 - (1 - s)
-    theta = torch.zeros(B, 2, 3)
-    theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = s, s, ox, oy
-    grid = F.affine_grid(theta.to(pixels_BCHW), list(pixels_BCHW.shape), align_corners=False)
-    return F.grid_sample(pixels_BCHW, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
 def clip_loss(image_BE: torch.Tensor, text_BE: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Per-pair symmetric InfoNCE: (CE over image->text row i + CE over text->image column i) / 2.
 

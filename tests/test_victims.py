@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mem_dist import defences, report, scores
-from mem_dist.classifier import crop_flip, kmeans_labels
+from mem_dist.augment import crop_flip
+from mem_dist.classifier import kmeans_labels
 from mem_dist.cli import main as cli
 from mem_dist.config_io import ConfigError, load_config
 from mem_dist.defences import DefenceConfig
