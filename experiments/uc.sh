@@ -3,12 +3,12 @@
 # (after experiments/fashion_mnist.sh data public generate: data/fmnist, the stand-in public CLIP
 # checkpoint runs/fm-public, the MEM shards for the side-by-side rows), 4,000 train / 1,000 val at 32 px;
 # about 2 h on 2 CPU cores, one job at a time (the steps skip runs already finished).
-#   bash experiments/uc.sh [STEP ...]     steps: surrogates generate classifier families labels defences clip more classwise
+#   bash experiments/uc.sh [STEP ...]     steps: surrogates generate classifier families labels defences clip more classwise augment
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . experiments/fmnist-common.sh
 P="{00000..00007}.tar"
-STEPS=${*:-surrogates generate classifier families labels defences clip more classwise}
+STEPS=${*:-surrogates generate classifier families labels defences clip more classwise augment}
 gen() { generate_with configs/uc-demo.yaml "$@"; }  # name overrides...  (UC: configs/uc-demo.yaml's settings)
 UCCLIP="$R-uc/protected/$P"
 random16() { generate_with configs/demo.yaml random16 mem.method=random mem.trigger_len=0 mem.epsilon=16; }  # control: random noise per image at eps 16
@@ -62,6 +62,11 @@ for step in $STEPS; do
         uc-clip: '$UCCLIP', uc-clip-oracle: '$R-uc-oracle/protected/$P'}" "${noaug[@]}"
       evaluate $R-uc-classwise-eps32 "{uc-clip-eps32-oracle: '$R-uc-eps32-oracle/protected/$P'}" victim.kind=classifier
       evaluate $R-uc-noaug-eps32 "{uc-clip-eps32-oracle: '$R-uc-eps32-oracle/protected/$P'}" "${noaug[@]}" ;;
+    augment)  # UC-CLIP optimised through the victim's random crop and flip (uc.augment): the authors' loader
+      # (images cropped, the perturbation added after) and the published images cropped; by cluster and by true class
+      for a in images published; do gen uc-aug-$a uc.augment=$a; oracle uc-aug-$a; done
+      evaluate $R-uc-augment "{uc-clip-images: '$R-uc-aug-images/protected/$P', uc-clip-published: '$R-uc-aug-published/protected/$P',
+        uc-clip-images-oracle: '$R-uc-aug-images-oracle/protected/$P', uc-clip-published-oracle: '$R-uc-aug-published-oracle/protected/$P'}" victim.kind=classifier ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

@@ -163,6 +163,12 @@ class UCConfig:
     """all: every image is pushed by every cluster's perturbation toward that cluster's
     target (the authors' code: universal perturbations); cluster: each image only by its
     own cluster's (p times cheaper)."""
+    augment: Literal["none", "images", "published"] = "none"
+    """What the optimisation sees of the victim's random crop (zero padding 1/8 of the side)
+    and horizontal flip: none; images: each training image cropped and flipped, the
+    perturbation added after at its place (the authors' loader); published: the perturbed
+    image cropped and flipped, as a victim's loader sees a published image (an expectation
+    over the victim's augmentation)."""
     epochs: int = 50
     """Passes over the train_samples (the authors': 50)."""
     batch_size: int = 128

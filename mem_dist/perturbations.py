@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mem_dist.augment import crop_flip
 from mem_dist.config import RunConfig, seed_of
 
 
@@ -91,16 +92,23 @@ class Perturbations(nn.Module):
 
 
 def pull_loss(net: Callable[[torch.Tensor], torch.Tensor], canvas_BCHW: torch.Tensor, delta_pCHW: torch.Tensor, clusters_B: torch.Tensor | None,
-              targets_pE: torch.Tensor) -> torch.Tensor:
+              targets_pE: torch.Tensor, augment: str = "none", generator: torch.Generator | None = None) -> torch.Tensor:
     """The summed KL(softmax(target) || softmax(features(clip(canvas + delta)))) of a batch: with
     ``clusters_B`` None every image under every perturbation k against target k, else each
-    image under its own cluster's perturbation against that cluster's target."""
+    image under its own cluster's perturbation against that cluster's target. ``augment``
+    (``uc.augment``): "images" crops and flips the canvases before the perturbation is added,
+    "published" the perturbed images (zero padding 1/8 of the side; ``generator`` seeds them)."""
     B = len(canvas_BCHW)
+    padding = max(1, canvas_BCHW.shape[-1] // 8)
+    if augment == "images":
+        canvas_BCHW = crop_flip(canvas_BCHW, padding, True, generator)
     if clusters_B is None:
         pix = (canvas_BCHW.unsqueeze(0) + delta_pCHW.unsqueeze(1)).clamp(0, 255).flatten(0, 1)  # [p*B, C, H, W]
         target = targets_pE.repeat_interleave(B, 0)
     else:
         pix = (canvas_BCHW + delta_pCHW[clusters_B]).clamp(0, 255)
         target = targets_pE[clusters_B]
+    if augment == "published":
+        pix = crop_flip(pix, padding, True, generator)
     logp = F.log_softmax(net(pix), dim=-1)
     return F.kl_div(logp, F.softmax(target, dim=-1), reduction="sum")

@@ -328,7 +328,8 @@ def optimise(cfg: RunConfig, dist, net: FeatureNet, urls, mine, centroids: torch
                     continue
                 canvas = torch.from_numpy(canvases[rows]).to(dev).permute(0, 3, 1, 2).float()
                 own = torch.from_numpy(clusters[rows]).to(dev) if u.train_on == "cluster" else None
-                loss = pull_loss(net, canvas, leaf, own, targets)
+                gen = torch.Generator().manual_seed(seed_of(cfg.seed, "uc", "augment", epoch, step, name))
+                loss = pull_loss(net, canvas, leaf, own, targets, u.augment, gen)
                 (g,) = torch.autograd.grad(loss, leaf)
                 grad += (g.double() * FIXED_POINT).round().long()
                 n_here += len(rows) * (1 if own is not None else len(delta))

@@ -13,7 +13,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from mem_dist import merge, state, uc, verify
+from mem_dist import merge, perturbations, state, uc, verify
 from mem_dist.config import RunConfig
 from mem_dist.config_io import ConfigError, load_config
 from mem_dist.data import load_shard
@@ -80,15 +80,37 @@ def state_bytes(output: str) -> dict[str, bytes]:
 
 def test_two_ranks_give_the_same_clusters_and_bytes_as_one(demo_dir, tmp_path):
     """Shards split over two processes (shard i on rank i % 2), gradients summed in fixed point:
-    the same centroids, assignments and perturbations as one process, byte for byte."""
+    the same centroids, assignments and perturbations as one process, byte for byte; with
+    uc.augment=published, so the seeded crops and flips are the same on any rank too."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     # the generator (its output is never 0): the random tiny surrogate's features barely differ,
     # so directly optimised perturbations get gradients below the fixed-point resolution and stay 0
-    launch(uc_overrides(f"{demo_dir}/train/{SHARDS}", one), 1)
-    launch(uc_overrides(f"{demo_dir}/train/{SHARDS}", two), 2)
+    launch(uc_overrides(f"{demo_dir}/train/{SHARDS}", one, **{"uc.augment": "published"}), 1)
+    launch(uc_overrides(f"{demo_dir}/train/{SHARDS}", two, **{"uc.augment": "published"}), 2)
     a, b = state_bytes(one), state_bytes(two)
     assert a.keys() == b.keys() and all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]]
     assert np.abs(np.load(io.BytesIO(a["uc/perturbations.npy"])).astype(int)).max() > 0
+
+
+def test_the_augmentation_moves_the_image_or_the_perturbed_image():
+    """uc.augment: "images" crops and flips the canvas and adds the perturbation after, at its
+    place (the authors' loader); "published" crops and flips canvas + perturbation together, as
+    a victim's loader does; "none" neither. Seen through a surrogate that returns its input."""
+    seen = []
+
+    def net(pix):
+        seen.append(pix.detach().clone())
+        return pix.flatten(1)
+
+    canvas = torch.full((16, 3, 8, 8), 100.0)
+    delta = torch.zeros(1, 3, 8, 8)
+    delta[0, :, 4, 5] = 16.0  # one marked pixel, off the centre line so a flip moves it too
+    for mode in ("none", "images", "published"):
+        perturbations.pull_loss(net, canvas, delta, None, torch.zeros(1, 3 * 8 * 8), mode, torch.Generator().manual_seed(0))
+    marks = [(pix == 116).all(1).nonzero()[:, 1:].unique(dim=0).tolist() for pix in seen]
+    assert marks[0] == [[4, 5]] and marks[1] == [[4, 5]]  # the perturbation stays at its place
+    assert (seen[0] == 100).sum() == (seen[0] != 116).sum() and (seen[1] == 0).any()  # the canvas is cropped under it
+    assert len(marks[2]) > 4  # crops and flips move it with the image
 
 
 def test_an_interrupted_run_resumes_to_the_same_bytes(run, demo_dir, tmp_path):
