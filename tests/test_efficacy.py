@@ -3,7 +3,8 @@
 From scratch, on real photos (Fashion-MNIST, Debian's package): a CLIP victim trained on
 MEM-5-protected shards must stay measurably below one trained on the clean shards in peak
 zero-shot top-1, and come back to the clean one's level when the trigger is cut (the table:
-δ alone carries nothing; measured at this size: clean 0.805, MEM-5 0.735, chance 0.10). This
+δ alone carries nothing; measured at this size with the table's tiny-rn32 victim: clean 0.790,
+MEM-5 0.710, trigger cut 0.800, chance 0.10). This
 guards that the trigger reaches the victim's captions, not MEM's optimisation: a random
 trigger lowers a from-scratch victim as much (docs/efficacy.md), which is why the
 fine-tuning test below compares against a control.
@@ -27,7 +28,7 @@ from mem_dist.config import RunConfig
 from mem_dist.config_io import load_config
 from mem_dist.demo import make_demo_data
 from mem_dist.generate import main as generate
-from tests.conftest import ROOT, TINY_RN, tiny_overrides
+from tests.conftest import ROOT, tiny_overrides
 
 RN32 = os.path.join(ROOT, "configs", "models", "tiny-rn32.json")
 EVAL_DEMO = os.path.join(ROOT, "configs", "eval-demo.yaml")
@@ -74,7 +75,7 @@ def test_real_photos_protected_victim_is_below_clean_until_the_trigger_is_cut(ph
     def victims(out: str, *extra: str) -> dict:
         return evaluate.run(load_config(evaluate.EvalConfig, None, [
             f"conditions={{clean: '{shards}', mem5: '{mem5}'}}", f"val_shards={data}/val/00000.tar", "image_size=32",
-            f"output={out}", "device=cpu", f"victim.model={TINY_RN}", "victim.epochs=10", "victim.batch_size=64",
+            f"output={out}", "device=cpu", f"victim.model={RN32}", "victim.epochs=10", "victim.batch_size=64",
             "victim.lr=2e-3", "victim.warmup_steps=5", *extra]))
 
     result = victims(f"{tmp_path}/eval")
