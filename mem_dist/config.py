@@ -164,11 +164,16 @@ class UCConfig:
     target (the authors' code: universal perturbations); cluster: each image only by its
     own cluster's (p times cheaper)."""
     augment: Literal["none", "images", "published"] = "none"
-    """What the optimisation sees of the victim's random crop (zero padding 1/8 of the side)
-    and horizontal flip: none; images: each training image cropped and flipped, the
+    """What the optimisation sees of the classifier victim's random crop and horizontal flip
+    (uc.crop_padding, uc.flip): none; images: each training image cropped and flipped, the
     perturbation added after at its place (the authors' loader); published: the perturbed
     image cropped and flipped, as a victim's loader sees a published image (an expectation
-    over the victim's augmentation)."""
+    over the victim's augmentation; the best measured, docs/efficacy.md)."""
+    crop_padding: int = 4
+    """uc.augment's random crop: zero padding in canvas pixels (the classifier victim's
+    classifier.crop_padding; 4 at 32 px is the papers' CIFAR crop); 0 = no crop."""
+    flip: bool = True
+    """uc.augment's random horizontal flip (the classifier victim's classifier.flip)."""
     epochs: int = 50
     """Passes over the train_samples (the authors': 50)."""
     batch_size: int = 128
@@ -194,6 +199,7 @@ class UCConfig:
         for key in ("kmeans_samples", "train_samples", "epochs", "batch_size", "generator_width"):
             check(getattr(self, key) >= 1, f"uc.{key}", "must be at least 1")
         check(self.generator_blocks >= 0, "uc.generator_blocks", "must be 0 or more")
+        check(self.crop_padding >= 0, "uc.crop_padding", "must be 0 or more")
         check(self.lr > 0, "uc.lr", "must be positive")
         check(self.weight_decay >= 0, "uc.weight_decay", "must be 0 or more")
 
@@ -264,8 +270,17 @@ class RunConfig:
             "surrogate": {k: v for k, v in dataclasses.asdict(self.surrogate).items()
                           if k != "precision" and (k != "ensemble" or v)},
             "mem": mem,
-            **({"uc": dataclasses.asdict(self.uc)} if self.mem.method == "uc" else {}),
+            **({"uc": self._uc_fingerprint()} if self.mem.method == "uc" else {}),
         }
+
+    def _uc_fingerprint(self) -> dict[str, Any]:
+        # the augmentation's keys are left out when it is off (they change nothing then), so UC
+        # runs started before uc.augment existed still resume
+        uc = dataclasses.asdict(self.uc)
+        if uc["augment"] == "none":
+            for key in ("augment", "crop_padding", "flip"):
+                uc.pop(key)
+        return uc
 
     def config_hash(self) -> str:
         return config_hash(self.fingerprint())

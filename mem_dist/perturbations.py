@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mem_dist.augment import crop_flip
 from mem_dist.config import RunConfig, seed_of
+
+AUGMENT = ("none", "images", "published")  # uc.augment
 
 
 class ResnetGenerator(nn.Module):
@@ -92,16 +93,19 @@ class Perturbations(nn.Module):
 
 
 def pull_loss(net: Callable[[torch.Tensor], torch.Tensor], canvas_BCHW: torch.Tensor, delta_pCHW: torch.Tensor, clusters_B: torch.Tensor | None,
-              targets_pE: torch.Tensor, augment: str = "none", generator: torch.Generator | None = None) -> torch.Tensor:
+              targets_pE: torch.Tensor, augment: str = "none", crop: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """The summed KL(softmax(target) || softmax(features(clip(canvas + delta)))) of a batch: with
     ``clusters_B`` None every image under every perturbation k against target k, else each
     image under its own cluster's perturbation against that cluster's target. ``augment``
-    (``uc.augment``): "images" crops and flips the canvases before the perturbation is added,
-    "published" the perturbed images (zero padding 1/8 of the side; ``generator`` seeds them)."""
+    (``uc.augment``): "images" applies ``crop`` (a seeded random crop and flip) to the canvases
+    before the perturbation is added, "published" to the perturbed images."""
+    if augment not in AUGMENT:
+        raise ValueError(f"augment must be one of {AUGMENT}, not {augment!r}")
+    if augment != "none" and crop is None:
+        raise ValueError(f"augment={augment!r} needs the (seeded) crop")
     B = len(canvas_BCHW)
-    padding = max(1, canvas_BCHW.shape[-1] // 8)
     if augment == "images":
-        canvas_BCHW = crop_flip(canvas_BCHW, padding, True, generator)
+        canvas_BCHW = crop(canvas_BCHW)
     if clusters_B is None:
         pix = (canvas_BCHW.unsqueeze(0) + delta_pCHW.unsqueeze(1)).clamp(0, 255).flatten(0, 1)  # [p*B, C, H, W]
         target = targets_pE.repeat_interleave(B, 0)
@@ -109,6 +113,6 @@ def pull_loss(net: Callable[[torch.Tensor], torch.Tensor], canvas_BCHW: torch.Te
         pix = (canvas_BCHW + delta_pCHW[clusters_B]).clamp(0, 255)
         target = targets_pE[clusters_B]
     if augment == "published":
-        pix = crop_flip(pix, padding, True, generator)
+        pix = crop(pix)
     logp = F.log_softmax(net(pix), dim=-1)
     return F.kl_div(logp, F.softmax(target, dim=-1), reduction="sum")

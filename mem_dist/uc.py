@@ -14,7 +14,8 @@ classifier (``surrogate.model: torchvision:resnet18`` and a local checkpoint) it
     2. assignment: every rank embeds all its shards' images; each goes to its nearest
        centroid -> state/round-001/{shard}.parquet (key, cluster, distance), atomic per shard
     3. perturbations: p of them (a ResNet generator each from one fixed noise input, or the
-       perturbations directly), Adam on a seeded share of every shard held in memory; each
+       perturbations directly), Adam on a seeded share of every shard held in memory (seen
+       through the victim's crop and flip with ``uc.augment``, seeded per epoch, step, shard); each
        step every shard contributes a few images, each rank the gradient of its own shards,
        summed across ranks in fixed point (exact, so any number of ranks gives the same
        bytes) -> state/uc/perturbations.npy (int8 [p, H, W, C], 1/255 units, |delta| <= eps),
@@ -44,6 +45,7 @@ import torch
 from torch import nn
 
 from mem_dist import distributed, rundir, state, storage, surrogate
+from mem_dist.augment import crop_flip
 from mem_dist.config import RunConfig, seed_of
 from mem_dist.config_io import ConfigError
 from mem_dist.data import Shard, ShardCache, check_shards, generation_view, load_shard, owned, shard_name
@@ -329,7 +331,7 @@ def optimise(cfg: RunConfig, dist, net: FeatureNet, urls, mine, centroids: torch
                 canvas = torch.from_numpy(canvases[rows]).to(dev).permute(0, 3, 1, 2).float()
                 own = torch.from_numpy(clusters[rows]).to(dev) if u.train_on == "cluster" else None
                 gen = torch.Generator().manual_seed(seed_of(cfg.seed, "uc", "augment", epoch, step, name))
-                loss = pull_loss(net, canvas, leaf, own, targets, u.augment, gen)
+                loss = pull_loss(net, canvas, leaf, own, targets, u.augment, lambda px: crop_flip(px, u.crop_padding, u.flip, gen))
                 (g,) = torch.autograd.grad(loss, leaf)
                 grad += (g.double() * FIXED_POINT).round().long()
                 n_here += len(rows) * (1 if own is not None else len(delta))

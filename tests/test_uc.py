@@ -14,6 +14,7 @@ import webdataset as wds
 from PIL import Image
 
 from mem_dist import merge, perturbations, state, uc, verify
+from mem_dist.augment import crop_flip
 from mem_dist.config import RunConfig
 from mem_dist.config_io import ConfigError, load_config
 from mem_dist.data import load_shard
@@ -78,10 +79,12 @@ def state_bytes(output: str) -> dict[str, bytes]:
     return files
 
 
-def test_two_ranks_give_the_same_clusters_and_bytes_as_one(demo_dir, tmp_path):
+def test_two_ranks_give_the_same_clusters_and_bytes_as_one(run, demo_dir, tmp_path):
     """Shards split over two processes (shard i on rank i % 2), gradients summed in fixed point:
-    the same centroids, assignments and perturbations as one process, byte for byte; with
-    uc.augment=published, so the seeded crops and flips are the same on any rank too."""
+    the same centroids, assignments and perturbations as one process, byte for byte (and the
+    same float weights in the last checkpoint); with uc.augment=published, so the seeded crops
+    and flips are the same on any rank too, and the augmentation reaches the optimisation (the
+    perturbations differ from the unaugmented run's)."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     # the generator (its output is never 0): the random tiny surrogate's features barely differ,
     # so directly optimised perturbations get gradients below the fixed-point resolution and stay 0
@@ -90,27 +93,48 @@ def test_two_ranks_give_the_same_clusters_and_bytes_as_one(demo_dir, tmp_path):
     a, b = state_bytes(one), state_bytes(two)
     assert a.keys() == b.keys() and all(a[k] == b[k] for k in a), [k for k in a if a[k] != b[k]]
     assert np.abs(np.load(io.BytesIO(a["uc/perturbations.npy"])).astype(int)).max() > 0
+    weights = [torch.load(f"{out}/checkpoints/uc-epoch-002.pt", weights_only=True)["perturbations"] for out in (one, two)]
+    assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert a["uc/centroids.npy"] == state_bytes(run)["uc/centroids.npy"]  # the same clusters as without augmentation,
+    assert a["uc/perturbations.npy"] != state_bytes(run)["uc/perturbations.npy"]  # other perturbations
 
 
 def test_the_augmentation_moves_the_image_or_the_perturbed_image():
-    """uc.augment: "images" crops and flips the canvas and adds the perturbation after, at its
+    """uc.augment: "images" crops and flips the canvases and adds the perturbation after, at its
     place (the authors' loader); "published" crops and flips canvas + perturbation together, as
-    a victim's loader does; "none" neither. Seen through a surrogate that returns its input."""
-    seen = []
+    a victim's loader does; "none" neither. Seen through a surrogate that returns its input, with
+    uc.optimise's crop (zero padding 4 at 32 px, flip), whose only randomness is its generator."""
 
-    def net(pix):
-        seen.append(pix.detach().clone())
-        return pix.flatten(1)
+    def seen(mode: str, canvas: torch.Tensor, delta: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        inputs, gen = [], torch.Generator().manual_seed(seed)
 
-    canvas = torch.full((16, 3, 8, 8), 100.0)
-    delta = torch.zeros(1, 3, 8, 8)
-    delta[0, :, 4, 5] = 16.0  # one marked pixel, off the centre line so a flip moves it too
-    for mode in ("none", "images", "published"):
-        perturbations.pull_loss(net, canvas, delta, None, torch.zeros(1, 3 * 8 * 8), mode, torch.Generator().manual_seed(0))
-    marks = [(pix == 116).all(1).nonzero()[:, 1:].unique(dim=0).tolist() for pix in seen]
-    assert marks[0] == [[4, 5]] and marks[1] == [[4, 5]]  # the perturbation stays at its place
-    assert (seen[0] == 100).sum() == (seen[0] != 116).sum() and (seen[1] == 0).any()  # the canvas is cropped under it
-    assert len(marks[2]) > 4  # crops and flips move it with the image
+        def net(pix):
+            inputs.append(pix.detach().clone())
+            return pix.flatten(1)
+
+        perturbations.pull_loss(net, canvas, delta, None, torch.zeros(1, 3 * 32 * 32), mode, lambda px: crop_flip(px, 4, True, gen))
+        return inputs[0]
+
+    B = 64
+    halves = torch.zeros(B, 3, 32, 32)
+    halves[..., :16] = 200.0  # a bright left half
+    mark = torch.zeros(1, 3, 32, 32)
+    mark[0, :, 10, 20] = 16.0  # one marked pixel of the perturbation
+    blank, no_delta = torch.zeros(B, 3, 32, 32), torch.zeros(1, 3, 32, 32)
+    assert torch.equal(seen("none", halves, mark), (halves + mark).clamp(0, 255))
+    moved = seen("images", halves, no_delta)  # images: the canvases move, some mirrored (bright right half)
+    mirrored = moved[..., 16:].mean((1, 2, 3)) > moved[..., :16].mean((1, 2, 3))
+    assert 0 < int(mirrored.sum()) < B and not torch.equal(moved, halves)
+    assert torch.equal(seen("images", blank, mark), mark.expand(B, -1, -1, -1))  # and the perturbation stays put
+    out = seen("published", blank, mark)  # published: the perturbation moves with the image
+    where = (out[:, 0] == 16).nonzero()  # (image, row, column): one mark per image
+    assert len(where) == B and where[:, 0].tolist() == list(range(B))
+    dy, column = where[:, 1] - 10, where[:, 2]
+    direct, flipped = (column - 20).abs() <= 4, (column - 11).abs() <= 4  # 11 = 31 - 20
+    assert int(dy.abs().max()) == 4 and (direct | flipped).all() and direct.any() and flipped.any()
+    assert torch.equal(out, seen("published", blank, mark)) and not torch.equal(out, seen("published", blank, mark, seed=1))
+    with pytest.raises(ValueError, match="needs the"):
+        perturbations.pull_loss(lambda px: px.flatten(1), blank, mark, None, torch.zeros(1, 3 * 32 * 32), "published")
 
 
 def test_an_interrupted_run_resumes_to_the_same_bytes(run, demo_dir, tmp_path):
