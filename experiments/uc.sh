@@ -2,7 +2,7 @@
 # Unlearnable Clusters on real photos: the rows of docs/efficacy.md's UC tables. Fashion-MNIST
 # (after experiments/fashion_mnist.sh data public generate: data/fmnist, the stand-in public CLIP
 # checkpoint runs/fm-public, the MEM shards for the side-by-side rows), 4,000 train / 1,000 val at 32 px;
-# about 2 h on 2 CPU cores, one job at a time (the steps skip runs already finished).
+# about 3 h on 2 CPU cores (the augment step 1 h), one job at a time (the steps skip runs already finished).
 #   bash experiments/uc.sh [STEP ...]     steps: surrogates generate classifier families labels defences clip more classwise augment
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -66,7 +66,15 @@ for step in $STEPS; do
       # (images cropped, the perturbation added after) and the published images cropped; by cluster and by true class
       for a in images published; do gen uc-aug-$a uc.augment=$a; oracle uc-aug-$a; done
       evaluate $R-uc-augment "{uc-clip-images: '$R-uc-aug-images/protected/$P', uc-clip-published: '$R-uc-aug-published/protected/$P',
-        uc-clip-images-oracle: '$R-uc-aug-images-oracle/protected/$P', uc-clip-published-oracle: '$R-uc-aug-published-oracle/protected/$P'}" victim.kind=classifier ;;
+        uc-clip-images-oracle: '$R-uc-aug-images-oracle/protected/$P', uc-clip-published-oracle: '$R-uc-aug-published-oracle/protected/$P'}" victim.kind=classifier
+      # the published variant (the one that moved the victim): twice the budget, the authors' 50 epochs (28 min),
+      # a second victim seed, a second family
+      gen uc-aug-published-eps32 uc.augment=published mem.epsilon=32
+      gen uc-aug-published-e50 uc.augment=published uc.epochs=50
+      evaluate $R-uc-augment-eps32 "{uc-clip-published-eps32: '$R-uc-aug-published-eps32/protected/$P'}" victim.kind=classifier
+      evaluate $R-uc-augment-e50 "{uc-clip-published-e50: '$R-uc-aug-published-e50/protected/$P'}" victim.kind=classifier
+      evaluate $R-uc-augment-seed1 "{clean: '$SHARDS', uc-clip-published: '$R-uc-aug-published/protected/$P'}" victim.kind=classifier seed=1
+      evaluate $R-uc-augment-mobilenet "{uc-clip-published: '$R-uc-aug-published/protected/$P'}" victim.kind=classifier classifier.model=mobilenet_v2 classifier.lr=0.05 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
