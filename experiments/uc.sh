@@ -2,7 +2,7 @@
 # Unlearnable Clusters on real photos: the rows of docs/efficacy.md's UC tables. Fashion-MNIST
 # (after experiments/fashion_mnist.sh data public generate: data/fmnist, the stand-in public CLIP
 # checkpoint runs/fm-public, the MEM shards for the side-by-side rows), 4,000 train / 1,000 val at 32 px;
-# about 3 h on 2 CPU cores (the augment step 65 min), one job at a time (the steps skip runs already finished).
+# about 3 h 15 min on 2 CPU cores (the augment step 75 min), one job at a time (the steps skip runs already finished).
 #   bash experiments/uc.sh [STEP ...]     steps: surrogates generate classifier families labels defences clip more classwise augment
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -75,7 +75,10 @@ for step in $STEPS; do
       evaluate $R-uc-augment-e50 "{uc-clip-published-e50: '$R-uc-aug-published-e50/protected/$P'}" victim.kind=classifier
       evaluate $R-uc-augment-seed1 "{clean: '$SHARDS', uc-clip-published: '$R-uc-aug-published/protected/$P'}" victim.kind=classifier seed=1
       evaluate $R-uc-augment-mobilenet "{uc-clip-published: '$R-uc-aug-published/protected/$P'}" victim.kind=classifier classifier.model=mobilenet_v2 classifier.lr=0.05
-      evaluate $R-uc-augment-mobilenet-seed1 "{clean: '$SHARDS', uc-clip-published: '$R-uc-aug-published/protected/$P'}" victim.kind=classifier classifier.model=mobilenet_v2 classifier.lr=0.05 seed=1 ;;
+      evaluate $R-uc-augment-mobilenet-seed1 "{clean: '$SHARDS', uc-clip-published: '$R-uc-aug-published/protected/$P'}" victim.kind=classifier classifier.model=mobilenet_v2 classifier.lr=0.05 seed=1
+      for d in grayscale jpeg cutout mixup gaussian bits; do  # beside the defences step's clean rows
+        evaluate $R-uc-augment-def-$d "{uc-clip-published: '$R-uc-aug-published/protected/$P'}" victim.kind=classifier defence.image=$d
+      done ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
