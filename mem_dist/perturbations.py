@@ -17,8 +17,6 @@ from torch import nn
 
 from mem_dist.config import RunConfig, seed_of
 
-AUGMENT = ("none", "images", "published")  # uc.augment
-
 
 class ResnetGenerator(nn.Module):
     """The authors' generator (pix2pix's ResNet generator): 7x7 conv, two stride-2 downs,
@@ -99,8 +97,8 @@ def pull_loss(net: Callable[[torch.Tensor], torch.Tensor], canvas_BCHW: torch.Te
     image under its own cluster's perturbation against that cluster's target. ``augment``
     (``uc.augment``): "images" applies ``crop`` (a seeded random crop and flip) to the canvases
     before the perturbation is added, "published" to the perturbed images."""
-    if augment not in AUGMENT:
-        raise ValueError(f"augment must be one of {AUGMENT}, not {augment!r}")
+    if augment not in ("none", "images", "published"):
+        raise ValueError(f"augment must be none, images or published, not {augment!r}")
     if augment != "none" and crop is None:
         raise ValueError(f"augment={augment!r} needs the (seeded) crop")
     B = len(canvas_BCHW)

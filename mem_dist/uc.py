@@ -330,8 +330,7 @@ def optimise(cfg: RunConfig, dist, net: FeatureNet, urls, mine, centroids: torch
                     continue
                 canvas = torch.from_numpy(canvases[rows]).to(dev).permute(0, 3, 1, 2).float()
                 own = torch.from_numpy(clusters[rows]).to(dev) if u.train_on == "cluster" else None
-                gen = torch.Generator().manual_seed(seed_of(cfg.seed, "uc", "augment", epoch, step, name))
-                loss = pull_loss(net, canvas, leaf, own, targets, u.augment, lambda px: crop_flip(px, u.crop_padding, u.flip, gen))
+                loss = pull_loss(net, canvas, leaf, own, targets, u.augment, seeded_crop(cfg, epoch, step, name))
                 (g,) = torch.autograd.grad(loss, leaf)
                 grad += (g.double() * FIXED_POINT).round().long()
                 n_here += len(rows) * (1 if own is not None else len(delta))
@@ -351,6 +350,15 @@ def optimise(cfg: RunConfig, dist, net: FeatureNet, urls, mine, centroids: torch
         dist.barrier()
     write_perturbations(cfg, dist, pert)
     return losses
+
+
+def seeded_crop(cfg: RunConfig, epoch: int, step: int, name: str):
+    """uc.augment's crop and flip for one shard's images of one step, seeded by (epoch, step,
+    shard): the same on any rank and after a resume; None when uc.augment is none."""
+    if cfg.uc.augment == "none":
+        return None
+    gen = torch.Generator().manual_seed(seed_of(cfg.seed, "uc", "augment", epoch, step, name))
+    return lambda px: crop_flip(px, cfg.uc.crop_padding, cfg.uc.flip, gen)
 
 
 def write_perturbations(cfg: RunConfig, dist, pert: Perturbations) -> None:

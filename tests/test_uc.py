@@ -14,7 +14,6 @@ import webdataset as wds
 from PIL import Image
 
 from mem_dist import merge, perturbations, state, uc, verify
-from mem_dist.augment import crop_flip
 from mem_dist.config import RunConfig
 from mem_dist.config_io import ConfigError, load_config
 from mem_dist.data import load_shard
@@ -95,24 +94,27 @@ def test_two_ranks_give_the_same_clusters_and_bytes_as_one(run, demo_dir, tmp_pa
     assert np.abs(np.load(io.BytesIO(a["uc/perturbations.npy"])).astype(int)).max() > 0
     weights = [torch.load(f"{out}/checkpoints/uc-epoch-002.pt", weights_only=True)["perturbations"] for out in (one, two)]
     assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
-    assert a["uc/centroids.npy"] == state_bytes(run)["uc/centroids.npy"]  # the same clusters as without augmentation,
-    assert a["uc/perturbations.npy"] != state_bytes(run)["uc/perturbations.npy"]  # other perturbations
+    plain = state_bytes(run)
+    assert a["uc/centroids.npy"] == plain["uc/centroids.npy"]  # the same clusters as without augmentation,
+    assert a["uc/perturbations.npy"] != plain["uc/perturbations.npy"]  # other perturbations
 
 
 def test_the_augmentation_moves_the_image_or_the_perturbed_image():
     """uc.augment: "images" crops and flips the canvases and adds the perturbation after, at its
     place (the authors' loader); "published" crops and flips canvas + perturbation together, as
     a victim's loader does; "none" neither. Seen through a surrogate that returns its input, with
-    uc.optimise's crop (zero padding 4 at 32 px, flip), whose only randomness is its generator."""
+    uc.optimise's crop (uc.crop_padding 4, uc.flip), seeded by (epoch, step, shard) alone."""
+    cfg = load_config(RunConfig, None, uc_overrides("x.tar", "out", **{"uc.augment": "published"}))
+    assert uc.seeded_crop(load_config(RunConfig, None, uc_overrides("x.tar", "out")), 1, 0, "00000") is None
 
-    def seen(mode: str, canvas: torch.Tensor, delta: torch.Tensor, seed: int = 0) -> torch.Tensor:
-        inputs, gen = [], torch.Generator().manual_seed(seed)
+    def seen(mode: str, canvas: torch.Tensor, delta: torch.Tensor, step: int = 0) -> torch.Tensor:
+        inputs = []
 
         def net(pix):
             inputs.append(pix.detach().clone())
             return pix.flatten(1)
 
-        perturbations.pull_loss(net, canvas, delta, None, torch.zeros(1, 3 * 32 * 32), mode, lambda px: crop_flip(px, 4, True, gen))
+        perturbations.pull_loss(net, canvas, delta, None, torch.zeros(1, 3 * 32 * 32), mode, uc.seeded_crop(cfg, 1, step, "00000"))
         return inputs[0]
 
     B = 64
@@ -132,7 +134,7 @@ def test_the_augmentation_moves_the_image_or_the_perturbed_image():
     dy, column = where[:, 1] - 10, where[:, 2]
     direct, flipped = (column - 20).abs() <= 4, (column - 11).abs() <= 4  # 11 = 31 - 20
     assert int(dy.abs().max()) == 4 and (direct | flipped).all() and direct.any() and flipped.any()
-    assert torch.equal(out, seen("published", blank, mark)) and not torch.equal(out, seen("published", blank, mark, seed=1))
+    assert torch.equal(out, seen("published", blank, mark)) and not torch.equal(out, seen("published", blank, mark, step=1))
     with pytest.raises(ValueError, match="needs the"):
         perturbations.pull_loss(lambda px: px.flatten(1), blank, mark, None, torch.zeros(1, 3 * 32 * 32), "published")
 
