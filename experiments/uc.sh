@@ -2,13 +2,13 @@
 # Unlearnable Clusters on real photos: the rows of docs/efficacy.md's UC tables. Fashion-MNIST
 # (after experiments/fashion_mnist.sh data public generate: data/fmnist, the stand-in public CLIP
 # checkpoint runs/fm-public, the MEM shards for the side-by-side rows), 4,000 train / 1,000 val at 32 px;
-# about 3 h 15 min on 2 CPU cores (the augment step 75 min), one job at a time (the steps skip runs already finished).
-#   bash experiments/uc.sh [STEP ...]     steps: surrogates generate classifier families labels defences clip more classwise augment
+# about 4 h on 2 CPU cores (the augment step 75 min, published 45 min), one job at a time (the steps skip runs already finished).
+#   bash experiments/uc.sh [STEP ...]     steps: surrogates generate classifier families labels defences clip more classwise augment published
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . experiments/fmnist-common.sh
 P="{00000..00007}.tar"
-STEPS=${*:-surrogates generate classifier families labels defences clip more classwise augment}
+STEPS=${*:-surrogates generate classifier families labels defences clip more classwise augment published}
 gen() { generate_with configs/uc-demo.yaml "$@"; }  # name overrides...  (UC: configs/uc-demo.yaml's settings)
 UCCLIP="$R-uc/protected/$P"
 random16() { generate_with configs/demo.yaml random16 mem.method=random mem.trigger_len=0 mem.epsilon=16; }  # control: random noise per image at eps 16
@@ -79,6 +79,19 @@ for step in $STEPS; do
       for d in grayscale jpeg cutout mixup gaussian bits; do  # beside the defences step's clean rows
         evaluate $R-uc-augment-def-$d "{uc-clip-published: '$R-uc-aug-published/protected/$P'}" victim.kind=classifier defence.image=$d
       done ;;
+    published)  # the rest of the report's columns for uc.augment=published: the attacker's own k-means labels,
+      # the CLIP victims, a victim that does not augment, one whose crop is not the one optimised through
+      # (padding 8), a third victim seed, 30 epochs, two CLIP seeds (about 45 min)
+      PUB="{uc-clip-published: '$R-uc-aug-published/protected/$P'}"
+      evaluate $R-uc-published-kmeans "$PUB" victim.kind=classifier classifier.labels=kmeans
+      evaluate $R-uc-published-noaug "$PUB" victim.kind=classifier classifier.crop_padding=0 classifier.flip=false
+      evaluate $R-uc-published-pad8 "{clean: '$SHARDS', uc-clip-published: '$R-uc-aug-published/protected/$P'}" victim.kind=classifier classifier.crop_padding=8
+      evaluate $R-uc-augment-seed2 "{clean: '$SHARDS', uc-clip-published: '$R-uc-aug-published/protected/$P'}" victim.kind=classifier seed=2
+      evaluate $R-uc-published-e30 "{clean: '$SHARDS', uc-clip-published: '$R-uc-aug-published/protected/$P'}" victim.kind=classifier victim.epochs=30
+      for seed in 0 1; do  # the CLIP victim from scratch, beside clean and the unaugmented UC-CLIP, two seeds
+        evaluate $R-uc-published-clip-scratch-seed$seed "{clean: '$SHARDS', uc-clip: '$UCCLIP', uc-clip-published: '$R-uc-aug-published/protected/$P'}" seed=$seed
+      done
+      evaluate $R-uc-published-clip-ft "$PUB" victim.pretrained=$R-public/victims/public.pt victim.lr=1e-4 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
