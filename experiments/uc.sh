@@ -2,13 +2,13 @@
 # Unlearnable Clusters on real photos: the rows of docs/efficacy.md's UC tables. Fashion-MNIST
 # (after experiments/fashion_mnist.sh data public generate: data/fmnist, the stand-in public CLIP
 # checkpoint runs/fm-public, the MEM shards for the side-by-side rows), 4,000 train / 1,000 val at 32 px;
-# about 4 h on 2 CPU cores (the augment step 75 min, published 45 min), one job at a time (the steps skip runs already finished).
-#   bash experiments/uc.sh [STEP ...]     steps: surrogates generate classifier families labels defences clip more classwise augment published
+# about 4 h 30 min on 2 CPU cores (the augment step 75 min, published 45 min, levers 30 min), one job at a time (the steps skip runs already finished).
+#   bash experiments/uc.sh [STEP ...]     steps: surrogates generate classifier families labels defences clip more classwise augment published levers
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . experiments/fmnist-common.sh
 P="{00000..00007}.tar"
-STEPS=${*:-surrogates generate classifier families labels defences clip more classwise augment published}
+STEPS=${*:-surrogates generate classifier families labels defences clip more classwise augment published levers}
 gen() { generate_with configs/uc-demo.yaml "$@"; }  # name overrides...  (UC: configs/uc-demo.yaml's settings)
 UCCLIP="$R-uc/protected/$P"
 random16() { generate_with configs/demo.yaml random16 mem.method=random mem.trigger_len=0 mem.epsilon=16; }  # control: random noise per image at eps 16
@@ -92,6 +92,13 @@ for step in $STEPS; do
         evaluate $R-uc-published-clip-scratch-seed$seed "{clean: '$SHARDS', uc-clip: '$UCCLIP', uc-clip-published: '$R-uc-aug-published/protected/$P'}" seed=$seed
       done
       evaluate $R-uc-published-clip-ft "$PUB" victim.pretrained=$R-public/victims/public.pt victim.lr=1e-4 ;;
+    levers)  # uc.augment=published with the perturbations optimised directly, and with the ResNet-18 surrogate
+      # (after the surrogates step), against ResNet-18 and MobileNetV2 (about 30 min)
+      gen uc-aug-published-direct uc.augment=published uc.perturbation=direct
+      gen uc-resnet-aug-published uc.augment=published surrogate.model=torchvision:resnet18 surrogate.pretrained=$R-public-cls/victims/public.pt
+      LEVERS="{uc-clip-published-direct: '$R-uc-aug-published-direct/protected/$P', uc-resnet-published: '$R-uc-resnet-aug-published/protected/$P'}"
+      evaluate $R-uc-levers "$LEVERS" victim.kind=classifier
+      evaluate $R-uc-levers-mobilenet "$LEVERS" victim.kind=classifier classifier.model=mobilenet_v2 classifier.lr=0.05 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
