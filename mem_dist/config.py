@@ -144,14 +144,18 @@ class MemConfig:
 
 @dataclass(frozen=True)
 class UCConfig:
-    """Unlearnable Clusters (``mem.method: uc``): k-means on the surrogate's image features,
-    one perturbation per cluster pulling images toward the next cluster's centroid."""
+    """Unlearnable Clusters (``mem.method: uc``): k-means on the surrogate's image features (or
+    the captions'), one perturbation per cluster pulling images toward the next cluster's centroid."""
 
     clusters: int = 10
     """p: k-means clusters, one perturbation each."""
     kmeans_samples: int = 100_000
     """Images k-means is fitted on (a seeded subset, the same share of every shard); every
     image is then assigned to its nearest centroid."""
+    cluster_on: Literal["image", "caption"] = "image"
+    """What k-means clusters: image (UC's: the surrogate's image features) or caption (the CLIP
+    surrogate's text-tower embedding of each caption; each cluster's perturbation still pulls
+    its images toward the next cluster's mean image feature). An open_clip surrogate only."""
     train_samples: int = 20_000
     """Images the perturbations are optimised on (a seeded subset, the same share of every
     shard, held in memory across the ranks)."""
@@ -274,12 +278,14 @@ class RunConfig:
         }
 
     def _uc_fingerprint(self) -> dict[str, Any]:
-        # the augmentation's keys are left out when it is off (they change nothing then), so UC
-        # runs started before uc.augment existed still resume
+        # the augmentation's keys are left out when it is off (they change nothing then), and
+        # cluster_on when it is UC's image, so UC runs started before those keys existed still resume
         uc = dataclasses.asdict(self.uc)
         if uc["augment"] == "none":
             for key in ("augment", "crop_padding", "flip"):
                 uc.pop(key)
+        if uc["cluster_on"] == "image":
+            uc.pop("cluster_on")
         return uc
 
     def config_hash(self) -> str:

@@ -10,9 +10,13 @@ classifier (``surrogate.model: torchvision:resnet18`` and a local checkpoint) it
 (reference section 8); no code of theirs is used.
 
     1. k-means sample: every rank embeds a seeded share of each shard it owns; rank 0 fits
-       scikit-learn's KMeans (p clusters) on all of them -> state/uc/centroids.npy
-    2. assignment: every rank embeds all its shards' images; each goes to its nearest
-       centroid -> state/round-001/{shard}.parquet (key, cluster, distance), atomic per shard
+       scikit-learn's KMeans (p clusters) on all of them -> state/uc/centroids.npy. What is
+       clustered (``uc.cluster_on``): the images' features (UC's), or the captions' embedding
+       by the CLIP surrogate's text tower (what the owner of an image-caption collection also
+       holds); each cluster's target is then the mean image feature of its sampled members
+       -> state/uc/targets.npy (with image clusters the targets are the centroids)
+    2. assignment: every rank embeds all its shards' images (or captions); each goes to its
+       nearest centroid -> state/round-001/{shard}.parquet (key, cluster, distance), atomic per shard
     3. perturbations: p of them (a ResNet generator each from one fixed noise input, or the
        perturbations directly), Adam on a seeded share of every shard held in memory (seen
        through the victim's crop and flip with ``uc.augment``, seeded per epoch, step, shard); each
@@ -73,24 +77,37 @@ def perturbations_url(output: str) -> str:
 class FeatureNet:
     """The surrogate's image features of canvas pixels (float [B, C, H, W] in [0, 255]),
     differentiable: an open_clip image tower (UC-CLIP) or a torchvision classifier's
-    penultimate layer (UC). Frozen, in eval mode."""
+    penultimate layer (UC); and for an open_clip surrogate, its text tower's embedding of
+    captions (:meth:`captions`). Frozen, in eval mode."""
 
     def __init__(self, cfg: RunConfig, device: torch.device):
         name, weights = cfg.surrogate.model, cfg.surrogate.pretrained
         if cfg.surrogate.ensemble:
             raise ConfigError("config key 'surrogate.ensemble': mem.method uc uses one surrogate")
         torch.manual_seed(cfg.seed)
+        self.device, self.clip, self.tokenizer = device, None, None
         if name.startswith("torchvision:"):
+            if cfg.uc.cluster_on == "caption":
+                raise ConfigError("config key 'uc.cluster_on': caption needs an open_clip surrogate (its text tower); "
+                                  f"{name} has none")
             self.model, self.spec = torchvision_features(name.split(":", 1)[1], weights, cfg.data.image_size, device)
             self.encode = self.model
         else:
-            clip, _, self.spec = surrogate.create_surrogate(name, weights, device)
-            self.model = clip.visual
-            self.encode = clip.encode_image
+            self.clip, self.tokenizer, self.spec = surrogate.create_surrogate(name, weights, device)
+            self.clip.eval().requires_grad_(False)
+            self.model = self.clip.visual
+            self.encode = self.clip.encode_image
         self.model.eval().requires_grad_(False)
 
     def __call__(self, pixels_BCHW: torch.Tensor) -> torch.Tensor:
         return self.encode(surrogate.to_model_input(pixels_BCHW, self.spec)).float()
+
+    @torch.no_grad()
+    def captions(self, texts: list[str]) -> torch.Tensor:
+        """The text tower's embedding [N, E] of captions, in fixed chunks."""
+        out = [self.clip.encode_text(self.tokenizer(texts[s:s + CHUNK]).to(self.device)).float()
+               for s in range(0, len(texts), CHUNK)]
+        return torch.cat(out) if out else torch.zeros(0, 0, device=self.device)
 
 
 def torchvision_features(arch: str, weights: str | None, size: int, device) -> tuple[nn.Module, surrogate.PixelSpec]:
@@ -129,6 +146,14 @@ def embed(net: FeatureNet, canvases_NHWC: np.ndarray, device) -> torch.Tensor:
     out = [net(torch.from_numpy(canvases_NHWC[s:s + CHUNK]).to(device).permute(0, 3, 1, 2).float())
            for s in range(0, len(canvases_NHWC), CHUNK)]
     return torch.cat(out) if out else torch.zeros(0, 0, device=device)
+
+
+def cluster_features(cfg: RunConfig, net: FeatureNet, shard: Shard, rows: np.ndarray) -> torch.Tensor:
+    """What k-means clusters, of ``shard``'s samples at ``rows``: their images' features, or
+    (``uc.cluster_on: caption``) their captions' embedding."""
+    if cfg.uc.cluster_on == "caption":
+        return net.captions([shard.captions[i] for i in rows])
+    return embed(net, shard.canvases[rows], net.device)
 
 
 def share(name: str, n: int, quota: int, seed: int, purpose: str) -> np.ndarray:
@@ -180,13 +205,14 @@ def read_perturbations(output: str) -> np.ndarray:
     url = perturbations_url(output)
     if not storage.exists(url):
         raise ConfigError(f"no UC perturbations under {uc_dir(output)}; finish generate first")
-    return np.load(io.BytesIO(storage.read_bytes(url)))
+    return read_npy(url)
 
 
 def generate(cfg: RunConfig, dist: distributed.Dist, log=print) -> dict:
     """Run (or resume) UC; returns the final run record."""
     old = rundir.check_resume(cfg, dist.world)
     urls = check_shards(cfg.data)
+    net = FeatureNet(cfg, dist.device)  # before anything is written: a surrogate that cannot serve is a config error
     dist.barrier()
     if dist.is_main:
         storage.write_json(storage.join(cfg.output, "run.json"),
@@ -197,14 +223,13 @@ def generate(cfg: RunConfig, dist: distributed.Dist, log=print) -> dict:
         log(f"mem-dist: {cfg.output} already holds the UC perturbations; nothing to do")
         return record
     t0 = time.time()
-    net = FeatureNet(cfg, dist.device)
     mine = owned(urls, dist.rank, dist.world)
     cache = ShardCache(cfg.data, cfg.data.cache_shards)
-    centroids = fit_centroids(cfg, dist, net, urls, mine, cache, log)
+    centroids, targets = fit_centroids(cfg, dist, net, urls, mine, cache, log)
     t1 = time.time()
     skipped = assign(cfg, dist, net, mine, cache, centroids)
     t2 = time.time()
-    losses = optimise(cfg, dist, net, urls, mine, centroids, log)
+    losses = optimise(cfg, dist, net, urls, mine, targets, log)
     t3 = time.time()
     skips = dist.gather(skipped)
     record = None
@@ -228,37 +253,55 @@ def quota(total: int, n_shards: int) -> int:
     return max(1, -(-total // n_shards))
 
 
-def fit_centroids(cfg: RunConfig, dist, net: FeatureNet, urls, mine, cache: ShardCache, log) -> torch.Tensor:
-    """The k-means centroids [p, E]: from state/uc/centroids.npy if a run got that far, else fitted
-    (rank 0) on every rank's seeded share of its shards, in shard order."""
-    url = storage.join(uc_dir(cfg.output), "centroids.npy")
+def fit_centroids(cfg: RunConfig, dist, net: FeatureNet, urls, mine, cache: ShardCache, log) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k-means centroids [p, E] (in the space of :func:`cluster_features`) and each
+    cluster's target in image-feature space [p, E']: from state/uc/ if a run got that far,
+    else fitted (rank 0) on every rank's seeded share of its shards, in shard order."""
+    url, targets_url = (storage.join(uc_dir(cfg.output), f) for f in ("centroids.npy", "targets.npy"))
+    by_caption = cfg.uc.cluster_on == "caption"
     if not storage.exists(url):
         q = quota(cfg.uc.kmeans_samples, len(urls))
         mine_feats = []
         for u in mine:
             shard = cache.get(u)
             rows = share(shard.name, len(shard), q, cfg.seed, "kmeans")
-            mine_feats.append((urls.index(u), embed(net, shard.canvases[rows], dist.device).cpu().numpy()))
+            images = embed(net, shard.canvases[rows], dist.device).cpu().numpy() if by_caption else None
+            mine_feats.append((urls.index(u), cluster_features(cfg, net, shard, rows).cpu().numpy(), images))
         gathered = sorted((item for rank in dist.gather(mine_feats) for item in rank), key=lambda t: t[0])
         if dist.is_main:
-            x = np.concatenate([f for _, f in gathered if len(f)]).astype(np.float64)
+            x = np.concatenate([f for _, f, _ in gathered if len(f)]).astype(np.float64)
             if len(x) < cfg.uc.clusters:
                 raise ConfigError(f"config key 'uc.clusters': {cfg.uc.clusters} clusters from {len(x)} images")
             from sklearn.cluster import KMeans
 
             km = KMeans(n_clusters=cfg.uc.clusters, n_init=4, random_state=seed_of(cfg.seed, "uc", "kmeans") % 2**31).fit(x)
-            buf = io.BytesIO()
-            np.save(buf, km.cluster_centers_.astype(np.float32))
-            storage.write_bytes_atomic(url, buf.getvalue())
             sizes = np.bincount(km.labels_, minlength=cfg.uc.clusters)
-            log(f"mem-dist: uc: k-means on {len(x)} images ({q} per shard): cluster sizes {sizes.tolist()}")
+            if by_caption:  # written first: the centroids mark this step done
+                images = np.concatenate([im for _, f, im in gathered if len(f)]).astype(np.float64)
+                means = np.stack([images[km.labels_ == k].mean(0) if sizes[k] else np.zeros(images.shape[1]) for k in range(len(sizes))])
+                write_npy(targets_url, means.astype(np.float32))
+            write_npy(url, km.cluster_centers_.astype(np.float32))
+            log(f"mem-dist: uc: k-means on {len(x)} {'captions' if by_caption else 'images'} ({q} per shard): "
+                f"cluster sizes {sizes.tolist()}")
         dist.barrier()
-    return torch.from_numpy(np.load(io.BytesIO(storage.read_bytes(url)))).to(dist.device)
+    centroids = torch.from_numpy(read_npy(url)).to(dist.device)
+    return centroids, (torch.from_numpy(read_npy(targets_url)).to(dist.device) if by_caption else centroids)
+
+
+def write_npy(url: str, array: np.ndarray) -> None:
+    """One .npy object, written atomically."""
+    buf = io.BytesIO()
+    np.save(buf, array)
+    storage.write_bytes_atomic(url, buf.getvalue())
+
+
+def read_npy(url: str) -> np.ndarray:
+    return np.load(io.BytesIO(storage.read_bytes(url)))
 
 
 def assign(cfg: RunConfig, dist, net: FeatureNet, mine, cache: ShardCache, centroids: torch.Tensor) -> dict[str, int]:
-    """Every image of this rank's shards to its nearest centroid (shards already assigned are
-    skipped); returns this rank's skip counts."""
+    """Every sample of this rank's shards to its nearest centroid, by :func:`cluster_features`
+    (shards already assigned are skipped); returns this rank's skip counts."""
     done = state.completed(cfg.output, 1)
     skipped: dict[str, int] = {}
     for u in mine:
@@ -267,7 +310,7 @@ def assign(cfg: RunConfig, dist, net: FeatureNet, mine, cache: ShardCache, centr
             _, _, _, skips = read_assignments(cfg.output, name)
         else:
             shard = cache.get(u)
-            feats = embed(net, shard.canvases, dist.device)
+            feats = cluster_features(cfg, net, shard, np.arange(len(shard)))
             if len(feats):
                 dist_NP = torch.cdist(feats.double(), centroids.double())
                 d, c = dist_NP.min(1)
@@ -291,8 +334,8 @@ def exact_sum(q: torch.Tensor, dist) -> torch.Tensor:
 
 
 def optimise(cfg: RunConfig, dist, net: FeatureNet, urls, mine, centroids: torch.Tensor, log) -> list[float]:
-    """Adam on the p perturbations; writes state/uc/perturbations.npy (rank 0) and returns the
-    mean loss per epoch."""
+    """Adam on the p perturbations, pulling cluster k toward ``centroids`` k + 1 (in image-feature
+    space); writes state/uc/perturbations.npy (rank 0) and returns the mean loss per epoch."""
     u, dev = cfg.uc, dist.device
     if u.perturbation == "random":  # the control: nothing to optimise
         write_perturbations(cfg, dist, Perturbations(cfg, cfg.data.image_size))
@@ -370,9 +413,7 @@ def write_perturbations(cfg: RunConfig, dist, pert: Perturbations) -> None:
               f"published images will equal the source; raise uc.lr (now {cfg.uc.lr:g}) or use uc.perturbation=generator",
               file=sys.stderr)
     if dist.is_main:
-        buf = io.BytesIO()
-        np.save(buf, final)
-        storage.write_bytes_atomic(perturbations_url(cfg.output), buf.getvalue())
+        write_npy(perturbations_url(cfg.output), final)
     dist.barrier()
 
 

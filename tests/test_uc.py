@@ -164,8 +164,41 @@ def test_a_torchvision_classifier_is_the_uc_surrogate(demo_dir, tmp_path, capsys
     bad = uc_overrides(f"{demo_dir}/train/00000.tar", str(tmp_path / "bad"), **{"surrogate.model": "torchvision:resnet18",
                                                                               "surrogate.pretrained": str(tmp_path / "nope.pt")})
     assert generate(bad) == 2 and "surrogate.pretrained" in capsys.readouterr().err
+    captions = uc_overrides(f"{demo_dir}/train/00000.tar", str(tmp_path / "captions"), **{
+        "surrogate.model": "torchvision:resnet18", "surrogate.pretrained": ckpt, "uc.cluster_on": "caption"})
+    assert generate(captions) == 2 and "uc.cluster_on" in capsys.readouterr().err  # no text tower
+    assert not os.path.exists(tmp_path / "captions" / "run.json")  # refused before anything was written
     with pytest.raises(ConfigError, match="uc.clusters"):
         load_config(RunConfig, None, uc_overrides(f"{demo_dir}/train/00000.tar", out, **{"uc.clusters": 1}))
+
+
+def test_clusters_from_the_captions(demo_dir, tmp_path):
+    """uc.cluster_on=caption: k-means on the CLIP surrogate's text embedding of the captions
+    (each sample goes to the centroid nearest its caption's embedding), and each cluster's
+    target is the mean image feature of its sampled members (state/uc/targets.npy); merge and
+    verify as usual."""
+    out = str(tmp_path / "run")
+    args = uc_overrides(f"{demo_dir}/train/{SHARDS}", out, **{"uc.cluster_on": "caption", "uc.epochs": 1})
+    assert generate(args) == 0 and merge.main([out]) == 0
+    cfg = load_config(RunConfig, None, args)
+    net = uc.FeatureNet(cfg, torch.device("cpu"))
+    centroids, targets = (np.load(f"{out}/state/uc/{f}.npy") for f in ("centroids", "targets"))
+    members: dict[int, list[np.ndarray]] = {}
+    for name in ("00000", "00001", "00002"):
+        keys, clusters, _, _ = uc.read_assignments(out, name)
+        src = load_shard(f"{demo_dir}/train/{name}.tar", cfg.data)
+        assert keys == src.keys
+        text = net.captions(src.captions).numpy()
+        assert centroids.shape[1] == text.shape[1]
+        assert np.array_equal(clusters, ((text[:, None] - centroids[None]) ** 2).sum(-1).argmin(1))
+        rows = uc.share(name, len(src), uc.quota(90, 3), cfg.seed, "kmeans")  # the k-means sample
+        for c, f in zip(clusters[rows], uc.embed(net, src.canvases[rows], torch.device("cpu")).numpy()):
+            members.setdefault(int(c), []).append(f)
+    assert sorted(members) == [0, 1, 2]
+    assert targets.shape == (3, net(torch.zeros(1, 3, 32, 32)).shape[1])
+    for c, feats in members.items():
+        assert np.allclose(targets[c], np.mean(feats, 0), atol=1e-5)
+    assert verify.verify(out)["mismatches"] == 0
 
 
 def test_merge_waits_for_the_perturbations(run, tmp_path, capsys):
