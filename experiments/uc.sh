@@ -2,13 +2,13 @@
 # Unlearnable Clusters on real photos: the rows of docs/efficacy.md's UC tables. Fashion-MNIST
 # (after experiments/fashion_mnist.sh data public generate: data/fmnist, the stand-in public CLIP
 # checkpoint runs/fm-public, the MEM shards for the side-by-side rows), 4,000 train / 1,000 val at 32 px;
-# about 4 h 30 min on 2 CPU cores (the augment step 75 min, published 45 min, levers 30 min), one job at a time (the steps skip runs already finished).
-#   bash experiments/uc.sh [STEP ...]     steps: surrogates generate classifier families labels defences clip more classwise augment published levers
+# about 5 h 40 min on 2 CPU cores (augment 75 min, published 45, levers 30, captions 25, captions-more 30, captions-eps32 12), one job at a time (the steps skip runs already finished).
+#   bash experiments/uc.sh [STEP ...]     steps: surrogates generate classifier families labels defences clip more classwise augment published levers captions captions-more captions-eps32
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . experiments/fmnist-common.sh
 P="{00000..00007}.tar"
-STEPS=${*:-surrogates generate classifier families labels defences clip more classwise augment published levers}
+STEPS=${*:-surrogates generate classifier families labels defences clip more classwise augment published levers captions captions-more captions-eps32}
 gen() { generate_with configs/uc-demo.yaml "$@"; }  # name overrides...  (UC: configs/uc-demo.yaml's settings)
 UCCLIP="$R-uc/protected/$P"
 random16() { generate_with configs/demo.yaml random16 mem.method=random mem.trigger_len=0 mem.epsilon=16; }  # control: random noise per image at eps 16
@@ -99,6 +99,31 @@ for step in $STEPS; do
       LEVERS="{uc-clip-published-direct: '$R-uc-aug-published-direct/protected/$P', uc-resnet-published: '$R-uc-resnet-aug-published/protected/$P'}"
       evaluate $R-uc-levers "$LEVERS" victim.kind=classifier
       evaluate $R-uc-levers-mobilenet "$LEVERS" victim.kind=classifier classifier.model=mobilenet_v2 classifier.lr=0.05 ;;
+    captions)  # the clusters from the captions (uc.cluster_on=caption: the CLIP surrogate's text tower), through
+      # the crop and flip; against ResNet-18 (two seeds), MobileNetV2 and the CLIP victim from scratch (about 25 min)
+      gen uc-captions-published uc.cluster_on=caption uc.augment=published
+      CAP="{uc-clip-captions-published: '$R-uc-captions-published/protected/$P'}"
+      evaluate $R-uc-captions "$CAP" victim.kind=classifier
+      evaluate $R-uc-captions-seed1 "$CAP" victim.kind=classifier seed=1
+      evaluate $R-uc-captions-mobilenet "$CAP" victim.kind=classifier classifier.model=mobilenet_v2 classifier.lr=0.05
+      evaluate $R-uc-captions-kmeans "$CAP" victim.kind=classifier classifier.labels=kmeans
+      evaluate $R-uc-captions-clip-scratch "$CAP" ;;
+    captions-more)  # the caption clusters: twice the budget, a victim without crop and flip, 30 epochs, the defences (about 30 min)
+      gen uc-captions-published-eps32 uc.cluster_on=caption uc.augment=published mem.epsilon=32
+      CAP="{uc-clip-captions-published: '$R-uc-captions-published/protected/$P'}"
+      evaluate $R-uc-captions-eps32 "{uc-clip-captions-published-eps32: '$R-uc-captions-published-eps32/protected/$P'}" victim.kind=classifier
+      evaluate $R-uc-captions-noaug "$CAP" victim.kind=classifier classifier.crop_padding=0 classifier.flip=false
+      evaluate $R-uc-captions-e30 "$CAP" victim.kind=classifier victim.epochs=30
+      for d in grayscale jpeg cutout mixup gaussian bits; do
+        evaluate $R-uc-captions-def-$d "$CAP" victim.kind=classifier defence.image=$d
+      done ;;
+    captions-eps32)  # the caption clusters at twice the budget: a second seed, 30 epochs (where clean reaches 0.83),
+      # MobileNetV2, the CLIP victim from scratch (about 12 min, after captions-more)
+      CAP32="{uc-clip-captions-published-eps32: '$R-uc-captions-published-eps32/protected/$P'}"
+      evaluate $R-uc-captions-eps32-seed1 "$CAP32" victim.kind=classifier seed=1
+      evaluate $R-uc-captions-eps32-e30 "$CAP32" victim.kind=classifier victim.epochs=30
+      evaluate $R-uc-captions-eps32-mobilenet "$CAP32" victim.kind=classifier classifier.model=mobilenet_v2 classifier.lr=0.05
+      evaluate $R-uc-captions-eps32-clip-scratch "$CAP32" ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

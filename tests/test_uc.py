@@ -1,5 +1,6 @@
 """Unlearnable Clusters (mem.method uc) at small size: clusters, bounded perturbations, the
-published pixels, the same bytes from one process and from two, resume, a torchvision surrogate."""
+published pixels, the same bytes from one process and from two, resume, a torchvision surrogate,
+clusters from the captions."""
 
 import io
 import os
