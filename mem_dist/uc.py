@@ -148,11 +148,11 @@ def embed(net: FeatureNet, canvases_NHWC: np.ndarray, device) -> torch.Tensor:
     return torch.cat(out) if out else torch.zeros(0, 0, device=device)
 
 
-def cluster_features(cfg: RunConfig, net: FeatureNet, shard: Shard, rows: np.ndarray) -> torch.Tensor:
-    """What k-means clusters, of ``shard``'s samples at ``rows``: their images' features, or
-    (``uc.cluster_on: caption``) their captions' embedding."""
+def cluster_features(cfg: RunConfig, net: FeatureNet, shard: Shard, rows: np.ndarray | slice = slice(None)) -> torch.Tensor:
+    """What k-means clusters, of ``shard``'s samples at ``rows`` (default all, without a copy of
+    the canvases): their images' features, or (``uc.cluster_on: caption``) their captions' embedding."""
     if cfg.uc.cluster_on == "caption":
-        return net.captions([shard.captions[i] for i in rows])
+        return net.captions(np.asarray(shard.captions, dtype=object)[rows].tolist())
     return embed(net, shard.canvases[rows], net.device)
 
 
@@ -271,7 +271,7 @@ def fit_centroids(cfg: RunConfig, dist, net: FeatureNet, urls, mine, cache: Shar
         if dist.is_main:
             x = np.concatenate([f for _, f, _ in gathered if len(f)]).astype(np.float64)
             if len(x) < cfg.uc.clusters:
-                raise ConfigError(f"config key 'uc.clusters': {cfg.uc.clusters} clusters from {len(x)} images")
+                raise ConfigError(f"config key 'uc.clusters': {cfg.uc.clusters} clusters from {len(x)} samples")
             from sklearn.cluster import KMeans
 
             km = KMeans(n_clusters=cfg.uc.clusters, n_init=4, random_state=seed_of(cfg.seed, "uc", "kmeans") % 2**31).fit(x)
@@ -310,7 +310,7 @@ def assign(cfg: RunConfig, dist, net: FeatureNet, mine, cache: ShardCache, centr
             _, _, _, skips = read_assignments(cfg.output, name)
         else:
             shard = cache.get(u)
-            feats = cluster_features(cfg, net, shard, np.arange(len(shard)))
+            feats = cluster_features(cfg, net, shard)
             if len(feats):
                 dist_NP = torch.cdist(feats.double(), centroids.double())
                 d, c = dist_NP.min(1)
