@@ -155,7 +155,7 @@ def train_victim(train_shards: str | Condition, val: Pairs, cfg: EvalConfig, log
         train.canvases = defences.jpeg_roundtrip(train.canvases, cfg.reencode_jpeg)
 
     model, tokenizer, spec = create_victim(vcfg, device, cfg.seed)  # the same initial victim for every condition
-    optimizer = torch.optim.AdamW(surrogate.param_groups(model, vcfg.weight_decay), lr=vcfg.lr)
+    optimizer = surrogate.adamw(model, vcfg.lr, vcfg.weight_decay)
     order_gen = torch.Generator().manual_seed(cfg.seed)
     augment_gen = torch.Generator().manual_seed(cfg.seed + 1)
     text_rng = random.Random(cfg.seed)

@@ -60,8 +60,7 @@ class Ensemble:
             elif not surrogate.same_tokenizer(tok, tokenizer):
                 raise ConfigError(f"config key '{key}.model': {name} tokenizes differently from surrogate.model "
                                   f"({cfg.surrogate.model}); every member must share one tokenizer (the trigger is one text)")
-            optimizer = torch.optim.AdamW(surrogate.param_groups(model, cfg.mem.weight_decay), lr=cfg.mem.lr,
-                                          betas=(0.9, 0.999), eps=1e-8)
+            optimizer = surrogate.adamw(model, cfg.mem.lr, cfg.mem.weight_decay)
             if dist.world > 1:
                 model, optimizer = dist.accelerator.prepare(model, optimizer)
             model.eval()  # train mode only inside the surrogate phase (BatchNorm in RN surrogates)
