@@ -189,6 +189,10 @@ class UCConfig:
     """Adam's L2 weight decay; null = the perturbation's default: 5e-4 for the generator's
     weights (the authors'), 0 for direct perturbations (in 1/255 units, a decay of 5e-4 * delta
     outweighs their mean-normalised gradient a hundredfold and holds them at 0)."""
+    grid: int = 0
+    """0: a perturbation holds one value per canvas pixel (the authors'); g > 0: a g x g grid of
+    values per channel (the generator's output, the direct tensor, the random noise), upsampled
+    bilinearly to the canvas: a smooth, low-frequency code."""
     generator_width: int = 64
     """The generator's ngf (64: the authors')."""
     generator_blocks: int = 6
@@ -203,6 +207,9 @@ class UCConfig:
         for key in ("kmeans_samples", "train_samples", "epochs", "batch_size", "generator_width"):
             check(getattr(self, key) >= 1, f"uc.{key}", "must be at least 1")
         check(self.generator_blocks >= 0, "uc.generator_blocks", "must be 0 or more")
+        check(self.grid >= 0, "uc.grid", "must be 0 (one value per canvas pixel) or a grid side")
+        check(self.grid == 0 or self.grid >= 8 or self.perturbation != "generator", "uc.grid",
+              "must be at least 8 for the generator (its two stride-2 downs and reflection padding)")
         check(self.crop_padding >= 0, "uc.crop_padding", "must be 0 or more")
         check(self.lr > 0, "uc.lr", "must be positive")
         check(self.weight_decay >= 0, "uc.weight_decay", "must be 0 or more")
@@ -262,6 +269,9 @@ class RunConfig:
     progress: bool = True
     """Progress bars on the main process."""
 
+    def __post_init__(self) -> None:
+        check(self.uc.grid <= self.data.image_size, "uc.grid", f"must be at most data.image_size ({self.data.image_size})")
+
     def fingerprint(self) -> dict[str, Any]:
         """The settings that decide the generated state. Resuming is refused when these
         differ; mem.rounds is left out so a finished run can be extended."""
@@ -279,13 +289,16 @@ class RunConfig:
 
     def _uc_fingerprint(self) -> dict[str, Any]:
         # the augmentation's keys are left out when it is off (they change nothing then), and
-        # cluster_on when it is UC's image, so UC runs started before those keys existed still resume
+        # cluster_on when it is UC's image and grid when 0, so UC runs started before those keys
+        # existed still resume
         uc = dataclasses.asdict(self.uc)
         if uc["augment"] == "none":
             for key in ("augment", "crop_padding", "flip"):
                 uc.pop(key)
         if uc["cluster_on"] == "image":
             uc.pop("cluster_on")
+        if uc["grid"] == 0:
+            uc.pop("grid")
         return uc
 
     def config_hash(self) -> str:

@@ -52,30 +52,37 @@ class ResBlock(nn.Module):
 class Perturbations(nn.Module):
     """p perturbations on the canvas, float [p, C, H, W] in 1/255 units within +-epsilon:
     generators from one fixed noise input each (clamped, as the authors'), free tensors
-    (projected after every step), or random ones (the control: nothing optimised)."""
+    (projected after every step), or random ones (the control: nothing optimised). With
+    ``uc.grid`` g each is made at g x g and upsampled bilinearly to the canvas (which keeps it
+    within +-epsilon)."""
 
     def __init__(self, cfg: RunConfig, size: int):
         super().__init__()
         u, self.eps = cfg.uc, float(cfg.mem.epsilon)
         torch.manual_seed(seed_of(cfg.seed, "uc", "perturbations"))
-        self.kind = u.perturbation
+        self.kind, self.size = u.perturbation, size
+        side = u.grid or size  # where the values live
+        self.grid = side
         if self.kind == "generator":
-            # the canvas side rounded up to a multiple of 4 (two stride-2 downs), cropped after
-            self.side = -(-size // 4) * 4
+            # the side rounded up to a multiple of 4 (two stride-2 downs), cropped after
+            self.side = -(-side // 4) * 4
             self.register_buffer("z", torch.rand(u.clusters, 3, self.side, self.side))
             self.generators = nn.ModuleList(ResnetGenerator(u.generator_width, u.generator_blocks) for _ in range(u.clusters))
         elif self.kind == "direct":
-            self.delta = nn.Parameter(torch.zeros(u.clusters, 3, size, size))
+            self.delta = nn.Parameter(torch.zeros(u.clusters, 3, side, side))
         else:  # random: the control, uniform integers in [-eps, eps] per cluster, nothing optimised
-            noise = torch.randint(-int(self.eps), int(self.eps) + 1, (u.clusters, 3, size, size)).float()
+            noise = torch.randint(-int(self.eps), int(self.eps) + 1, (u.clusters, 3, side, side)).float()
             self.delta = nn.Parameter(noise, requires_grad=False)
-        self.size = size
 
     def forward(self) -> torch.Tensor:
-        if self.kind != "generator":
-            return self.delta
-        out = torch.cat([g(self.z[k:k + 1]) for k, g in enumerate(self.generators)])[..., : self.size, : self.size]
-        return (255 * out).clamp(-self.eps, self.eps)
+        if self.kind == "generator":
+            out = torch.cat([g(self.z[k:k + 1]) for k, g in enumerate(self.generators)])[..., : self.grid, : self.grid]
+            out = (255 * out).clamp(-self.eps, self.eps)
+        else:
+            out = self.delta
+        if self.grid == self.size:
+            return out
+        return F.interpolate(out, size=(self.size, self.size), mode="bilinear", align_corners=False)
 
     @torch.no_grad()
     def project(self) -> None:
