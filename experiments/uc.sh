@@ -2,13 +2,14 @@
 # Unlearnable Clusters on real photos: the rows of docs/efficacy.md's UC tables. Fashion-MNIST
 # (after experiments/fashion_mnist.sh data public generate: data/fmnist, the stand-in public CLIP
 # checkpoint runs/fm-public, the MEM shards for the side-by-side rows), 4,000 train / 1,000 val at 32 px;
-# about 5 h 40 min on 2 CPU cores (augment 75 min, published 45, levers 30, captions 25, captions-more 30, captions-eps32 12), one job at a time (the steps skip runs already finished).
-#   bash experiments/uc.sh [STEP ...]     steps: surrogates generate classifier families labels defences clip more classwise augment published levers captions captions-more captions-eps32
+# about 6 h on 2 CPU cores (augment 75 min, published 45, levers 30, captions 25, captions-more 30, captions-eps32 12,
+# smooth 15, noisy 20), one job at a time (the steps skip runs already finished).
+#   bash experiments/uc.sh [STEP ...]     steps: surrogates generate classifier families labels defences clip more classwise augment published levers captions captions-more captions-eps32 smooth noisy
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . experiments/fmnist-common.sh
 P="{00000..00007}.tar"
-STEPS=${*:-surrogates generate classifier families labels defences clip more classwise augment published levers captions captions-more captions-eps32}
+STEPS=${*:-surrogates generate classifier families labels defences clip more classwise augment published levers captions captions-more captions-eps32 smooth noisy}
 gen() { generate_with configs/uc-demo.yaml "$@"; }  # name overrides...  (UC: configs/uc-demo.yaml's settings)
 UCCLIP="$R-uc/protected/$P"
 random16() { generate_with configs/demo.yaml random16 mem.method=random mem.trigger_len=0 mem.epsilon=16; }  # control: random noise per image at eps 16
@@ -124,6 +125,21 @@ for step in $STEPS; do
       evaluate $R-uc-captions-eps32-e30 "$CAP32" victim.kind=classifier victim.epochs=30
       evaluate $R-uc-captions-eps32-mobilenet "$CAP32" victim.kind=classifier classifier.model=mobilenet_v2 classifier.lr=0.05
       evaluate $R-uc-captions-eps32-clip-scratch "$CAP32" ;;
+    smooth)  # smooth codes on the caption clusters through the crop and flip: each perturbation an 8x8 grid
+      # upsampled to the canvas (uc.grid=8), against ResNet-18, two seeds (about 15 min)
+      gen uc-captions-published-grid8 uc.cluster_on=caption uc.augment=published uc.grid=8
+      GRID="{uc-clip-captions-published-grid8: '$R-uc-captions-published-grid8/protected/$P'}"
+      evaluate $R-uc-captions-grid8 "$GRID" victim.kind=classifier
+      evaluate $R-uc-captions-grid8-seed1 "$GRID" victim.kind=classifier seed=1 ;;
+    noisy)  # caption clusters when a fifth (a tenth) of the captions name another class than the label, as free
+      # text agrees only in part with an attacker's classes (a fifth: the clusters agree with the labels about as
+      # the image clusters do; experiments/cluster_agreement.py), against ResNet-18 (about 20 min)
+      for pct in 20 10; do
+        [ -f data/fmnist-noisy$pct/train/00007_stats.json ] || python experiments/caption_noise.py $D/train data/fmnist-noisy$pct/train 0.$pct
+        gen uc-captions-published-noisy$pct uc.cluster_on=caption uc.augment=published "data.shards=data/fmnist-noisy$pct/train/$P"
+        python experiments/cluster_agreement.py $R-uc-captions-published-noisy$pct data/fmnist-noisy$pct/train
+        evaluate $R-uc-captions-noisy$pct "{uc-clip-captions-noisy$pct: '$R-uc-captions-published-noisy$pct/protected/$P'}" victim.kind=classifier
+      done ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

@@ -91,3 +91,43 @@ def test_uc_oracle_gives_every_class_one_perturbation(tmp_path):
             pixels = np.asarray(Image.open(io.BytesIO(published[key]["png"]))).astype(int)
             assert np.array_equal(pixels, np.clip(source.canvases[i].astype(int) + pert[clusters[i]], 0, 255))
     assert sorted(cluster_of_class) == list(range(10)) and len(set(cluster_of_class.values())) == 10
+    # experiments/cluster_agreement.py: the oracle's clusters are the classes exactly
+    done = subprocess.run(python_cmd(os.path.join(ROOT, "experiments", "cluster_agreement.py"), dst, str(tmp_path / "fm" / "train")),
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "120 samples, NMI 1.000, matched 1.000" in done.stdout
+
+
+def test_caption_noise_names_another_class_for_a_share_of_the_samples(tmp_path):
+    """experiments/caption_noise.py: the same keys, image bytes and labels; for about the given
+    share of the samples the caption names a class other than the label, the rest unchanged."""
+    import json
+    import re
+
+    import pyarrow.parquet as pq
+
+    from mem_dist.importers import FASHION_MNIST_CLASSES
+
+    import_fashion_mnist(str(tmp_path / "fm"), train=400, val=1, public=0, per_shard=200)
+    src, out = str(tmp_path / "fm" / "train"), str(tmp_path / "noisy")
+    done = subprocess.run(python_cmd(os.path.join(ROOT, "experiments", "caption_noise.py"), src, out, "0.3"),
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    changed = 0
+    for name in ("00000", "00001"):
+        before = list(wds.WebDataset(f"{src}/{name}.tar", shardshuffle=False))
+        after = list(wds.WebDataset(f"{out}/{name}.tar", shardshuffle=False))
+        assert [s["__key__"] for s in after] == [s["__key__"] for s in before]
+        assert all(a["jpg"] == b["jpg"] for a, b in zip(after, before))
+        assert pq.read_table(f"{out}/{name}.parquet").column("caption").to_pylist() == [s["txt"].decode() for s in after]
+        for a, b in zip(after, before):
+            meta, caption = json.loads(a["json"]), a["txt"].decode()
+            assert meta["label"] == json.loads(b["json"])["label"] and meta["caption"] == caption
+            named = [c for c in FASHION_MNIST_CLASSES if f" {c}" in f" {caption}" and not (c == "shirt" and "t-shirt" in caption)]
+            assert len(named) == 1, caption
+            if caption != b["txt"].decode():
+                changed += 1
+                same = [re.sub(r"\ban\b", "a", t) for t in (caption.replace(named[0], meta["class"]), b["txt"].decode())]
+                assert named[0] != meta["class"] and same[0] == same[1], (caption, b["txt"])
+    assert 0.2 < changed / 400 < 0.4
+    assert f"{changed} captions name another class" in done.stdout
