@@ -3,13 +3,13 @@
 # (after experiments/fashion_mnist.sh data public generate: data/fmnist, the stand-in public CLIP
 # checkpoint runs/fm-public, the MEM shards for the side-by-side rows), 4,000 train / 1,000 val at 32 px;
 # about 6 h on 2 CPU cores (augment 75 min, published 45, levers 30, captions 25, captions-more 30, captions-eps32 12,
-# smooth 15, noisy 20), one job at a time (the steps skip runs already finished).
-#   bash experiments/uc.sh [STEP ...]     steps: surrogates generate classifier families labels defences clip more classwise augment published levers captions captions-more captions-eps32 smooth noisy
+# smooth 15, noisy 20, em 15), one job at a time (the steps skip runs already finished).
+#   bash experiments/uc.sh [STEP ...]     steps: surrogates generate classifier families labels defences clip more classwise augment published levers captions captions-more captions-eps32 smooth noisy em
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . experiments/fmnist-common.sh
 P="{00000..00007}.tar"
-STEPS=${*:-surrogates generate classifier families labels defences clip more classwise augment published levers captions captions-more captions-eps32 smooth noisy}
+STEPS=${*:-surrogates generate classifier families labels defences clip more classwise augment published levers captions captions-more captions-eps32 smooth noisy em}
 gen() { generate_with configs/uc-demo.yaml "$@"; }  # name overrides...  (UC: configs/uc-demo.yaml's settings)
 UCCLIP="$R-uc/protected/$P"
 random16() { generate_with configs/demo.yaml random16 mem.method=random mem.trigger_len=0 mem.epsilon=16; }  # control: random noise per image at eps 16
@@ -140,6 +140,11 @@ for step in $STEPS; do
         python experiments/cluster_agreement.py $R-uc-captions-published-noisy$pct data/fmnist-noisy$pct/train
         evaluate $R-uc-captions-noisy$pct "{uc-clip-captions-noisy$pct: '$R-uc-captions-published-noisy$pct/protected/$P'}" victim.kind=classifier
       done ;;
+    em)  # error-minimising noise per caption cluster (min-min with a ResNet-18 on the cluster ids, through the crop and
+      # flip) in place of UC's pull, the clusters unchanged; against ResNet-18 (about 15 min, after captions)
+      [ -f $R-uc-captions-em/manifest/00007_stats.json ] || { python experiments/em_clusters.py $R-uc-captions-published $R-uc-captions-em &&
+        mem-dist merge $R-uc-captions-em progress=false; }
+      evaluate $R-uc-captions-em-cls "{uc-clip-captions-em: '$R-uc-captions-em/protected/$P'}" victim.kind=classifier ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

@@ -6,6 +6,7 @@ import os
 import subprocess
 
 import numpy as np
+import pytest
 import torch
 import webdataset as wds
 from PIL import Image
@@ -65,13 +66,22 @@ def test_group_code_gives_every_group_one_pattern_and_one_word(demo_dir, tmp_pat
         assert d.size and (d == d[0]).all()
 
 
-def test_uc_oracle_gives_every_class_one_perturbation(tmp_path):
+@pytest.fixture(scope="module")
+def labelled_uc(tmp_path_factory) -> tuple[list[str], str]:
+    """(the train shards' URLs, a finished UC run over them): 120 labelled photos, 10 clusters."""
+    root = tmp_path_factory.mktemp("labelled")
+    urls = import_fashion_mnist(str(root / "fm"), train=120, val=1, public=0, per_shard=60)["train"]
+    src = str(root / "uc")
+    assert generate(uc_overrides(str(root / "fm" / "train" / "{00000..00001}.tar"), src,
+                                 **{"uc.clusters": 10, "uc.kmeans_samples": 120})) == 0
+    return urls, src
+
+
+def test_uc_oracle_gives_every_class_one_perturbation(labelled_uc, tmp_path):
     """experiments/uc_oracle.py on a finished UC run over labelled photos: after its merge every
     image carries the perturbation of the cluster its class was matched to, one per class."""
-    urls = import_fashion_mnist(str(tmp_path / "fm"), train=120, val=1, public=0, per_shard=60)["train"]
-    src, dst = str(tmp_path / "uc"), str(tmp_path / "oracle")
-    shards = str(tmp_path / "fm" / "train" / "{00000..00001}.tar")
-    assert generate(uc_overrides(shards, src, **{"uc.clusters": 10, "uc.kmeans_samples": 120})) == 0
+    urls, src = labelled_uc
+    dst = str(tmp_path / "oracle")
     done = subprocess.run(python_cmd(os.path.join(ROOT, "experiments", "uc_oracle.py"), src, dst), capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert "of the samples keep their cluster" in done.stdout
@@ -92,10 +102,33 @@ def test_uc_oracle_gives_every_class_one_perturbation(tmp_path):
             assert np.array_equal(pixels, np.clip(source.canvases[i].astype(int) + pert[clusters[i]], 0, 255))
     assert sorted(cluster_of_class) == list(range(10)) and len(set(cluster_of_class.values())) == 10
     # experiments/cluster_agreement.py: the oracle's clusters are the classes exactly
-    done = subprocess.run(python_cmd(os.path.join(ROOT, "experiments", "cluster_agreement.py"), dst, str(tmp_path / "fm" / "train")),
+    done = subprocess.run(python_cmd(os.path.join(ROOT, "experiments", "cluster_agreement.py"), dst, os.path.dirname(urls[0])),
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
     assert "120 samples, NMI 1.000, matched 1.000" in done.stdout
+
+
+def test_em_clusters_replaces_the_perturbations_and_keeps_the_clusters(labelled_uc, tmp_path):
+    """experiments/em_clusters.py: a copy of the run whose p perturbations are error-minimising
+    noise within epsilon (other than UC's), the clusters unchanged; its merge carries them."""
+    urls, src = labelled_uc
+    dst = str(tmp_path / "em")
+    done = subprocess.run(python_cmd(os.path.join(ROOT, "experiments", "em_clusters.py"), src, dst, "--iterations", "2",
+                                     "--train-steps", "1", "--pgd-steps", "1", "--batch", "16"),
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "iteration 2/2" in done.stdout
+    assert merge.main([dst]) == 0
+    pert, before = uc.read_perturbations(dst).astype(int), uc.read_perturbations(src).astype(int)
+    assert pert.shape == before.shape and np.abs(pert).max() <= 16 and not np.array_equal(pert, before)
+    for url in urls:
+        source = load_shard(url, DataConfig(shards=url, image_size=32))
+        keys, clusters, _, _ = uc.read_assignments(dst, source.name)
+        assert keys == source.keys and np.array_equal(clusters, uc.read_assignments(src, source.name)[1])
+        published = {s["__key__"]: s for s in wds.WebDataset(f"{dst}/protected/{source.name}.tar", shardshuffle=False)}
+        for i, key in enumerate(keys):
+            pixels = np.asarray(Image.open(io.BytesIO(published[key]["png"]))).astype(int)
+            assert np.array_equal(pixels, np.clip(source.canvases[i].astype(int) + pert[clusters[i]], 0, 255))
 
 
 def test_caption_noise_names_another_class_for_a_share_of_the_samples(tmp_path):
