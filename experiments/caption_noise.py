@@ -10,7 +10,6 @@ labels for about 1 - FRACTION of the samples, as free-text captions agree only i
 classes an attacker trains on (docs/efficacy.md, UC on the captions' clusters).
 """
 import argparse
-import io
 import json
 import os
 import re
