@@ -3,7 +3,7 @@
 # (after experiments/fashion_mnist.sh data public generate: data/fmnist, the stand-in public CLIP
 # checkpoint runs/fm-public, the MEM shards for the side-by-side rows), 4,000 train / 1,000 val at 32 px;
 # about 6 h on 2 CPU cores (augment 75 min, published 45, levers 30, captions 25, captions-more 30, captions-eps32 12,
-# smooth 15, noisy 20, em 15), one job at a time (the steps skip runs already finished).
+# smooth 15, noisy 20, em 30), one job at a time (the steps skip runs already finished).
 #   bash experiments/uc.sh [STEP ...]     steps: surrogates generate classifier families labels defences clip more classwise augment published levers captions captions-more captions-eps32 smooth noisy em
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -141,10 +141,14 @@ for step in $STEPS; do
         evaluate $R-uc-captions-noisy$pct "{uc-clip-captions-noisy$pct: '$R-uc-captions-published-noisy$pct/protected/$P'}" victim.kind=classifier
       done ;;
     em)  # error-minimising noise per caption cluster (min-min with a ResNet-18 on the cluster ids, through the crop and
-      # flip) in place of UC's pull, the clusters unchanged; against ResNet-18 (about 15 min, after captions)
-      [ -f $R-uc-captions-em/manifest/00007_stats.json ] || { python experiments/em_clusters.py $R-uc-captions-published $R-uc-captions-em &&
-        mem-dist merge $R-uc-captions-em progress=false; }
-      evaluate $R-uc-captions-em-cls "{uc-clip-captions-em: '$R-uc-captions-em/protected/$P'}" victim.kind=classifier ;;
+      # flip) in place of UC's pull, the clusters unchanged, at eps 16 and 32; against ResNet-18 (about 30 min, after
+      # captions and captions-more)
+      for e in "" -eps32; do
+        [ -f $R-uc-captions-em$e/manifest/00007_stats.json ] || { python experiments/em_clusters.py $R-uc-captions-published$e $R-uc-captions-em$e &&
+          mem-dist merge $R-uc-captions-em$e progress=false; }
+        evaluate $R-uc-captions-em$e-cls "{uc-clip-captions-em$e: '$R-uc-captions-em$e/protected/$P'}" victim.kind=classifier
+      done
+      evaluate $R-uc-captions-em-cls-seed1 "{uc-clip-captions-em: '$R-uc-captions-em/protected/$P'}" victim.kind=classifier seed=1 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
