@@ -333,9 +333,10 @@ def exact_sum(q: torch.Tensor, dist) -> torch.Tensor:
     return q.double() / FIXED_POINT
 
 
-def optimise(cfg: RunConfig, dist, net: FeatureNet, urls, mine, centroids: torch.Tensor, log) -> list[float]:
-    """Adam on the p perturbations, pulling cluster k toward ``centroids`` k + 1 (in image-feature
-    space); writes state/uc/perturbations.npy (rank 0) and returns the mean loss per epoch."""
+def optimise(cfg: RunConfig, dist, net: FeatureNet, urls, mine, targets: torch.Tensor, log) -> list[float]:
+    """Adam on the p perturbations, pulling cluster k toward ``targets`` k + 1 (the clusters'
+    targets in image-feature space, :func:`fit_centroids`); writes state/uc/perturbations.npy
+    (rank 0) and returns the mean loss per epoch."""
     u, dev = cfg.uc, dist.device
     if u.perturbation == "random":  # the control: nothing to optimise
         write_perturbations(cfg, dist, Perturbations(cfg, cfg.data.image_size))
@@ -350,7 +351,7 @@ def optimise(cfg: RunConfig, dist, net: FeatureNet, urls, mine, centroids: torch
     per_shard = max(1, u.batch_size // len(urls))
     longest = max([len(c) for _, c, _ in data], default=0)
     steps = max(1, -(-int(max(dist.gather(longest))) // per_shard))
-    targets = centroids.roll(-1, dims=0)  # cluster k is pulled toward centroid k + 1
+    pull_to = targets.roll(-1, dims=0)  # cluster k is pulled toward target k + 1
     pert = Perturbations(cfg, cfg.data.image_size).to(dev)
     opt = torch.optim.Adam(pert.parameters(), lr=u.lr, weight_decay=u.weight_decay)
     total_steps = u.epochs * steps
@@ -373,7 +374,7 @@ def optimise(cfg: RunConfig, dist, net: FeatureNet, urls, mine, centroids: torch
                     continue
                 canvas = torch.from_numpy(canvases[rows]).to(dev).permute(0, 3, 1, 2).float()
                 own = torch.from_numpy(clusters[rows]).to(dev) if u.train_on == "cluster" else None
-                loss = pull_loss(net, canvas, leaf, own, targets, u.augment, seeded_crop(cfg, epoch, step, name))
+                loss = pull_loss(net, canvas, leaf, own, pull_to, u.augment, seeded_crop(cfg, epoch, step, name))
                 (g,) = torch.autograd.grad(loss, leaf)
                 grad += (g.double() * FIXED_POINT).round().long()
                 n_here += len(rows) * (1 if own is not None else len(delta))
