@@ -12,10 +12,10 @@ import sys
 
 import numpy as np
 import webdataset as wds
-from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import normalized_mutual_info_score
 
 from mem_dist import uc
+from mem_dist.scores import match_clusters
 
 
 def main(run: str, shards: str) -> int:
@@ -26,11 +26,9 @@ def main(run: str, shards: str) -> int:
         clusters += ids.tolist()
         labels += [label[k] for k in keys]
     c, y = np.array(clusters), np.array(labels)
-    counts = np.zeros((c.max() + 1, y.max() + 1), np.int64)
-    np.add.at(counts, (c, y), 1)
-    rows, cols = linear_sum_assignment(-counts)
+    to_label = match_clusters(c, y, int(max(c.max(), y.max())) + 1)
     print(f"cluster_agreement: {len(c)} samples, NMI {normalized_mutual_info_score(y, c):.3f}, "
-          f"matched {counts[rows, cols].sum() / len(c):.3f}")
+          f"matched {(to_label[c] == y).mean():.3f}")
     return 0
 
 

@@ -20,20 +20,18 @@ projected to epsilon). Prints the classifier's accuracy on the perturbed batch a
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mem_dist import storage, uc
+from mem_dist import uc
 from mem_dist.augment import crop_flip
 from mem_dist.classifier import create_classifier, to_input
-from mem_dist.config import RunConfig, seed_of
-from mem_dist.config_io import build
+from mem_dist.config import seed_of
 from mem_dist.data import load_shard, shard_name
 from mem_dist.eval_config import ClassifierConfig
+from shards import copy_uc_run, seal_uc_run  # experiments/shards.py, beside this script
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,9 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--model", default="resnet18")
     args = ap.parse_args(argv)
-    run = storage.read_json(os.path.join(args.src, "run.json"))
-    cfg = build(RunConfig, run["config"], "")
-    shutil.copytree(os.path.join(args.src, "state"), os.path.join(args.dst, "state"), dirs_exist_ok=True)
+    run, cfg = copy_uc_run(args.src, args.dst)
     canvases, clusters = [], []
     for url in run["shards"]:
         shard = load_shard(url, cfg.data)
@@ -89,8 +85,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"em_clusters: iteration {it}/{args.iterations}: training loss {loss.item():.3f}, "
                   f"accuracy on the perturbed batch {acc:.3f}", flush=True)
     uc.write_npy(uc.perturbations_url(args.dst), delta.round().clamp(-eps, eps).to(torch.int8).permute(0, 2, 3, 1).numpy())
-    run["config"]["output"] = args.dst
-    storage.write_json(os.path.join(args.dst, "run.json"), run)
+    seal_uc_run(run, args.dst)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""What the experiment scripts share: decode source shards, write perturbed ones.
+"""What the experiment scripts share: decode source shards, write perturbed ones; copy a finished
+UC run's private side to a new run directory whose state a script rewrites.
 
 Not part of the package: experiments/ holds scripts behind numbers in docs/efficacy.md that
 are not package options (their methods did not protect). Each writes PNG shards with the
@@ -7,12 +8,15 @@ source keys, for `mem-dist evaluate`.
 import io
 import json
 import os
+import shutil
 
 import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from mem_dist.config import DataConfig
+from mem_dist import storage
+from mem_dist.config import DataConfig, RunConfig
+from mem_dist.config_io import build
 from mem_dist.data import Shard, expand_shards, load_shard
 
 
@@ -35,3 +39,17 @@ def write_shards(shards: list[Shard], delta_NHWC: np.ndarray, captions: list[str
                 tw.write({"__key__": key, "png": buf.getvalue(), "txt": captions[i], "json": json.dumps({"key": key}).encode()})
                 i += 1
     return i
+
+
+def copy_uc_run(src: str, dst: str) -> tuple[dict, RunConfig]:
+    """A finished UC run's state copied to ``dst`` (local); returns its run record and config.
+    The caller rewrites the copy's state, then :func:`seal_uc_run`."""
+    run = storage.read_json(os.path.join(src, "run.json"))
+    shutil.copytree(os.path.join(src, "state"), os.path.join(dst, "state"), dirs_exist_ok=True)
+    return run, build(RunConfig, run["config"], "")
+
+
+def seal_uc_run(run: dict, dst: str) -> None:
+    """The copy's run.json, written last, naming ``dst`` as its output (then ``mem-dist merge dst``)."""
+    run["config"]["output"] = dst
+    storage.write_json(os.path.join(dst, "run.json"), run)

@@ -16,17 +16,14 @@ against this victim.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from mem_dist import storage, uc
-from mem_dist.config import RunConfig
-from mem_dist.config_io import build
+from mem_dist import uc
 from mem_dist.data import load_shard, shard_name
 from mem_dist.pairs import read_labels
+from shards import copy_uc_run, seal_uc_run  # experiments/shards.py, beside this script
 
 
 def class_to_cluster(labels: np.ndarray, clusters: np.ndarray, p: int) -> dict[int, int]:
@@ -47,9 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("src", help="a finished UC run directory (local)")
     ap.add_argument("dst", help="the new run directory, to merge afterwards")
     args = ap.parse_args(argv)
-    run = storage.read_json(os.path.join(args.src, "run.json"))
-    cfg = build(RunConfig, run["config"], "")
-    shutil.copytree(os.path.join(args.src, "state"), os.path.join(args.dst, "state"), dirs_exist_ok=True)
+    run, cfg = copy_uc_run(args.src, args.dst)
     names = [shard_name(url) for url in run["shards"]]
     assigned = {name: uc.read_assignments(args.dst, name) for name in names}
     label_of = {}
@@ -64,8 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         keys, _, distances, skipped = assigned[name]
         uc.write_assignments(args.dst, name, keys, np.array([to_cluster[label_of[k]] for k in keys]), distances, skipped)
-    run["config"]["output"] = args.dst
-    storage.write_json(os.path.join(args.dst, "run.json"), run)
+    seal_uc_run(run, args.dst)
 
 
 if __name__ == "__main__":
