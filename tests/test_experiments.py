@@ -18,7 +18,7 @@ from mem_dist.generate import main as generate
 from mem_dist.importers import import_fashion_mnist
 from mem_dist.pairs import read_labels
 from tests.conftest import ROOT, TINY_RN, python_cmd
-from tests.test_uc import uc_overrides
+from tests.test_uc import assert_published_with_cluster_perturbations, uc_overrides
 
 
 def test_adversarial_poison_writes_bounded_deltas_with_the_source_captions(demo_dir, tmp_path):
@@ -96,10 +96,7 @@ def test_uc_oracle_gives_every_class_one_perturbation(labelled_uc, tmp_path):
         assert keys == source.keys
         for label, cluster in zip(labels.tolist(), clusters.tolist()):
             assert cluster_of_class.setdefault(label, cluster) == cluster
-        published = {s["__key__"]: s for s in wds.WebDataset(f"{dst}/protected/{source.name}.tar", shardshuffle=False)}
-        for i, key in enumerate(keys):
-            pixels = np.asarray(Image.open(io.BytesIO(published[key]["png"]))).astype(int)
-            assert np.array_equal(pixels, np.clip(source.canvases[i].astype(int) + pert[clusters[i]], 0, 255))
+        assert_published_with_cluster_perturbations(dst, source, clusters, pert)
     assert sorted(cluster_of_class) == list(range(10)) and len(set(cluster_of_class.values())) == 10
     # experiments/cluster_agreement.py: the oracle's clusters are the classes exactly
     done = subprocess.run(python_cmd(os.path.join(ROOT, "experiments", "cluster_agreement.py"), dst, os.path.dirname(urls[0])),
@@ -125,10 +122,7 @@ def test_em_clusters_replaces_the_perturbations_and_keeps_the_clusters(labelled_
         source = load_shard(url, DataConfig(shards=url, image_size=32))
         keys, clusters, _, _ = uc.read_assignments(dst, source.name)
         assert keys == source.keys and np.array_equal(clusters, uc.read_assignments(src, source.name)[1])
-        published = {s["__key__"]: s for s in wds.WebDataset(f"{dst}/protected/{source.name}.tar", shardshuffle=False)}
-        for i, key in enumerate(keys):
-            pixels = np.asarray(Image.open(io.BytesIO(published[key]["png"]))).astype(int)
-            assert np.array_equal(pixels, np.clip(source.canvases[i].astype(int) + pert[clusters[i]], 0, 255))
+        assert_published_with_cluster_perturbations(dst, source, clusters, pert)
 
 
 def test_caption_noise_names_another_class_for_a_share_of_the_samples(tmp_path):

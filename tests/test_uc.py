@@ -52,13 +52,20 @@ def test_clusters_and_perturbations(run, demo_dir):
         src = load_shard(f"{demo_dir}/train/{name}.tar", cfg.data)
         assert keys == src.keys and ((clusters >= 0) & (clusters < 3)).all() and (distances >= 0).all()
         seen |= set(clusters.tolist())
-        published = {s["__key__"]: s for s in wds.WebDataset(f"{run}/protected/{name}.tar", shardshuffle=False)}
-        for i, key in enumerate(keys):  # the published image is the canvas plus its cluster's perturbation, clipped
-            pixels = np.asarray(Image.open(io.BytesIO(published[key]["png"])))
-            assert np.array_equal(pixels, np.clip(src.canvases[i].astype(int) + pert[clusters[i]], 0, 255))
-            assert published[key]["txt"].decode() == src.captions[i]  # no trigger
+        published = assert_published_with_cluster_perturbations(run, src, clusters, pert)
+        assert [published[key]["txt"].decode() for key in keys] == src.captions  # no trigger
     assert seen == {0, 1, 2}
     assert verify.verify(run)["mismatches"] == 0
+
+
+def assert_published_with_cluster_perturbations(run: str, source, clusters: np.ndarray, pert: np.ndarray) -> dict:
+    """Each published image of ``source``'s shard is its canvas plus its cluster's perturbation,
+    clipped; returns the published samples by key."""
+    published = {s["__key__"]: s for s in wds.WebDataset(f"{run}/protected/{source.name}.tar", shardshuffle=False)}
+    for i, key in enumerate(source.keys):
+        pixels = np.asarray(Image.open(io.BytesIO(published[key]["png"]))).astype(int)
+        assert np.array_equal(pixels, np.clip(source.canvases[i].astype(int) + pert[clusters[i]].astype(int), 0, 255))
+    return published
 
 
 def launch(args: list[str], processes: int) -> None:
