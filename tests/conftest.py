@@ -7,6 +7,15 @@ import sys
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers share the machine's cores (pyproject's addopts: -n 2): one torch thread each,
+    # in this process and in every process a test starts (an OpenMP pool per process, more
+    # threads than cores, makes a job many times slower).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_RN = os.path.join(ROOT, "configs", "models", "tiny-rn.json")
 TINY_VIT = os.path.join(ROOT, "configs", "models", "tiny-vit.json")
