@@ -2,14 +2,14 @@
 # Unlearnable Clusters on real photos: the rows of docs/efficacy.md's UC tables. Fashion-MNIST
 # (after experiments/fashion_mnist.sh data public generate: data/fmnist, the stand-in public CLIP
 # checkpoint runs/fm-public, the MEM shards for the side-by-side rows), 4,000 train / 1,000 val at 32 px;
-# about 6 h on 2 CPU cores (augment 75 min, published 45, levers 30, captions 25, captions-more 30, captions-eps32 12,
-# smooth 15, noisy 20, em 30), one job at a time (the steps skip runs already finished).
-#   bash experiments/uc.sh [STEP ...]     steps: surrogates generate classifier families labels defences clip more classwise augment published levers captions captions-more captions-eps32 smooth noisy em
+# about 6.5 h on 2 CPU cores (augment 75 min, published 45, levers 30, captions 25, captions-more 30, captions-eps32 12,
+# smooth 15, noisy 20, em 30, tint 35), one job at a time (the steps skip runs already finished).
+#   bash experiments/uc.sh [STEP ...]     steps: surrogates generate classifier families labels defences clip more classwise augment published levers captions captions-more captions-eps32 smooth noisy em tint
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . experiments/fmnist-common.sh
 P="{00000..00007}.tar"
-STEPS=${*:-surrogates generate classifier families labels defences clip more classwise augment published levers captions captions-more captions-eps32 smooth noisy em}
+STEPS=${*:-surrogates generate classifier families labels defences clip more classwise augment published levers captions captions-more captions-eps32 smooth noisy em tint}
 gen() { generate_with configs/uc-demo.yaml "$@"; }  # name overrides...  (UC: configs/uc-demo.yaml's settings)
 UCCLIP="$R-uc/protected/$P"
 random16() { generate_with configs/demo.yaml random16 mem.method=random mem.trigger_len=0 mem.epsilon=16; }  # control: random noise per image at eps 16
@@ -149,6 +149,26 @@ for step in $STEPS; do
         evaluate $R-uc-captions-em$e-cls "{uc-clip-captions-em$e: '$R-uc-captions-em$e/protected/$P'}" victim.kind=classifier
       done
       evaluate $R-uc-captions-em-cls-seed1 "{uc-clip-captions-em: '$R-uc-captions-em/protected/$P'}" victim.kind=classifier seed=1 ;;
+    tint)  # a constant colour per cluster (uc.grid=1: three values per cluster, unchanged by crop and flip; the
+      # photos are grey, so colour is a channel their content does not use): optimised (direct) on the caption
+      # clusters, and a random one (the control, nothing optimised) on the caption and on the image clusters;
+      # against ResNet-18 (two seeds), MobileNetV2, and under grayscale; then the same at eps 32 (about 35 min)
+      gen uc-captions-published-tint uc.cluster_on=caption uc.augment=published uc.grid=1 uc.perturbation=direct
+      gen uc-captions-tint-random uc.cluster_on=caption uc.grid=1 uc.perturbation=random
+      gen uc-captions-tint-random-eps32 uc.cluster_on=caption uc.grid=1 uc.perturbation=random mem.epsilon=32
+      gen uc-tint-random uc.grid=1 uc.perturbation=random
+      TINT="uc-clip-captions-tint: '$R-uc-captions-published-tint/protected/$P', uc-captions-tint-random: '$R-uc-captions-tint-random/protected/$P'"
+      evaluate $R-uc-tint "{clean: '$SHARDS', $TINT}" victim.kind=classifier
+      evaluate $R-uc-tint-seed1 "{$TINT}" victim.kind=classifier seed=1
+      evaluate $R-uc-tint-mobilenet "{$TINT}" victim.kind=classifier classifier.model=mobilenet_v2 classifier.lr=0.05
+      evaluate $R-uc-tint-grayscale "{$TINT}" victim.kind=classifier defence.image=grayscale
+      evaluate $R-uc-tint-more "{uc-captions-tint-random-eps32: '$R-uc-captions-tint-random-eps32/protected/$P',
+        uc-tint-random: '$R-uc-tint-random/protected/$P'}" victim.kind=classifier
+      gen uc-captions-published-tint-eps32 uc.cluster_on=caption uc.augment=published uc.grid=1 uc.perturbation=direct mem.epsilon=32
+      TINT32="uc-clip-captions-tint-eps32: '$R-uc-captions-published-tint-eps32/protected/$P', uc-captions-tint-random-eps32: '$R-uc-captions-tint-random-eps32/protected/$P'"
+      evaluate $R-uc-tint-eps32 "{$TINT32}" victim.kind=classifier
+      evaluate $R-uc-tint-eps32-seed1 "{$TINT32}" victim.kind=classifier seed=1
+      evaluate $R-uc-tint-eps32-mobilenet "{$TINT32}" victim.kind=classifier classifier.model=mobilenet_v2 classifier.lr=0.05 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done
