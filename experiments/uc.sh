@@ -155,15 +155,14 @@ for step in $STEPS; do
       # against ResNet-18 (two seeds), MobileNetV2, and under grayscale; then the same at eps 32 (about 35 min)
       gen uc-captions-published-tint uc.cluster_on=caption uc.augment=published uc.grid=1 uc.perturbation=direct
       gen uc-captions-tint-random uc.cluster_on=caption uc.grid=1 uc.perturbation=random
-      gen uc-captions-tint-random-eps32 uc.cluster_on=caption uc.grid=1 uc.perturbation=random mem.epsilon=32
       gen uc-tint-random uc.grid=1 uc.perturbation=random
       TINT="uc-clip-captions-tint: '$R-uc-captions-published-tint/protected/$P', uc-captions-tint-random: '$R-uc-captions-tint-random/protected/$P'"
       evaluate $R-uc-tint "{clean: '$SHARDS', $TINT}" victim.kind=classifier
       evaluate $R-uc-tint-seed1 "{$TINT}" victim.kind=classifier seed=1
       evaluate $R-uc-tint-mobilenet "{$TINT}" victim.kind=classifier classifier.model=mobilenet_v2 classifier.lr=0.05
       evaluate $R-uc-tint-grayscale "{$TINT}" victim.kind=classifier defence.image=grayscale
-      evaluate $R-uc-tint-more "{uc-captions-tint-random-eps32: '$R-uc-captions-tint-random-eps32/protected/$P',
-        uc-tint-random: '$R-uc-tint-random/protected/$P'}" victim.kind=classifier
+      evaluate $R-uc-tint-image-clusters "{uc-tint-random: '$R-uc-tint-random/protected/$P'}" victim.kind=classifier
+      gen uc-captions-tint-random-eps32 uc.cluster_on=caption uc.grid=1 uc.perturbation=random mem.epsilon=32
       gen uc-captions-published-tint-eps32 uc.cluster_on=caption uc.augment=published uc.grid=1 uc.perturbation=direct mem.epsilon=32
       TINT32="uc-clip-captions-tint-eps32: '$R-uc-captions-published-tint-eps32/protected/$P', uc-captions-tint-random-eps32: '$R-uc-captions-tint-random-eps32/protected/$P'"
       evaluate $R-uc-tint-eps32 "{$TINT32}" victim.kind=classifier
