@@ -38,7 +38,8 @@ def candidate_tokens(grads: Sequence[torch.Tensor], embeds: Sequence[torch.Tenso
     """
     dots = None  # [B, k, |allowed|]: the first-order change is -dots
     for g, e in zip(grads, embeds):
-        d = g.float() @ e[allowed_V].float().t()
+        # one [B*k, D] x [D, |allowed|] product (a strided [B, k, D] would run as B small ones)
+        d = (g.reshape(-1, g.shape[-1]).float() @ e[allowed_V].float().t()).view(*g.shape[:-1], -1)
         dots = d if dots is None else dots.add_(d)
     top = dots.topk(min(n, len(allowed_V)), dim=-1, largest=False).indices
     return allowed_V[top]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import open_clip
 import open_clip.model
+from open_clip.transformer import ResidualAttentionBlock
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -200,15 +201,18 @@ def supports_length_aware_text(model: nn.Module) -> bool:
     (the highest id), so no position after a sequence's end token can change its features."""
     m = unwrap(model)
     return (type(m) is open_clip.model.CLIP and getattr(m, "text_pool_type", None) == "argmax"
-            and getattr(m, "attn_mask", None) is not None and not getattr(m.transformer, "grad_checkpointing", False))
+            and getattr(m, "attn_mask", None) is not None and not getattr(m.transformer, "grad_checkpointing", False)
+            and m.transformer.batch_first and all(type(r) is ResidualAttentionBlock for r in m.transformer.resblocks))
 
 
 def encode_text_by_length(m: nn.Module, ids_BL: torch.Tensor, emb_BLD: torch.Tensor | None = None) -> torch.Tensor:
     """CLIP's encode_text with each sequence run only up to its end token: sequences are
     grouped by length (rounded up to LENGTH_BUCKET), each group cut to its length, the
-    causal mask and positional embeddings with it. Equal to ``m.encode_text(ids_BL)`` up
-    to float rounding (the padding after the end token never reaches the pooled token), at
-    a fraction of the cost when captions are shorter than the context (CLIP's is 77).
+    causal mask and positional embeddings with it, and the last block computed for the
+    pooled row alone (:func:`last_block_at`). Equal to ``m.encode_text(ids_BL)`` up to
+    float rounding (the padding after the end token never reaches the pooled token, nor
+    does any other row of the last block), at a fraction of the cost when captions are
+    shorter than the context (CLIP's is 77).
 
     Args:
         m: a model for which :func:`supports_length_aware_text` holds.
@@ -226,12 +230,26 @@ def encode_text_by_length(m: nn.Module, ids_BL: torch.Tensor, emb_BLD: torch.Ten
         idx = order[padded[order] == length]
         x = emb_BLD[idx, :length]
         x = x.to(cast) + m.positional_embedding[:length].to(cast)
-        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask[:length, :length]))
-        pieces.append(x[torch.arange(len(idx), device=x.device), ends[idx]])
+        for block in m.transformer.resblocks[:-1]:
+            x = block(x, attn_mask=m.attn_mask[:length, :length])
+        pieces.append(m.ln_final(last_block_at(m.transformer.resblocks[-1], x, ends[idx])))
     x = torch.cat(pieces)[torch.argsort(order)]
     if m.text_projection is not None:
         x = m.text_projection(x) if isinstance(m.text_projection, nn.Linear) else x @ m.text_projection
     return x
+
+
+def last_block_at(block: nn.Module, x_BLD: torch.Tensor, rows_B: torch.Tensor) -> torch.Tensor:
+    """A causal ResidualAttentionBlock's output at one position per sequence, [B, D]: that
+    row's query against the keys and values up to it, then its MLP. Equal to
+    ``block(x, causal mask)[arange(B), rows_B]``; the other rows' queries, output
+    projections and MLPs (most of a block's cost) are not computed."""
+    at = torch.arange(len(x_BLD), device=x_BLD.device)
+    h = block.ln_1(x_BLD)
+    after = torch.arange(x_BLD.shape[1], device=x_BLD.device) > rows_B[:, None]  # the causal mask's row
+    a = block.attn(h[at, rows_B].unsqueeze(1), h, h, need_weights=False, key_padding_mask=after)[0][:, 0]
+    x = x_BLD[at, rows_B] + block.ls_1(a)
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
 def use_length_aware_text(model: nn.Module) -> bool:
