@@ -3,13 +3,13 @@
 # (after experiments/fashion_mnist.sh data public generate: data/fmnist, the stand-in public CLIP
 # checkpoint runs/fm-public, the MEM shards for the side-by-side rows), 4,000 train / 1,000 val at 32 px;
 # about 6.5 h on 2 CPU cores (augment 75 min, published 45, levers 30, captions 25, captions-more 30, captions-eps32 12,
-# smooth 15, noisy 20, em 30, tint 35), one job at a time (the steps skip runs already finished).
-#   bash experiments/uc.sh [STEP ...]     steps: surrogates generate classifier families labels defences clip more classwise augment published levers captions captions-more captions-eps32 smooth noisy em tint
+# smooth 15, noisy 20, em 30, tint 35, positive 10), one job at a time (the steps skip runs already finished).
+#   bash experiments/uc.sh [STEP ...]     steps: surrogates generate classifier families labels defences clip more classwise augment published levers captions captions-more captions-eps32 smooth noisy em tint positive
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . experiments/fmnist-common.sh
 P="{00000..00007}.tar"
-STEPS=${*:-surrogates generate classifier families labels defences clip more classwise augment published levers captions captions-more captions-eps32 smooth noisy em tint}
+STEPS=${*:-surrogates generate classifier families labels defences clip more classwise augment published levers captions captions-more captions-eps32 smooth noisy em tint positive}
 gen() { generate_with configs/uc-demo.yaml "$@"; }  # name overrides...  (UC: configs/uc-demo.yaml's settings)
 UCCLIP="$R-uc/protected/$P"
 random16() { generate_with configs/demo.yaml random16 mem.method=random mem.trigger_len=0 mem.epsilon=16; }  # control: random noise per image at eps 16
@@ -168,6 +168,15 @@ for step in $STEPS; do
       evaluate $R-uc-tint-eps32 "{$TINT32}" victim.kind=classifier
       evaluate $R-uc-tint-eps32-seed1 "{$TINT32}" victim.kind=classifier seed=1
       evaluate $R-uc-tint-eps32-mobilenet "{$TINT32}" victim.kind=classifier classifier.model=mobilenet_v2 classifier.lr=0.05 ;;
+    positive)  # tint's random colour with every channel made non-negative (|delta|): a negative channel clips to 0
+      # on the black background, so only the garment carried it; now every pixel does (needs tint first)
+      [ -f "$R-uc-captions-tint-positive/manifest/00007_stats.json" ] || {
+        python experiments/uc_positive.py $R-uc-captions-tint-random $R-uc-captions-tint-positive
+        mem-dist merge $R-uc-captions-tint-positive progress=false; }
+      POS="uc-captions-tint-positive: '$R-uc-captions-tint-positive/protected/$P'"
+      evaluate $R-uc-tint-positive "{$POS}" victim.kind=classifier
+      evaluate $R-uc-tint-positive-seed1 "{$POS}" victim.kind=classifier seed=1
+      evaluate $R-uc-tint-positive-mobilenet "{$POS}" victim.kind=classifier classifier.model=mobilenet_v2 classifier.lr=0.05 ;;
     *) echo "unknown step $step" >&2; exit 2 ;;
   esac
 done

@@ -125,6 +125,25 @@ def test_em_clusters_replaces_the_perturbations_and_keeps_the_clusters(labelled_
         assert_published_with_cluster_perturbations(dst, source, clusters, pert)
 
 
+def test_uc_positive_makes_every_perturbation_non_negative(labelled_uc, tmp_path):
+    """experiments/uc_positive.py: a copy of the run whose perturbations are |delta| of the
+    run's own, the clusters unchanged; its merge carries them."""
+    urls, src = labelled_uc
+    dst = str(tmp_path / "positive")
+    done = subprocess.run(python_cmd(os.path.join(ROOT, "experiments", "uc_positive.py"), src, dst), capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    before = uc.read_perturbations(src).astype(int)
+    assert (before < 0).any() and f"{int((before < 0).sum())} of {before.size} perturbation values were negative" in done.stdout
+    assert merge.main([dst]) == 0
+    pert = uc.read_perturbations(dst).astype(int)
+    assert np.array_equal(pert, np.abs(before))
+    for url in urls:
+        source = load_shard(url, DataConfig(shards=url, image_size=32))
+        keys, clusters, _, _ = uc.read_assignments(dst, source.name)
+        assert keys == source.keys and np.array_equal(clusters, uc.read_assignments(src, source.name)[1])
+        assert_published_with_cluster_perturbations(dst, source, clusters, pert)
+
+
 def test_caption_noise_names_another_class_for_a_share_of_the_samples(tmp_path):
     """experiments/caption_noise.py: the same keys, image bytes and labels; for about the given
     share of the samples the caption names a class other than the label, the rest unchanged."""
