@@ -71,11 +71,9 @@ def caption_ids(run: Run, shard: Shard) -> list[list[int]]:
     return shard.caption_ids
 
 
-def tokens(run: Run, bodies: list[list[int]], trigger_Nk: torch.Tensor) -> torch.Tensor:
-    """SOT + trigger + caption + EOT, [N, L] on the device; N may be r * len(bodies) (the
-    captions repeated r times, as HotFlip scores r candidates at once)."""
-    reps = len(trigger_Nk) // max(1, len(bodies))
-    return text.assemble_tokens(bodies * reps, trigger_Nk.cpu(), run.ensemble.tokenizer).to(run.dist.device)
+def tokens(run: Run, bodies: list[list[int]], trigger_Bk: torch.Tensor) -> torch.Tensor:
+    """SOT + trigger + caption + EOT, [B, L] on the device."""
+    return text.assemble_tokens(bodies, trigger_Bk.cpu(), run.ensemble.tokenizer).to(run.dist.device)
 
 
 # --------------------------------------------------------------------------------------
@@ -222,8 +220,11 @@ def process_batch(run: Run, round_: int, shard: Shard, rows: np.ndarray, delta_B
     gen = torch.Generator().manual_seed(seed_of(cfg.seed, "batch", round_, shard.name, batch))
     crop = (lambda: gen) if cfg.mem.augment else (lambda: None)
 
+    base = tokens(run, bodies, trig)  # assembled once; the loops below only write triggers into it
+
     def assemble(trig_Nk, order=None):
-        return tokens(run, bodies if order is None else [bodies[i] for i in order], trig_Nk)
+        """Tokens of r * B triggers with the batch's captions (in ``order``: PGD's shuffle)."""
+        return text.with_trigger(base if order is None else base[order], trig_Nk)
 
     if cfg.mem.trigger_len > 0 and round_ <= cfg.mem.hotflip_rounds:
         trig = ensemble.hotflip(canvas + delta, trig, assemble, run.vocab, cfg.mem.hotflip_candidates)
@@ -232,13 +233,13 @@ def process_batch(run: Run, round_: int, shard: Shard, rows: np.ndarray, delta_B
         # Shuffled captions leave delta only the trigger to bind to; without a trigger
         # (EM) delta is optimised against the true captions, as error-minimising noise is.
         shuffle = cfg.mem.shuffle_captions and cfg.mem.trigger_len > 0
-        order = torch.randperm(len(rows), generator=gen).tolist() if shuffle else None
+        order = torch.randperm(len(rows), generator=gen).to(dev) if shuffle else None
         return ensemble.pair_losses(pix, assemble(trig, order), crop).mean()
 
     delta = minimize_delta(loss_fn, delta, canvas, cfg.mem.pgd_steps, cfg.mem.epsilon, cfg.mem.step_size)
     with torch.no_grad():
         loss = ensemble.pair_losses(canvas + delta, assemble(trig))
-        clean = ensemble.pair_losses(canvas, assemble(trig[:, :0]))
+        clean = ensemble.pair_losses(canvas, tokens(run, bodies, trig[:, :0]))
     delta_np = delta.round().clamp(-cfg.mem.epsilon, cfg.mem.epsilon).to(torch.int8).permute(0, 2, 3, 1).cpu().numpy()
     return delta_np, trig.cpu().numpy(), loss.cpu().numpy(), clean.cpu().numpy()
 

@@ -118,6 +118,17 @@ def assemble_tokens(body_ids: Sequence[Sequence[int]], trigger_BK: torch.Tensor,
     return torch.from_numpy(out)
 
 
+def with_trigger(base_BL: torch.Tensor, trigger_Nk: torch.Tensor) -> torch.Tensor:
+    """Token matrix [N, L] of N = r * B triggers, each with its sample's caption, from
+    ``base_BL``, the batch's :func:`assemble_tokens` with any trigger of the same length k:
+    the base repeated r times, the triggers written at positions 1..k. Equal to
+    ``assemble_tokens(bodies * r, trigger_Nk)``, computed where the base lives (no host
+    round trip inside PGD's and HotFlip's loops)."""
+    out = base_BL.repeat(len(trigger_Nk) // len(base_BL), 1)
+    out[:, 1:1 + trigger_Nk.shape[1]] = trigger_Nk
+    return out
+
+
 def initial_triggers(keys: Sequence[str], vocab: np.ndarray, k: int, seed: int) -> np.ndarray:
     """Random start triggers [B, k], a function of (seed, key) alone so that any rank,
     any order and any resume give the same start."""
