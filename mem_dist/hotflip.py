@@ -118,7 +118,7 @@ def select_triggers(
             best = torch.where(better, loss, best)
             best_tok = torch.where(better, candidates_Bkn[:, j, c], best_tok)
             for bt, tt in zip(best_text, trial_text):
-                bt[better] = tt[better]
+                bt.copy_(torch.where(better[:, None], tt, bt))  # not bt[better] = ...: no device sync
         trigger[:, j] = best_tok
         text = best_text
     return trigger, mean_pair_losses(images, text, logit_scales)
