@@ -19,7 +19,6 @@ projected to epsilon). Prints the classifier's accuracy on the perturbed batch a
 
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 import torch
@@ -31,13 +30,11 @@ from mem_dist.classifier import create_classifier, to_input
 from mem_dist.config import seed_of
 from mem_dist.data import load_shard, shard_name
 from mem_dist.eval_config import ClassifierConfig
-from shards import copy_uc_run, seal_uc_run  # experiments/shards.py, beside this script
+from shards import copy_uc_run, seal_uc_run, uc_copy_parser  # experiments/shards.py, beside this script
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("src", help="a finished UC run directory (local)")
-    ap.add_argument("dst", help="the new run directory, to merge afterwards")
+    ap = uc_copy_parser(__doc__)
     ap.add_argument("--iterations", type=int, default=60)
     ap.add_argument("--train-steps", type=int, default=10)
     ap.add_argument("--pgd-steps", type=int, default=5)

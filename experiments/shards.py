@@ -5,6 +5,7 @@ Not part of the package: experiments/ holds scripts behind numbers in docs/effic
 are not package options (their methods did not protect). Each writes PNG shards with the
 source keys, for `mem-dist evaluate`.
 """
+import argparse
 import io
 import json
 import os
@@ -39,6 +40,14 @@ def write_shards(shards: list[Shard], delta_NHWC: np.ndarray, captions: list[str
                 tw.write({"__key__": key, "png": buf.getvalue(), "txt": captions[i], "json": json.dumps({"key": key}).encode()})
                 i += 1
     return i
+
+
+def uc_copy_parser(doc: str) -> argparse.ArgumentParser:
+    """The command line of a script that rewrites a copy of a UC run: src, dst (then its own options)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("src", help="a finished UC run directory (local)")
+    ap.add_argument("dst", help="the new run directory, to merge afterwards")
+    return ap
 
 
 def copy_uc_run(src: str, dst: str) -> tuple[dict, RunConfig]:

@@ -15,7 +15,6 @@ against this victim.
 
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -23,7 +22,7 @@ from scipy.optimize import linear_sum_assignment
 from mem_dist import uc
 from mem_dist.data import load_shard, shard_name
 from mem_dist.pairs import read_labels
-from shards import copy_uc_run, seal_uc_run  # experiments/shards.py, beside this script
+from shards import copy_uc_run, seal_uc_run, uc_copy_parser  # experiments/shards.py, beside this script
 
 
 def class_to_cluster(labels: np.ndarray, clusters: np.ndarray, p: int) -> dict[int, int]:
@@ -40,9 +39,7 @@ def class_to_cluster(labels: np.ndarray, clusters: np.ndarray, p: int) -> dict[i
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("src", help="a finished UC run directory (local)")
-    ap.add_argument("dst", help="the new run directory, to merge afterwards")
+    ap = uc_copy_parser(__doc__)
     args = ap.parse_args(argv)
     run, cfg = copy_uc_run(args.src, args.dst)
     names = [shard_name(url) for url in run["shards"]]

@@ -12,18 +12,15 @@ clusters and who gets which perturbation are the run's own; only the signs chang
 
 from __future__ import annotations
 
-import argparse
 
 import numpy as np
 
 from mem_dist import uc
-from shards import copy_uc_run, seal_uc_run  # experiments/shards.py, beside this script
+from shards import copy_uc_run, seal_uc_run, uc_copy_parser  # experiments/shards.py, beside this script
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("src", help="a finished UC run directory (local)")
-    ap.add_argument("dst", help="the new run directory, to merge afterwards")
+    ap = uc_copy_parser(__doc__)
     args = ap.parse_args(argv)
     run, _ = copy_uc_run(args.src, args.dst)
     pert = uc.read_perturbations(args.dst)
