@@ -13,9 +13,10 @@ STEPS=${*:-surrogates generate classifier families labels defences clip more cla
 gen() { generate_with configs/uc-demo.yaml "$@"; }  # name overrides...  (UC: configs/uc-demo.yaml's settings)
 UCCLIP="$R-uc/protected/$P"
 random16() { generate_with configs/demo.yaml random16 mem.method=random mem.trigger_len=0 mem.epsilon=16; }  # control: random noise per image at eps 16
-oracle() {  # name: runs/fm-NAME's perturbations handed out by true class -> runs/fm-NAME-oracle, merged
-  [ -f "$R-$1-oracle/manifest/00007_stats.json" ] || { python experiments/uc_oracle.py $R-$1 $R-$1-oracle && mem-dist merge $R-$1-oracle progress=false; }
+rewrite() {  # script src dst: a copy of the UC run src rewritten by experiments/SCRIPT into dst, merged (skipped when done)
+  [ -f "$3/manifest/00007_stats.json" ] || { python experiments/$1 $2 $3 && mem-dist merge $3 progress=false; }
 }
+oracle() { rewrite uc_oracle.py $R-$1 $R-$1-oracle; }  # name: runs/fm-NAME's perturbations handed out by true class
 for step in $STEPS; do
   case $step in
     surrogates)  # UC (not CLIP): a ResNet-18 classifier trained on the public split's labels
@@ -144,8 +145,7 @@ for step in $STEPS; do
       # flip) in place of UC's pull, the clusters unchanged, at eps 16 and 32; against ResNet-18 (about 30 min, after
       # captions and captions-more)
       for e in "" -eps32; do
-        [ -f $R-uc-captions-em$e/manifest/00007_stats.json ] || { python experiments/em_clusters.py $R-uc-captions-published$e $R-uc-captions-em$e &&
-          mem-dist merge $R-uc-captions-em$e progress=false; }
+        rewrite em_clusters.py $R-uc-captions-published$e $R-uc-captions-em$e
         evaluate $R-uc-captions-em$e-cls "{uc-clip-captions-em$e: '$R-uc-captions-em$e/protected/$P'}" victim.kind=classifier
       done
       evaluate $R-uc-captions-em-cls-seed1 "{uc-clip-captions-em: '$R-uc-captions-em/protected/$P'}" victim.kind=classifier seed=1 ;;
@@ -170,9 +170,7 @@ for step in $STEPS; do
       evaluate $R-uc-tint-eps32-mobilenet "{$TINT32}" victim.kind=classifier classifier.model=mobilenet_v2 classifier.lr=0.05 ;;
     positive)  # tint's random colour with every channel made non-negative (|delta|): a negative channel clips to 0
       # on the black background, so only the garment carried it; now every pixel does (needs tint first)
-      [ -f "$R-uc-captions-tint-positive/manifest/00007_stats.json" ] || {
-        python experiments/uc_positive.py $R-uc-captions-tint-random $R-uc-captions-tint-positive
-        mem-dist merge $R-uc-captions-tint-positive progress=false; }
+      rewrite uc_positive.py $R-uc-captions-tint-random $R-uc-captions-tint-positive
       POS="uc-captions-tint-positive: '$R-uc-captions-tint-positive/protected/$P'"
       evaluate $R-uc-tint-positive "{$POS}" victim.kind=classifier
       evaluate $R-uc-tint-positive-seed1 "{$POS}" victim.kind=classifier seed=1
