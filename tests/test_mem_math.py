@@ -165,13 +165,13 @@ def test_assembled_tokens_are_the_tokenizers(tokenizer):
     vocab = text.trigger_vocabulary(tokenizer)
     rng = np.random.default_rng(1)
     caps = ["", "a red circle", "an orange star " * 30, "Two BLUE squares, far left!"]
+    bodies = [text.caption_ids(tokenizer, c) for c in caps]
     for k in (0, 1, 3, 20):
         trig = torch.from_numpy(rng.choice(vocab, (len(caps), k)))
-        got = text.assemble_tokens([text.caption_ids(tokenizer, c) for c in caps], trig, tokenizer)
+        got = text.assemble_tokens(bodies, trig, tokenizer)
         want = tokenizer([text.protected_caption(text.trigger_text(tokenizer, t), c) for t, c in zip(trig.tolist(), caps)])
         assert torch.equal(got, want), k
         # the batch's tokens assembled once, r = 3 blocks of triggers written in (HotFlip's, PGD's)
-        bodies = [text.caption_ids(tokenizer, c) for c in caps]
         base = text.assemble_tokens(bodies, torch.zeros_like(trig), tokenizer)
         many = torch.from_numpy(rng.choice(vocab, (3 * len(caps), k)))
         assert torch.equal(text.with_trigger(base, many), text.assemble_tokens(bodies * 3, many, tokenizer)), k
