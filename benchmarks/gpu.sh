@@ -2,7 +2,8 @@
 # The GPU measurement, one short script (under 5 minutes on an H100/H200), run on the device
 # machine from the repository root, after benchmarks/gpu-wheels.sh was run where PyPI is reachable:
 #   run(command="bash benchmarks/gpu.sh", carry=[".whl"], timeout_s=480)
-# 1. CUDA correctness: the length-aware text tower against open_clip's in fp32 and bf16; a
+# 1. CUDA correctness: the length-aware text tower, and RN50's one-query attention pool and
+#    BatchNorm-folded image tower (mem_dist/towers.py), against open_clip's in fp32 and bf16; a
 #    short bf16 ViT-B-32 generation at 256 px -> merge -> verify (state shapes, |delta| <= eps,
 #    exact pixels, trigger tokens), the same checks as on the CPU.
 # 2. mem-dist bench generate for configs/paper.yaml (RN50, 224 px, fp32, batch 128) and
@@ -29,7 +30,7 @@ python3 -m mem_dist.cli demo-data $D --train 512 --val 8 --size 256 --per-shard 
 echo "== 1. CUDA correctness"
 python3 - "$DEVICE" <<'PY'
 import sys, torch, open_clip
-from mem_dist import surrogate
+from mem_dist import surrogate, towers
 dev = sys.argv[1]
 for name in ("ViT-B-32", "RN50"):
     torch.manual_seed(0)
@@ -42,6 +43,15 @@ for name in ("ViT-B-32", "RN50"):
             a, b = fast.encode_text(ids).float(), ref.encode_text(ids).float()
         print(f"length-aware text tower {name} {dtype}: max |diff| {(a - b).abs().max().item():.2e} "
               f"(features up to {b.abs().max().item():.1f})")
+    if name == "RN50":
+        fast.eval(), ref.eval()
+        folded = towers.fold_batchnorm(fast.visual)
+        x = torch.rand(4, 3, 224, 224, device=dev)
+        for dtype in (torch.float32, torch.bfloat16):
+            with torch.no_grad(), torch.autocast(dev, dtype=dtype, enabled=dtype != torch.float32):
+                a, f, b = fast.encode_image(x).float(), folded(x).float(), ref.encode_image(x).float()
+            print(f"image tower RN50 {dtype}: one-query pool max |diff| {(a - b).abs().max().item():.2e}, "
+                  f"folded BatchNorm {(f - b).abs().max().item():.2e} (features up to {b.abs().max().item():.1f})")
 PY
 R=/tmp/mem-dist-gpu-run
 rm -rf $R

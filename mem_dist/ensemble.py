@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from mem_dist import augment, distributed, hotflip, surrogate
+from mem_dist import augment, distributed, hotflip, surrogate, towers
 from mem_dist.config import RunConfig, seed_of
 from mem_dist.config_io import ConfigError
 
@@ -32,10 +32,21 @@ class Member:
     model: torch.nn.Module  # DDP-wrapped when world > 1
     optimizer: torch.optim.Optimizer
     spec: surrogate.PixelSpec
+    folded: Callable[[torch.Tensor], torch.Tensor] | None = None  # the sample phase's image tower; None: make it anew
 
     @property
     def bare(self) -> torch.nn.Module:
         return surrogate.unwrap(self.model)
+
+    def encode_image(self, model_input: torch.Tensor) -> torch.Tensor:
+        """The image features; in eval mode (the sample phase) through a copy of the tower
+        with its BatchNorms folded (:func:`towers.fold_batchnorm`, RN towers), made on first
+        use after :meth:`Ensemble.weights_changed`."""
+        if self.bare.training:
+            return self.bare.encode_image(model_input)
+        if self.folded is None:
+            self.folded = towers.fold_batchnorm(getattr(self.bare, "visual", None)) or self.bare.encode_image
+        return self.folded(model_input)
 
 
 class Ensemble:
@@ -84,7 +95,7 @@ class Ensemble:
         if crop_gen is not None:
             pix_BCHW = augment.random_resized_crop(pix_BCHW, crop_gen)
         with self.autocast():
-            return member.bare.encode_image(surrogate.to_model_input(pix_BCHW, member.spec)).float()
+            return member.encode_image(surrogate.to_model_input(pix_BCHW, member.spec)).float()
 
     def _texts(self, member: Member, tok_BL: torch.Tensor) -> torch.Tensor:
         with self.autocast():
@@ -104,6 +115,7 @@ class Ensemble:
         return torch.stack(losses).mean(0)
 
     def train(self) -> None:
+        self.weights_changed()  # they will
         for m in self.members:
             m.model.train()
 
@@ -142,7 +154,7 @@ class Ensemble:
         for m in self.members:
             model = m.bare
             with torch.no_grad(), self.autocast():
-                image = F.normalize(model.encode_image(surrogate.to_model_input(pix_BCHW, m.spec)).float(), dim=-1)
+                image = F.normalize(m.encode_image(surrogate.to_model_input(pix_BCHW, m.spec)).float(), dim=-1)
             emb = surrogate.text_tower(model).token_embedding(ids).detach().requires_grad_(True)
             with self.autocast():
                 txt = surrogate.encode_text_from_embeds(model, emb, ids)
@@ -175,6 +187,7 @@ class Ensemble:
         member compared across ranks; raises if the ranks' surrogates differ."""
         for m in self.members:
             distributed.broadcast_buffers(m.bare, dist)
+        self.weights_changed()
         sums = dist.gather(tuple(distributed.checksum(m.bare) for m in self.members))
         if len(set(sums)) != 1:
             raise RuntimeError(f"round {round_}: the surrogate differs across ranks (parameter checksums {sums}); "
@@ -191,3 +204,11 @@ class Ensemble:
         for member, saved in zip(self.members, [ck] + ck.get("ensemble", []), strict=True):
             member.bare.load_state_dict(saved["model"])
             member.optimizer.load_state_dict(saved["optimizer"])
+        self.weights_changed()
+
+    def weights_changed(self) -> None:
+        """Drop the members' folded image towers (:meth:`Member.encode_image`): every change of
+        weights or BatchNorm statistics (training, a loaded checkpoint, rank 0's buffers) comes
+        through :meth:`train`, :meth:`load_state_dict` or :meth:`sync_and_check`, which call this."""
+        for m in self.members:
+            m.folded = None

@@ -13,13 +13,11 @@ import os
 from dataclasses import dataclass
 
 import open_clip
-import open_clip.model
-from open_clip.transformer import ResidualAttentionBlock
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mem_dist import storage
+from mem_dist import storage, towers
 from mem_dist.config_io import ConfigError
 
 LOGIT_SCALE_MAX = math.log(100.0)
@@ -72,8 +70,9 @@ def create_surrogate(model: str, pretrained: str | None = None, device: str | to
             ``{key}.pretrained``).
 
     Returns:
-        (model, tokenizer, pixel spec); the model's text tower is length-aware where that is
-        exact (:func:`use_length_aware_text`).
+        (model, tokenizer, pixel spec); with open_clip's forward made cheaper where that is
+        exact (:mod:`mem_dist.towers`: a length-aware text tower, the RN attention pool's one
+        query).
     """
     name = resolve_model_name(model, key)
     pretrained_key = pretrained_key or f"{key}.pretrained"
@@ -99,7 +98,8 @@ def create_surrogate(model: str, pretrained: str | None = None, device: str | to
     cfg = getattr(clip.visual, "preprocess_cfg", None) or {}
     mean = tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN))
     std = tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
-    use_length_aware_text(clip)
+    towers.use_length_aware_text(clip)
+    towers.use_first_query_pool(clip)
     return clip, tokenizer, PixelSpec(int(size), mean, std)
 
 
@@ -180,92 +180,15 @@ def encode_text_from_embeds(model: nn.Module, emb_BLD: torch.Tensor, ids_BL: tor
     ``emb_BLD``, so every text tower open_clip builds (causal or padding masks, CoCa's
     appended class token, any pooling) is followed exactly; equal to ``encode_text(ids)``
     when ``emb_BLD = token_embedding(ids)``. A length-aware tower
-    (:func:`use_length_aware_text`) runs each sequence only up to its end token.
+    (:func:`towers.use_length_aware_text`) runs each sequence only up to its end token.
     """
     if getattr(unwrap(model), "_length_aware", False):
-        return encode_text_by_length(unwrap(model), ids_BL, emb_BLD)
+        return towers.encode_text_by_length(unwrap(model), ids_BL, emb_BLD)
     handle = text_tower(model).token_embedding.register_forward_hook(lambda module, inputs, output: emb_BLD)
     try:
         return unwrap(model).encode_text(ids_BL)
     finally:
         handle.remove()
-
-
-LENGTH_BUCKET = 4
-"""Sequences are run in groups padded to a multiple of this many tokens."""
-
-
-def supports_length_aware_text(model: nn.Module) -> bool:
-    """Whether :func:`encode_text_by_length` computes exactly what ``model.encode_text`` does:
-    open_clip's CLIP with its own text tower, causal attention and pooling at the end token
-    (the highest id), so no position after a sequence's end token can change its features."""
-    m = unwrap(model)
-    return (type(m) is open_clip.model.CLIP and getattr(m, "text_pool_type", None) == "argmax"
-            and getattr(m, "attn_mask", None) is not None and not getattr(m.transformer, "grad_checkpointing", False)
-            and m.transformer.batch_first and all(type(r) is ResidualAttentionBlock for r in m.transformer.resblocks))
-
-
-def encode_text_by_length(m: nn.Module, ids_BL: torch.Tensor, emb_BLD: torch.Tensor | None = None) -> torch.Tensor:
-    """CLIP's encode_text with each sequence run only up to its end token: sequences are
-    grouped by length (rounded up to LENGTH_BUCKET), each group cut to its length, the
-    causal mask and positional embeddings with it, and the last block computed for the
-    pooled row alone (:func:`last_block_at`). Equal to ``m.encode_text(ids_BL)`` up to
-    float rounding (the padding after the end token never reaches the pooled token, nor
-    does any other row of the last block), at a fraction of the cost when captions are
-    shorter than the context (CLIP's is 77).
-
-    Args:
-        m: a model for which :func:`supports_length_aware_text` holds.
-        ids_BL: token ids; the end token is the highest id of each row (CLIP BPE's EOT).
-        emb_BLD: token embeddings to use instead of looking ids up (HotFlip's gradient path).
-    """
-    cast = m.transformer.get_cast_dtype()
-    ends = ids_BL.argmax(dim=-1)  # the pooled position
-    padded = ((ends + LENGTH_BUCKET) // LENGTH_BUCKET * LENGTH_BUCKET).clamp(max=ids_BL.shape[1])
-    order = torch.argsort(padded, stable=True)
-    # one lookup for all groups: its backward writes one dense [V, D] gradient, not one per group
-    emb_BLD = m.token_embedding(ids_BL[:, :int(padded.max())]) if emb_BLD is None else emb_BLD
-    pieces = []
-    for length in torch.unique_consecutive(padded[order]).tolist():
-        idx = order[padded[order] == length]
-        x = emb_BLD[idx, :length]
-        x = x.to(cast) + m.positional_embedding[:length].to(cast)
-        for block in m.transformer.resblocks[:-1]:
-            x = block(x, attn_mask=m.attn_mask[:length, :length])
-        pieces.append(m.ln_final(last_block_at(m.transformer.resblocks[-1], x, ends[idx])))
-    x = torch.cat(pieces)[torch.argsort(order)]
-    if m.text_projection is not None:
-        x = m.text_projection(x) if isinstance(m.text_projection, nn.Linear) else x @ m.text_projection
-    return x
-
-
-def last_block_at(block: nn.Module, x_BLD: torch.Tensor, rows_B: torch.Tensor) -> torch.Tensor:
-    """A causal ResidualAttentionBlock's output at one position per sequence, [B, D]: that
-    row's query against the keys and values up to it, then its MLP. Equal to
-    ``block(x, causal mask)[arange(B), rows_B]``; the other rows' queries, output
-    projections and MLPs (most of a block's cost) are not computed."""
-    at = torch.arange(len(x_BLD), device=x_BLD.device)
-    h = block.ln_1(x_BLD)
-    after = torch.arange(x_BLD.shape[1], device=x_BLD.device) > rows_B[:, None]  # the causal mask's row
-    a = block.attn(h[at, rows_B].unsqueeze(1), h, h, need_weights=False, key_padding_mask=after)[0][:, 0]
-    x = x_BLD[at, rows_B] + block.ls_1(a)
-    return x + block.ls_2(block.mlp(block.ln_2(x)))
-
-
-def use_length_aware_text(model: nn.Module) -> bool:
-    """Make ``model.encode_text`` (and so its forward, under DDP too) length-aware where that
-    is exact (:func:`supports_length_aware_text`); returns whether it did."""
-    m = unwrap(model)
-    if not supports_length_aware_text(m):
-        return False
-
-    def encode_text(text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        x = encode_text_by_length(m, text)
-        return F.normalize(x, dim=-1) if normalize else x
-
-    m.encode_text = encode_text  # an instance attribute: CLIP.forward calls self.encode_text
-    m._length_aware = True
-    return True
 
 
 def logit_scale(model: nn.Module) -> torch.Tensor:

@@ -1,11 +1,14 @@
 """The MEM building blocks on tiny models: CLIP loss, PGD, HotFlip, trigger round trip."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from mem_dist import hotflip, pgd, surrogate, text
+from mem_dist import hotflip, pgd, surrogate, text, towers
+from mem_dist.ensemble import Ensemble, Member
 from tests.conftest import TINY_RN, TINY_VIT
 
 
@@ -80,7 +83,70 @@ def test_length_aware_text_is_open_clips_encode_text(config):
     emb = surrogate.token_embedding_weight(fast)[ids].detach().requires_grad_(True)
     assert torch.allclose(surrogate.encode_text_from_embeds(fast, emb, ids), ref.encode_text(ids), atol=1e-5)
     coca, _, _ = surrogate.create_surrogate("coca_ViT-B-32")  # no length-aware path: left as open_clip built it
-    assert not surrogate.use_length_aware_text(coca)
+    assert not towers.use_length_aware_text(coca)
+
+
+def test_rn_image_shortcuts_are_open_clips_encode_image():
+    """The attention pool computing only the row it returns, and the sample phase's copy with
+    BatchNorm folded into the convolutions, give open_clip's image features and gradients
+    (every parameter's in training; the pixels' in eval mode, as PGD takes them)."""
+    import open_clip
+    from open_clip.modified_resnet import AttentionPool2d
+
+    torch.manual_seed(0)
+    fast, _, spec = surrogate.create_surrogate(TINY_RN)  # 64 px: a 2 x 2 map, 5 rows in the pool
+    torch.manual_seed(0)
+    ref = open_clip.create_model(surrogate.resolve_model_name(TINY_RN))
+    assert type(fast.visual.attnpool) is towers.FirstQueryAttentionPool2d and type(ref.visual.attnpool) is AttentionPool2d
+    x = torch.rand(6, 3, spec.size, spec.size, generator=torch.Generator().manual_seed(1))
+    for _ in range(3):  # training forwards also move the BatchNorm statistics away from their init
+        got, want = fast.encode_image(x), ref.encode_image(x)
+        assert torch.allclose(got, want, atol=1e-5)
+        for m, out in ((fast, got), (ref, want)):
+            m.zero_grad()
+            out.square().sum().backward()
+    for (name, p), q in zip(fast.visual.named_parameters(), ref.visual.parameters(), strict=True):
+        assert (p.grad - q.grad).abs().max() <= 1e-5 * q.grad.abs().max() + 1e-6, name
+    fast.eval(), ref.eval()
+    folded = towers.fold_batchnorm(fast.visual)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert not any(p.requires_grad for p in folded.parameters())
+    grads = []
+    for tower in (folded, ref.visual):
+        pix = x.clone().requires_grad_(True)
+        out = tower(pix)
+        (g,) = torch.autograd.grad(out.square().sum(), pix)
+        grads.append((out, g))
+    (got, got_g), (want, want_g) = grads
+    assert torch.allclose(got, want, atol=1e-5) and (got_g - want_g).abs().max() <= 1e-5 * want_g.abs().max()
+    vit, _, _ = surrogate.create_surrogate(TINY_VIT)  # no BatchNorm, no attention pool: left as built
+    assert towers.fold_batchnorm(vit.visual) is None and not towers.use_first_query_pool(vit)
+
+
+def test_the_sample_phase_image_tower_follows_the_weights():
+    """The folded tower is a copy: after training or a loaded checkpoint it is made anew,
+    never left stale."""
+    torch.manual_seed(0)
+    model, tok, spec = surrogate.create_surrogate(TINY_RN)
+    ensemble = Ensemble([Member(model.eval(), surrogate.adamw(model, 1e-2, 0.1), spec)], tok, torch.device("cpu"), "fp32")
+    member = ensemble.members[0]
+    pix, caps = batch(tok, n=8, size=64)
+    x = surrogate.to_model_input(pix, spec)
+
+    def check() -> torch.Tensor:
+        with torch.no_grad():
+            got = member.encode_image(x)
+            assert member.folded is not None and member.folded is not model.visual
+            assert torch.allclose(got, model.encode_image(x), atol=1e-5)  # the unfolded tower, eval mode
+        return got
+
+    before, saved = check(), copy.deepcopy(ensemble.state_dict())  # a checkpoint, not the live tensors
+    ensemble.train()
+    ensemble.train_step(pix, tok(caps), None)
+    ensemble.eval()
+    assert not torch.allclose(check(), before, atol=1e-3)
+    ensemble.load_state_dict(saved)
+    assert torch.allclose(check(), before, atol=1e-6)
 
 
 def test_pgd_step_lowers_loss_and_keeps_bounds(tiny):
