@@ -150,8 +150,9 @@ def fold_batchnorm(visual: nn.Module) -> nn.Module | None:
     the convolution before it (eval-mode BatchNorm is a per-channel affine map), no parameter
     requiring a gradient: the tower's function up to float rounding, without BatchNorm's
     forward and backward passes (about a fifth of the tiny RN's forward + backward, which PGD
-    runs in every step). A copy: it must be made again whenever the tower's weights or
-    running statistics change. None for any other tower."""
+    runs in every step). A copy (the tower's size again in memory: 150 MB for RN50), so it
+    must be made again whenever the tower's weights or running statistics change. None for
+    any other tower."""
     if type(visual) is not ModifiedResNet:
         return None
     folded = copy.deepcopy(visual).eval().requires_grad_(False)
