@@ -19,7 +19,6 @@ projected to epsilon). Prints the classifier's accuracy on the perturbed batch a
 
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 import torch.nn.functional as F

@@ -15,7 +15,6 @@ against this victim.
 
 from __future__ import annotations
 
-
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 

@@ -12,7 +12,6 @@ clusters and who gets which perturbation are the run's own; only the signs chang
 
 from __future__ import annotations
 
-
 import numpy as np
 
 from mem_dist import uc

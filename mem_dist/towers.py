@@ -34,11 +34,10 @@ LENGTH_BUCKET = 4
 """Sequences are run in groups padded to a multiple of this many tokens."""
 
 
-def supports_length_aware_text(model: nn.Module) -> bool:
-    """Whether :func:`encode_text_by_length` computes exactly what ``model.encode_text`` does:
+def supports_length_aware_text(m: nn.Module) -> bool:
+    """Whether :func:`encode_text_by_length` computes exactly what ``m.encode_text`` does:
     open_clip's CLIP with its own text tower, causal attention and pooling at the end token
     (the highest id), so no position after a sequence's end token can change its features."""
-    m = model
     return (type(m) is open_clip.model.CLIP and getattr(m, "text_pool_type", None) == "argmax"
             and getattr(m, "attn_mask", None) is not None and not getattr(m.transformer, "grad_checkpointing", False)
             and m.transformer.batch_first and all(type(r) is ResidualAttentionBlock for r in m.transformer.resblocks))
@@ -91,10 +90,9 @@ def last_block_at(block: nn.Module, x_BLD: torch.Tensor, rows_B: torch.Tensor) -
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
-def use_length_aware_text(model: nn.Module) -> bool:
-    """Make ``model.encode_text`` (and so its forward, under DDP too) length-aware where that
+def use_length_aware_text(m: nn.Module) -> bool:
+    """Make ``m.encode_text`` (and so its forward, under DDP too) length-aware where that
     is exact (:func:`supports_length_aware_text`); returns whether it did."""
-    m = model
     if not supports_length_aware_text(m):
         return False
 
