@@ -4,10 +4,14 @@ Measured on the config's first shard with the real engine (nothing is written), 
 untimed warm-up: a surrogate step, a sample batch with HotFlip + PGD, a sample batch with
 PGD alone. For each: seconds per batch, samples/s, peak memory (GPU memory on CUDA, the
 process's peak RSS on the CPU), the FLOPs of one batch (counted by torch's FlopCounterMode
-in a separate, untimed run) and the FLOP/s achieved, against the device's dense peak for
-the precision used where it is known. Then the run's time estimated for the config's
-samples and for 1M and 400M samples on 1, 8 and 64 GPUs: the surrogate phase takes the
-same time on any number of processes (DDP), the sample phase is split among them.
+in a separate, untimed run) and the FLOP/s achieved, against the device's peak: a known
+GPU's dense datasheet peak for the precision used, on the CPU the rate measured here of one
+large fp32 matrix product (what the best-tuned kernel reaches on these cores). Then the
+run's time estimated for the config's samples and for 1M and 400M samples on 1, 8 and 64
+GPUs: the surrogate phase takes the same time on any number of processes (DDP), the sample
+phase is split among them. Last, the run's floor: its FLOPs at that peak, the time these
+matrix products and convolutions would take at the device's best rate with nothing else
+costing anything (how far the estimate is from it says how much of the time is other work).
 
     mem-dist bench generate --config configs/paper.yaml [--steps 3] [key=value ...]
 """
@@ -31,12 +35,17 @@ PEAKS = {"H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}, "H100": {"bf16
          "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}, "L40S": {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12}}
 
 
-def device_peak(device: torch.device, precision: str) -> float | None:
-    """The device's dense peak FLOP/s at ``precision`` (None on the CPU or an unknown GPU)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((p[precision] for key, p in PEAKS.items() if key in name), None)
+def device_peak(device: torch.device, precision: str) -> tuple[float | None, str]:
+    """(peak FLOP/s at ``precision``, where it comes from): a known GPU's datasheet figure, on
+    the CPU the measured rate of a 2048 x 2048 fp32 matrix product (best of 5, with torch's
+    threads as set); (None, "") on an unknown GPU."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((p[precision] for key, p in PEAKS.items() if key in name), None), "dense, datasheet"
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b  # warm-up
+    best = min(_timed(device, lambda: a @ b)[0] for _ in range(5))
+    return 2 * 2048 ** 3 / best, f"measured: fp32 2048x2048 matmul, {torch.get_num_threads()} threads"
 
 
 def _peak_memory(device: torch.device) -> float:
@@ -79,9 +88,10 @@ class Phase:
 
 def bench_generate(cfg: RunConfig, steps: int = 3) -> tuple[list[Phase], dict]:
     """The phases (surrogate step, HotFlip + PGD batch, PGD batch) and the run's figures:
-    {"device", "device_name", "peak" (FLOP/s or None), "samples", "shards", "run_s",
-    "surrogate_run_s", "sample_run_s", "surrogate_s" (all rounds' surrogate phases),
-    "sample_s_per_sample" (all rounds' sample phases, per sample)}."""
+    {"device", "device_name", "peak" (FLOP/s or None), "peak_source", "samples", "shards",
+    "run_s", "surrogate_run_s", "sample_run_s", "surrogate_s" (all rounds' surrogate phases),
+    "sample_s_per_sample" (all rounds' sample phases, per sample), "run_flops" (the config's
+    samples, all rounds)}."""
     if cfg.mem.method != "mem":
         raise ConfigError("config key 'mem.method': bench generate measures MEM (the random baselines cost only their I/O)")
     dist = distributed.init(cfg.device)
@@ -123,18 +133,24 @@ def bench_generate(cfg: RunConfig, steps: int = 3) -> tuple[list[Phase], dict]:
     per_sample = (hf_rounds * hf_s + (cfg.mem.rounds - hf_rounds) * pgd_s) / len(rows)
     surrogate_run = cfg.mem.rounds * cfg.mem.surrogate_steps * surrogate_s / steps
     n = len(shard) * len(run.urls)
+    hf_flops = phases[1].flops if hotflip else 0.0
+    run_flops = (cfg.mem.rounds * cfg.mem.surrogate_steps * step_flops
+                 + n * (hf_rounds * hf_flops + (cfg.mem.rounds - hf_rounds) * phases[-1].flops) / len(rows))
     name = torch.cuda.get_device_name(dist.device) if dist.device.type == "cuda" else "cpu"
     precision = cfg.surrogate.precision if dist.device.type == "cuda" else "fp32"
-    return phases, {"device": dist.device.type, "device_name": name, "peak": device_peak(dist.device, precision),
+    peak, peak_source = device_peak(dist.device, precision)
+    return phases, {"device": dist.device.type, "device_name": name, "peak": peak, "peak_source": peak_source,
                     "precision": precision, "samples": n, "shards": len(run.urls), "surrogate_s": surrogate_run,
                     "sample_s_per_sample": per_sample, "surrogate_run_s": surrogate_run, "sample_run_s": n * per_sample,
-                    "run_s": surrogate_run + n * per_sample}
+                    "run_s": surrogate_run + n * per_sample, "run_flops": run_flops}
 
 
 def hours(seconds: float) -> str:
     if seconds >= 48 * 3600:
         return f"{seconds / 86400:.1f} d"
-    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 120 else f"{seconds:.1f} s"
 
 
 def estimate(est: dict, samples: int, processes: int) -> float:
@@ -147,7 +163,7 @@ def print_generate(cfg: RunConfig, phases: list[Phase], est: dict) -> int:
     peak = est["peak"]
     print(f"mem-dist bench generate: {cfg.surrogate.model}, canvas {cfg.data.image_size} px, batch {cfg.mem.batch_size}, "
           f"{est['device_name']}, {est['precision']}, one process"
-          + (f"; device peak {peak / 1e12:.0f} TFLOP/s dense {est['precision']}" if peak else ""))
+          + (f"; device peak {peak / 1e12:.3g} TFLOP/s {est['precision']} ({est['peak_source']})" if peak else ""))
     print(f"{'phase':<62} {'s/batch':>8} {'samples/s':>10} {memory:>13} {'TFLOP/batch':>12} {'TFLOP/s':>8} {'of peak':>8}")
     for p in phases:
         achieved = p.flops / p.seconds
@@ -160,4 +176,7 @@ def print_generate(cfg: RunConfig, phases: list[Phase], est: dict) -> int:
     print(f"{'samples':>12} " + " ".join(f"{f'{n} process' + ('es' if n > 1 else ''):>14}" for n in (1, 8, 64)))
     for samples in (1_000_000, 400_000_000):
         print(f"{samples:>12,} " + " ".join(f"{hours(estimate(est, samples, n)):>14}" for n in (1, 8, 64)))
+    if peak:
+        print(f"floor: the run's {est['run_flops'] / 1e12:.1f} TFLOP at the device's peak take {hours(est['run_flops'] / peak)} "
+              f"({est['run_flops'] / peak / est['run_s']:.1%} of the estimate; the rest is work that is not at the peak rate)")
     return 0
