@@ -72,7 +72,7 @@ def create_surrogate(model: str, pretrained: str | None = None, device: str | to
     Returns:
         (model, tokenizer, pixel spec); with open_clip's forward made cheaper where that is
         exact (:mod:`mem_dist.towers`: a length-aware text tower, the RN attention pool's one
-        query).
+        query, the RN tower's weights channels-last).
     """
     name = resolve_model_name(model, key)
     pretrained_key = pretrained_key or f"{key}.pretrained"
@@ -100,6 +100,7 @@ def create_surrogate(model: str, pretrained: str | None = None, device: str | to
     std = tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD))
     towers.use_length_aware_text(clip)
     towers.use_first_query_pool(clip)
+    towers.use_channels_last(clip)
     return clip, tokenizer, PixelSpec(int(size), mean, std)
 
 

@@ -9,6 +9,8 @@ forward gives, up to float rounding, for less work. Each is used only where it i
            fold_batchnorm          a copy of a ModifiedResNet with its eval-mode BatchNorms
                                    folded into the convolutions: what the sample phase
                                    (PGD, HotFlip, the round's losses) runs
+           use_channels_last       ModifiedResNet's convolution weights (and so its
+                                   activations) in channels-last memory order
 
 All take bare open_clip models (no DDP wrapper). Shapes: B batch, L context length, D width.
 """
@@ -143,6 +145,19 @@ def use_first_query_pool(model: nn.Module) -> bool:
     return True
 
 
+def use_channels_last(model: nn.Module) -> bool:
+    """Store a ModifiedResNet image tower's 4-D weights channels-last (in place), so that its
+    convolutions, and the activations between them, run in the memory order oneDNN and
+    cuDNN prefer; the same values, only their layout. The tiny RN's forward and backward on
+    this CPU: 29-31 -> 22-24 ms (to the pixels, folded), 52-59 -> 40 ms (training). Returns
+    whether the model has such a tower."""
+    visual = getattr(model, "visual", None)
+    if type(visual) is not ModifiedResNet:
+        return False
+    visual.to(memory_format=torch.channels_last)
+    return True
+
+
 def fold_batchnorm(visual: nn.Module) -> nn.Module | None:
     """A copy of a ModifiedResNet image tower in eval mode with each BatchNorm folded into
     the convolution before it (eval-mode BatchNorm is a per-channel affine map), no parameter
@@ -163,4 +178,4 @@ def fold_batchnorm(visual: nn.Module) -> nn.Module | None:
     for parent, conv, bn in pairs:
         setattr(parent, conv, fuse_conv_bn_eval(getattr(parent, conv), getattr(parent, bn)))
         setattr(parent, bn, nn.Identity())
-    return folded
+    return folded  # in the tower's memory order (use_channels_last): the fused weights keep it

@@ -87,9 +87,10 @@ def test_length_aware_text_is_open_clips_encode_text(config):
 
 
 def test_rn_image_shortcuts_are_open_clips_encode_image():
-    """The attention pool computing only the row it returns, and the sample phase's copy with
-    BatchNorm folded into the convolutions, give open_clip's image features and gradients
-    (every parameter's in training; the pixels' in eval mode, as PGD takes them)."""
+    """The attention pool computing only the row it returns, the weights channels-last, and the
+    sample phase's copy with BatchNorm folded into the convolutions, give open_clip's image
+    features and gradients (every parameter's in training; the pixels' in eval mode, as PGD
+    takes them)."""
     import open_clip
     from open_clip.modified_resnet import AttentionPool2d
 
@@ -106,11 +107,14 @@ def test_rn_image_shortcuts_are_open_clips_encode_image():
             m.zero_grad()
             out.square().sum().backward()
     for (name, p), q in zip(fast.visual.named_parameters(), ref.visual.parameters(), strict=True):
-        assert (p.grad - q.grad).abs().max() <= 1e-5 * q.grad.abs().max() + 1e-6, name
+        # channels-last sums BatchNorm's reductions in another order: up to 3e-5 of the largest entry
+        assert (p.grad - q.grad).abs().max() <= 1e-4 * q.grad.abs().max() + 1e-6, name
     fast.eval(), ref.eval()
     folded = towers.fold_batchnorm(fast.visual)
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     assert not any(p.requires_grad for p in folded.parameters())
+    for tower in (fast.visual, folded):  # weights channels-last (use_channels_last), as the comparisons above ran
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in tower.parameters() if p.dim() == 4)
     grads = []
     for tower in (folded, ref.visual):
         pix = x.clone().requires_grad_(True)
@@ -120,7 +124,7 @@ def test_rn_image_shortcuts_are_open_clips_encode_image():
     (got, got_g), (want, want_g) = grads
     assert torch.allclose(got, want, atol=1e-5) and (got_g - want_g).abs().max() <= 1e-5 * want_g.abs().max()
     vit, _, _ = surrogate.create_surrogate(TINY_VIT)  # no BatchNorm, no attention pool: left as built
-    assert towers.fold_batchnorm(vit.visual) is None and not towers.use_first_query_pool(vit)
+    assert towers.fold_batchnorm(vit.visual) is None and not towers.use_first_query_pool(vit) and not towers.use_channels_last(vit)
 
 
 def test_the_sample_phase_image_tower_follows_the_weights():
