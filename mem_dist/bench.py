@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("what", choices=["merge", "generate"])
     p.add_argument("--config", help="the generation config (merge: its output must hold generated state)")
     p.add_argument("--repeats", type=int, default=3, help="merge: best of this many runs")
-    p.add_argument("--steps", type=int, default=3, help="generate: timed surrogate steps")
+    p.add_argument("--steps", type=int, default=3, help="generate: timed surrogate steps, and timed runs of each sample batch (the median)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = p.parse_intermixed_args(argv)
 

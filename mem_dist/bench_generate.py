@@ -1,17 +1,18 @@
 """``mem-dist bench generate``: what one process of a config's generation costs here.
 
 Measured on the config's first shard with the real engine (nothing is written), after an
-untimed warm-up: a surrogate step, a sample batch with HotFlip + PGD, a sample batch with
-PGD alone. For each: seconds per batch, samples/s, peak memory (GPU memory on CUDA, the
-process's peak RSS on the CPU), the FLOPs of one batch (counted by torch's FlopCounterMode
-in a separate, untimed run) and the FLOP/s achieved, against the device's peak: a known
-GPU's dense datasheet peak for the precision used, on the CPU the rate measured here of one
-large fp32 matrix product (what the best-tuned kernel reaches on these cores). Then the
-run's time estimated for the config's samples and for 1M and 400M samples on 1, 8 and 64
-GPUs: the surrogate phase takes the same time on any number of processes (DDP), the sample
-phase is split among them. Last, the run's floor: its FLOPs at that peak, the time these
-matrix products and convolutions would take at the device's best rate with nothing else
-costing anything (how far the estimate is from it says how much of the time is other work).
+untimed warm-up: ``--steps`` surrogate steps (timed together), a sample batch with HotFlip
++ PGD and a sample batch with PGD alone (each timed ``--steps`` times, the median). For
+each: seconds per batch, samples/s, peak memory (GPU memory on CUDA, the process's peak
+RSS on the CPU), the FLOPs of one batch (counted by torch's FlopCounterMode in a separate,
+untimed run) and the FLOP/s achieved, against the device's peak: a known GPU's dense
+datasheet peak for the precision used, on the CPU the rate measured here of one large fp32
+matrix product (what the best-tuned kernel reaches on these cores). Then the run's time
+estimated for the config's samples and for 1M and 400M samples on 1, 8 and 64 GPUs: the
+surrogate phase takes the same time on any number of processes (DDP), the sample phase is
+split among them. Last, the run's floor: its FLOPs at that peak, the time these matrix
+products and convolutions would take at the device's best rate with nothing else costing
+anything (how far the estimate is from it says how much of the time is other work).
 
     mem-dist bench generate --config configs/paper.yaml [--steps 3] [key=value ...]
 """
@@ -53,6 +54,13 @@ def _peak_memory(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _median_timed(device: torch.device, fn, n: int) -> tuple[float, float]:
+    """(median seconds, peak GiB) of ``n`` runs of ``fn()``: one run alone is at the mercy of
+    a shared machine."""
+    runs = [_timed(device, fn) for _ in range(max(n, 1))]
+    return float(np.median([s for s, _ in runs])), max(m for _, m in runs)
 
 
 def _timed(device: torch.device, fn) -> tuple[float, float]:
@@ -123,10 +131,10 @@ def bench_generate(cfg: RunConfig, steps: int = 3) -> tuple[list[Phase], dict]:
                     surrogate_s / steps, bs, surrogate_mem, step_flops)]
     hf_s = 0.0
     if hotflip:
-        hf_s, hf_mem = _timed(dist.device, sample_batch(1))
+        hf_s, hf_mem = _median_timed(dist.device, sample_batch(1), steps)
         phases.append(Phase(f"sample batch: HotFlip ({cfg.mem.hotflip_candidates} candidates) + {cfg.mem.pgd_steps} PGD steps",
                             hf_s, len(rows), hf_mem, _flops(sample_batch(1))))
-    pgd_s, pgd_mem = _timed(dist.device, sample_batch(cfg.mem.hotflip_rounds + 1))
+    pgd_s, pgd_mem = _median_timed(dist.device, sample_batch(cfg.mem.hotflip_rounds + 1), steps)
     phases.append(Phase(f"sample batch: {cfg.mem.pgd_steps} PGD steps", pgd_s, len(rows), pgd_mem,
                         _flops(sample_batch(cfg.mem.hotflip_rounds + 1))))
     hf_rounds = min(cfg.mem.hotflip_rounds, cfg.mem.rounds) if hotflip else 0
