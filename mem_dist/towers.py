@@ -148,9 +148,9 @@ def use_first_query_pool(model: nn.Module) -> bool:
 def use_channels_last(model: nn.Module) -> bool:
     """Store a ModifiedResNet image tower's 4-D weights channels-last (in place), so that its
     convolutions, and the activations between them, run in the memory order oneDNN prefers
-    (cuDNN too, with tensor cores; not measured here); the same values, only their layout. The tiny RN's forward and backward on
-    this CPU: 29-31 -> 22-24 ms (to the pixels, folded), 52-59 -> 40 ms (training). Returns
-    whether the model has such a tower."""
+    (cuDNN too, with tensor cores; not measured here): the same values, only their layout.
+    The tiny RN's forward and backward on this CPU: 29-31 -> 22-24 ms (to the pixels,
+    folded), 52-59 -> 40 ms (training). Returns whether the model has such a tower."""
     visual = getattr(model, "visual", None)
     if type(visual) is not ModifiedResNet:
         return False
