@@ -274,12 +274,16 @@ class RunConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that decide the generated state. Resuming is refused when these
-        differ; mem.rounds is left out so a finished run can be extended."""
+        differ; mem.rounds is left out so a finished run can be extended, and keys that
+        change no state byte (data.cache_shards: memory only; output, device, progress,
+        state, merge) so a resume may change them."""
         mem = dataclasses.asdict(self.mem)
         mem.pop("rounds")
+        data = dataclasses.asdict(self.data)
+        data.pop("cache_shards")
         return {
             "seed": self.seed,
-            "data": dataclasses.asdict(self.data),
+            "data": data,
             # ensemble is left out when empty, so runs started before it existed still resume
             "surrogate": {k: v for k, v in dataclasses.asdict(self.surrogate).items()
                           if k != "precision" and (k != "ensemble" or v)},

@@ -1,9 +1,11 @@
 """The run folder's own records: run.json, resume checks, surrogate checkpoints.
 
-``{output}/run.json`` records the run (config, its hash, versions, shards, world size,
-rounds done, skip counts); a command that would continue a run with another generation
-config or another world size is refused (:class:`ResumeError`). Checkpoints
-``{output}/checkpoints/round-{r:03d}.pt`` hold the surrogate(s) after round r's surrogate phase.
+``{output}/run.json`` records the run (config, its hash, versions, shards, the world size of
+each launch, rounds done, skip counts); a command that would continue a run with another
+generation config is refused (:class:`ResumeError`). Any world size may continue a run: the
+surrogate's batches stay laid out for the first launch's ranks (``surrogate_ranks``, see
+:mod:`mem_dist.mem`). Checkpoints ``{output}/checkpoints/round-{r:03d}.pt`` hold the
+surrogate(s) after round r's surrogate phase.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 from mem_dist import __version__, storage
 from mem_dist.config import RunConfig
-from mem_dist.config_io import to_dict
+from mem_dist.config_io import ConfigError, build, to_dict
 
 
 class ResumeError(RuntimeError):
@@ -24,34 +26,51 @@ class ResumeError(RuntimeError):
 
 
 def check_resume(cfg: RunConfig, world: int) -> dict | None:
-    """The existing run.json if this command may continue it; raises ResumeError if not."""
+    """The existing run.json if this command may continue it; raises ResumeError if not.
+    ``world`` may differ from the earlier launches'."""
     url = storage.join(cfg.output, "run.json")
     if not storage.exists(url):
         return None
     old = storage.read_json(url)
-    if old.get("config_hash") != cfg.config_hash():
+    if old.get("config_hash") != cfg.config_hash() and recorded_hash(old) != cfg.config_hash():
         raise ResumeError(
             f"{cfg.output} holds a run with a different configuration (config hash {old.get('config_hash')} there, "
-            f"{cfg.config_hash()} now); use a new output, or the same config to resume (only mem.rounds and "
-            f"surrogate.precision may change)")
-    if old.get("world_size") != world:
-        raise ResumeError(
-            f"{cfg.output} was started with {old.get('world_size')} processes and this launch has {world}; "
-            f"resume with the same number (shard ownership and the surrogate's batches depend on it)")
+            f"{cfg.config_hash()} now); use a new output, or the same config to resume (only mem.rounds, "
+            f"surrogate.precision, data.cache_shards, device, progress, state.* and merge.* may change)")
     return old
 
 
+def recorded_hash(old: dict) -> str | None:
+    """The config hash of the run's recorded config as this version computes it (a run.json
+    written before a memory-only key left the fingerprint still resumes); None if unreadable."""
+    try:
+        return build(RunConfig, old.get("config"), "").config_hash()
+    except (ConfigError, TypeError, ValueError):
+        return None
+
+
+def surrogate_ranks(old: dict | None, world: int) -> int:
+    """The ranks the surrogate's batches are laid out for: the first launch's world size."""
+    if old is None:
+        return world
+    return int(old.get("surrogate_ranks") or (old.get("world_sizes") or [old.get("world_size") or world])[0])
+
+
 def run_record(cfg: RunConfig, urls: list[str], world: int, old: dict | None, rounds_done: int,
-               skipped: dict[str, int]) -> dict:
-    """The content of run.json."""
+               skipped: dict[str, int], launch: bool = False) -> dict:
+    """The content of run.json; ``launch``: this launch's world size is appended to
+    ``world_sizes`` (once per launch, when it first writes run.json)."""
     import accelerate, open_clip, pyarrow, webdataset
 
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    sizes = list((old or {}).get("world_sizes") or ([old["world_size"]] if old and "world_size" in old else []))
     return {
         "config": to_dict(cfg),
         "config_hash": cfg.config_hash(),
         "shards": urls,
         "world_size": world,
+        "world_sizes": sizes + [world] if launch or not sizes else sizes,
+        "surrogate_ranks": surrogate_ranks(old, world),
         "rounds": total_rounds(cfg),
         "rounds_done": rounds_done,
         "skipped": skipped,
