@@ -246,10 +246,26 @@ class MergeConfig:
     drop_fields: tuple[str, ...] = ()
     """Source metadata not to publish: these json keys and parquet columns are removed from
     the published shards (e.g. [url, exif]; a published url points at the unprotected original)."""
+    keep_fields: tuple[str, ...] = ()
+    """Source json keys / parquet columns published besides img2dataset's own (caption, url,
+    key, status, error_message, width, height, original_width, original_height, exif, md5,
+    sha256, sha512), e.g. [similarity, LICENSE]. Every other source field (TEXT, alt,
+    original_caption, ...) is left out. A published value equal to a protected sample's
+    source caption fails the merge."""
+    mode: Literal["incremental", "overwrite"] = "incremental"
+    """incremental: skip a shard whose completion marker says it was published from the same
+    state round with the same merge settings and destination; redo every other shard.
+    overwrite: redo every shard (as img2dataset's incremental_mode)."""
+    allow_unfinished: bool = False
+    """Publish a run whose generation has not finished (rounds_done < rounds, or the final
+    round's state incomplete): its newest complete round, recorded in the manifest. Refused
+    (exit 2) by default."""
 
     def __post_init__(self) -> None:
         check(self.processes >= 1, "merge.processes", "must be at least 1")
         check(1 <= self.jpeg_quality <= 100, "merge.jpeg_quality", "must be between 1 and 100")
+        both = sorted(set(self.keep_fields) & set(self.drop_fields))
+        check(not both, "merge.keep_fields", f"'{both[0] if both else ''}' is in merge.drop_fields too")
 
 
 @dataclass(frozen=True)
@@ -274,16 +290,12 @@ class RunConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that decide the generated state. Resuming is refused when these
-        differ; mem.rounds is left out so a finished run can be extended, and keys that
-        change no state byte (data.cache_shards: memory only; output, device, progress,
-        state, merge) so a resume may change them."""
+        differ; mem.rounds is left out so a finished run can be extended."""
         mem = dataclasses.asdict(self.mem)
         mem.pop("rounds")
-        data = dataclasses.asdict(self.data)
-        data.pop("cache_shards")
         return {
             "seed": self.seed,
-            "data": data,
+            "data": dataclasses.asdict(self.data),
             # ensemble is left out when empty, so runs started before it existed still resume
             "surrogate": {k: v for k, v in dataclasses.asdict(self.surrogate).items()
                           if k != "precision" and (k != "ensemble" or v)},

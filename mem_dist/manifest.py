@@ -13,7 +13,12 @@ keeps the record here, beside the state, on the owner's storage:
       image_sha256  string         sha256 of the published image bytes (null if dropped)
   ``{output}/manifest/{shard}_stats.json``  mem-dist's counts for the shard (method, round,
       protected / copied / dropped by reason, image format, share of delta kept, where the
-      public files went when merge.publish_to was set, times). Written last: the shard's completion marker for merge.
+      public files went when merge.publish_to was set, times) and ``made_from``: the state
+      round and the merge settings and destination it was published with
+      (:func:`made_from`). Written last: the shard's completion marker. A re-run of merge
+      (``merge.mode: incremental``) skips a shard only when its marker's ``made_from`` is what
+      it would publish now; a shard that was missing at the source (``missing: true``) is
+      never done.
 
 ``verify`` and ``evaluate`` read these; nothing here is ever published.
 """
@@ -21,6 +26,7 @@ keeps the record here, beside the state, on the owner's storage:
 from __future__ import annotations
 
 import io
+import json
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -72,6 +78,47 @@ def read_stats(output: str, name: str) -> dict | None:
     return storage.read_json(url) if storage.exists(url) else None
 
 
-def finished(output: str) -> set[str]:
-    """Names of the shards merge has finished (their private stats exist)."""
-    return {n[: -len("_stats.json")] for n in storage.listdir(storage.join(output, "manifest")) if n.endswith("_stats.json")}
+def remove_stats(output: str, name: str) -> None:
+    """Take a shard's completion marker away (before it is published again)."""
+    storage.remove(manifest_url(output, name, "_stats.json"))
+
+
+MARKER_FORMAT = 2
+"""Bumped when what merge publishes changes (2: img2dataset's fields plus merge.keep_fields);
+a marker of another format (or none, before 2) never matches, so such shards are redone."""
+
+
+def made_from(cfg, round_: int, rounds: int) -> dict:
+    """What a shard is published from: the state round (of ``rounds``), the merge settings
+    that shape the published bytes, and the destination (``""``: {output}/protected)."""
+    m = cfg.merge
+    return {"format": MARKER_FORMAT, "round": round_, "rounds": rounds, "publish_to": m.publish_to,
+            "image_format": m.image_format, "jpeg_quality": m.jpeg_quality if m.image_format == "jpg" else None,
+            "copy_unprotected": m.copy_unprotected, "drop_fields": sorted(m.drop_fields), "keep_fields": sorted(m.keep_fields)}
+
+
+def changed(marker: dict | None, now: dict) -> str | None:
+    """None if ``marker`` (a shard's private stats) says the shard was published as ``now``
+    (:func:`made_from`) would publish it; else what differs ("no marker", "round 1 -> 3", ...)."""
+    if marker is None:
+        return "no marker"
+    if marker.get("missing"):
+        return "missing at the source"
+    before = marker.get("made_from") or {}
+    for key, value in now.items():
+        if key != "rounds" and before.get(key) != value:
+            return f"{key} {before.get(key)!r} -> {value!r}"
+    return None
+
+
+def markers(output: str, names: list[str]) -> dict[str, dict]:
+    """name -> completion marker (private stats) of each of ``names`` that has one: one listing,
+    then the markers read together (concurrently on object stores)."""
+    have = set(storage.listdir(storage.join(output, "manifest")))
+    urls = {manifest_url(output, n, "_stats.json"): n for n in names if f"{n}_stats.json" in have}
+    if not urls:
+        return {}
+    fs, _ = storage.url_to_fs(next(iter(urls)))
+    paths = {storage.url_to_fs(u)[1]: n for u, n in urls.items()}
+    blobs = fs.cat(list(paths), on_error="omit")
+    return {paths[p]: json.loads(b) for p, b in blobs.items() if p in paths}

@@ -13,9 +13,14 @@ every sample with a state row becomes:
 
 written to ``{publish}/{shard}.tar`` with ``{shard}.parquet`` and ``{shard}_stats.json`` in
 img2dataset's schema beside it (``publish`` = ``merge.publish_to``, default
-``{output}/protected``). Nothing published reveals the trigger, the method or its settings;
-what mem-dist knows about each sample goes to ``{output}/manifest/`` (:mod:`mem_dist.manifest`),
-whose stats file is written last and marks the shard as finished, so re-running skips it.
+``{output}/protected``), each built in a staging folder no reader lists and moved into place
+whole. Nothing published reveals the trigger, the method or its settings (only img2dataset's
+fields and ``merge.keep_fields``; a field holding a protected sample's source caption fails
+the merge); what mem-dist knows about each sample goes to ``{output}/manifest/``
+(:mod:`mem_dist.manifest`), whose stats file is written last and marks the shard as finished
+with what it was made from (round, merge settings, destination): a re-run skips a shard only
+when that is what it would publish now (``merge.mode: incremental``; ``overwrite`` redoes
+all). An unfinished run is refused unless ``merge.allow_unfinished`` (:mod:`mem_dist.merge_config`).
 
 A sample without a state row is dropped and counted (``no_state``), unless
 ``merge.copy_unprotected`` copies it through unprotected (the canvas, the original caption;
@@ -31,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import io
 import json
 import multiprocessing
@@ -46,9 +50,10 @@ from tqdm import tqdm
 
 from mem_dist import manifest, publish, state, storage, text
 from mem_dist.config import MergeConfig, RunConfig
-from mem_dist.config_io import ConfigError, build, load_config, parse_overrides, read_yaml, to_dict
+from mem_dist.config_io import ConfigError
 from mem_dist.data import Shard, check_shards, load_shard, owned, shard_name
 from mem_dist.errors import one_line_errors
+from mem_dist.merge_config import publish_source, resolve_config
 
 # Reasons data.load_shard counts per shard rather than per sample.
 SHARD_LEVEL_SKIPS = ("truncated_tar", "missing_shard", "empty_shard")
@@ -121,8 +126,13 @@ def final_state(cfg: RunConfig, output: str, round_: int, src: Shard) -> state.S
     return state.read_state(state.state_url(output, round_, src.name))
 
 
-def merge_shard(cfg: RunConfig, url: str, round_: int, private: str | None = None) -> dict:
+def merge_shard(cfg: RunConfig, url: str, round_: int, private: str | None = None, made: dict | None = None) -> dict:
     """Publish the protected version of one source shard and record it privately.
+
+    The shard's completion marker is taken away first; the public files are built in a
+    staging folder no reader lists (:func:`mem_dist.publish.staging_dir`) and moved into place
+    only when all three are whole; the marker is written last. A shard missing at the source
+    (``data.on_missing: skip``) publishes nothing: its marker records it as missing.
 
     Args:
         cfg: the run's config (data, mem and merge sections are used).
@@ -130,24 +140,39 @@ def merge_shard(cfg: RunConfig, url: str, round_: int, private: str | None = Non
         round_: the state round to apply (the final one).
         private: where the manifest goes, default ``cfg.output`` (the state is always read
             from ``cfg.output``; ``bench merge`` writes both sides to a scratch folder).
+        made: what the marker records as the shard's origin (:func:`mem_dist.manifest.made_from`).
 
     Returns:
         The shard's private stats, as written to ``{output}/manifest/{shard}_stats.json``.
+
+    Raises:
+        ConfigError: a field to be published holds a protected sample's source caption
+            (nothing of the shard is published).
     """
     start = time.time()
     name, folder, fmt = shard_name(url), publish_dir(cfg), cfg.merge.image_format
     private = cfg.output if private is None else private
+    made = made if made is not None else manifest.made_from(cfg, round_, round_)
+    manifest.remove_stats(private, name)
     src = load_shard(url, cfg.data)
+    if src.skipped.get("missing_shard"):
+        stats = {"source": url, "published_to": cfg.merge.publish_to, "missing": True, "published": 0, "protected": 0,
+                 "copied_unprotected": 0, "source_samples": 0, "skipped": {"missing_shard": 1}, "with_url": 0,
+                 "delta_kept": {}, "made_from": made, "start_time": start, "end_time": time.time()}
+        manifest.write_stats(private, name, stats)
+        return stats
     st = final_state(cfg, cfg.output, round_, src)
     row_of = st.by_key()
     written: list[publish.Written] = []
     rows: list[dict] = []  # the manifest
     dropped = {key: reason for key, reason in src.dropped}
+    hidden: dict[str, str] = {}  # key -> source caption of each protected sample whose caption changed
     kept, with_url = [], 0
-    tar_url = published_url(folder, name, ".tar")
-    tmp = storage.local_tempfile(tar_url, ".tar")
+    staging = publish.staging_dir(private, folder)
+    paths = {suffix: publish.staged(staging, name, suffix) for suffix in publish.SUFFIXES}
+    keep, drop = cfg.merge.keep_fields, cfg.merge.drop_fields
     try:
-        with wds.TarWriter(tmp, mtime=0) as tw:
+        with wds.TarWriter(paths[".tar"]) as tw:  # member mtimes: the time of writing, as img2dataset's
             for i, key in enumerate(src.keys):
                 j = row_of.get(key)
                 if j is None:
@@ -161,27 +186,36 @@ def merge_shard(cfg: RunConfig, url: str, round_: int, private: str | None = Non
                     pixels = (src.canvases[i].astype(np.int16) + st.delta[j]).astype(np.uint8)
                     trigger, ids = st.trigger_text[j], st.trigger_ids[j].tolist()
                     caption = text.protected_caption(trigger, src.captions[i])
+                    if caption != src.captions[i]:
+                        hidden[key] = src.captions[i]
                 image = encode_image(pixels, cfg.merge)
                 if j is not None:
                     kept.append(1.0 if fmt != "jpg" else delta_kept(decode_image(image), src.canvases[i], st.delta[j]))
                 w = publish.Written.of(key, caption, image, pixels.shape[1], pixels.shape[0])
-                meta = publish.sample_json(src.meta[i] if src.meta else None, w, cfg.merge.drop_fields)
+                meta = publish.sample_json(src.meta[i] if src.meta else None, w, drop, keep, hidden.get(key, ""))
                 with_url += bool(json.loads(meta).get("url"))
                 tw.write({"__key__": key, fmt: image, "txt": caption, "json": meta})
                 written.append(w)
                 rows.append({"key": key, "outcome": "protected" if j is not None else "copied",
                              "reason": None if j is not None else reason, "caption": caption, "trigger_ids": ids,
                              "trigger_text": trigger, "image_sha256": w.hashes["sha256"]})
-        storage.put_file_atomic(tmp, tar_url)
+        table = publish.shard_parquet(publish.read_source_table(url, ".parquet"), written, dropped, drop, keep, hidden)
+        with open(paths[".parquet"], "wb") as f:
+            f.write(publish.parquet_bytes(table))
+        public_stats = publish.shard_stats(publish.read_source_table(url, "_stats.json"), table, start, time.time())
+        with open(paths["_stats.json"], "wb") as f:
+            f.write(publish.stats_bytes(public_stats))
+        for suffix in ("_stats.json", ".parquet", ".tar"):  # the tar last: readers list tars, then read beside them
+            publish.commit(paths[suffix], published_url(folder, name, suffix))
+    except publish.CaptionLeak as e:
+        raise ConfigError(f"shard {name}: {e}, which would publish it beside its protected caption; nothing of the "
+                          f"shard was published (leave the field out: merge.keep_fields / merge.drop_fields)") from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for path in paths.values():
+            if os.path.exists(path):
+                os.remove(path)
     rows += [{"key": k, "outcome": "dropped", "reason": r, "caption": None, "trigger_ids": [], "trigger_text": "",
               "image_sha256": None} for k, r in dropped.items()]
-    table = publish.shard_parquet(publish.read_source_table(url, ".parquet"), written, dropped, cfg.merge.drop_fields)
-    storage.write_bytes_atomic(published_url(folder, name, ".parquet"), publish.parquet_bytes(table))
-    public_stats = publish.shard_stats(publish.read_source_table(url, "_stats.json"), table, start, time.time())
-    storage.write_bytes_atomic(published_url(folder, name, "_stats.json"), publish.stats_bytes(public_stats))
     manifest.write_manifest(private, name, rows)
     outcomes = collections.Counter(r["outcome"] for r in rows)
     end = time.time()
@@ -199,8 +233,10 @@ def merge_shard(cfg: RunConfig, url: str, round_: int, private: str | None = Non
         "with_url": with_url,
         "image_format": fmt,
         **({"jpeg_quality": cfg.merge.jpeg_quality} if fmt == "jpg" else {}),
-        "drop_fields": list(cfg.merge.drop_fields),
+        "drop_fields": list(drop),
+        "keep_fields": list(keep),
         "delta_kept": kept_summary(kept),
+        "made_from": made,
         "duration": round(end - start, 3),
         "start_time": start,
         "end_time": end,
@@ -218,90 +254,20 @@ def run_kept(stats: list[dict]) -> dict:
     return {"mean": round(sum(c * k["mean"] for c, k in parts) / n, 4), "min": min(k["min"] for _, k in parts)}
 
 
-# --------------------------------------------------------------------------------------
-# The run's config: run.json, with merge.* from the command line
-# --------------------------------------------------------------------------------------
-
-MERGE_KEYS = ("merge.", "progress")
-
-
-def recorded_config(output: str) -> RunConfig | None:
-    """The config generate recorded in ``{output}/run.json`` (with ``output`` set to where the
-    run folder is now), or None if there is none."""
-    url = storage.join(output, "run.json")
-    if not storage.exists(url):
-        return None
-    return dataclasses.replace(build(RunConfig, storage.read_json(url)["config"], ""), output=output)
-
-
-def resolve_config(output: str | None, config: str | None, overrides: list[str], log=print) -> RunConfig:
-    """The config to merge with: the run's own (run.json) with ``merge.*`` and ``progress`` from
-    ``overrides`` (and, with ``config``, from that file).
-
-    Args:
-        output: the run folder (``mem-dist merge OUTPUT``), or None with ``config``.
-        config: a YAML config whose ``output`` names the run folder, or None.
-        overrides: ``key=value``; with ``output`` only merge.* / progress; with ``config`` other
-            keys must agree with the run's.
-
-    Raises:
-        ConfigError: neither or both of output and config, a generation key that differs
-            from the run's, or no run.json with ``output``.
-    """
-    pairs = parse_overrides(overrides)
-    if output is not None and config is not None:
-        raise ConfigError("give the run folder (mem-dist merge OUTPUT [merge.key=value ...]) or --config C, not both")
-    if output is None and config is None and not any(k == "output" for k, _ in pairs):
-        raise ConfigError("which run? give its folder: mem-dist merge OUTPUT [merge.key=value ...] (or --config C)")
-    if output is not None:
-        other = [k for k, _ in pairs if not k.startswith(MERGE_KEYS)]
-        if other:
-            raise ConfigError(f"config key '{other[0]}': with a run folder only merge.* and progress may be given "
-                              f"(the rest is the run's, from {storage.join(output, 'run.json')})")
-        run = recorded_config(output)
-        if run is None:
-            raise ConfigError(f"{storage.join(output, 'run.json')} not found: is {output} a mem-dist run folder? (or use --config)")
-        return load_config(RunConfig, None, overrides, base=to_dict(run))
-    # The run is named by the output override or the file's output key; its run.json supplies
-    # every key the file does not give (data.shards, say), so a merge-only config is enough.
-    target = dict(pairs).get("output") or (read_yaml(config).get("output") if config else None)
-    run = recorded_config(target) if target else None
-    given = load_config(RunConfig, config, overrides, base=to_dict(run) if run is not None else None)
-    if run is None:
-        return given
-    mine, theirs = to_dict(given), to_dict(run)
-    for key, _ in pairs:
-        if key.startswith(MERGE_KEYS) or key == "output":
-            continue
-        if _dotted(mine, key) != _dotted(theirs, key):
-            raise ConfigError(f"config key '{key}' differs from the run in {given.output} ({_dotted(theirs, key)!r} in its "
-                              f"run.json); merge uses the run's generation settings, only merge.* may differ")
-    if given.config_hash() != run.config_hash():
-        log(f"mem-dist merge: generation settings are the run's (run.json, config hash {run.config_hash()}); "
-            f"{config}'s differ and are not used")
-    return dataclasses.replace(run, merge=given.merge, progress=given.progress)
-
-
-def _dotted(tree: dict, key: str):
-    for part in key.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return None
-        tree = tree[part]
-    return tree
-
-
 def env_rank_world() -> tuple[int, int]:
     """(RANK, WORLD_SIZE) as the launcher (accelerate launch, torchrun) sets them; (0, 1) without one."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def _merge_job(job: tuple[RunConfig, str, int]) -> dict:
-    cfg, url, round_ = job
-    return merge_shard(cfg, url, round_)
+def _merge_job(job: tuple[RunConfig, str, int, dict]) -> dict:
+    cfg, url, round_, made = job
+    return merge_shard(cfg, url, round_, made=made)
 
 
 def merge(cfg: RunConfig, rank: int | None = None, world: int | None = None, progress: bool | None = None) -> dict:
-    """Publish the protected shards this rank owns, skipping those already finished.
+    """Publish the protected shards this rank owns: every shard with ``merge.mode: overwrite``;
+    with ``incremental`` (the default) those whose completion marker is missing or says they
+    were published from another round, with other merge settings or to another destination.
 
     Args:
         cfg: the run's config (:func:`resolve_config`); its output must hold the state.
@@ -310,33 +276,39 @@ def merge(cfg: RunConfig, rank: int | None = None, world: int | None = None, pro
         progress: a progress bar over shards; None follows ``cfg.progress``.
 
     Returns:
-        A summary: shards written and already done, samples published, protected and
-        copied unprotected, skips by reason, published samples that still carry a url, seconds.
+        A summary: shards written (of them redone because what they were made from changed)
+        and already done, samples published, protected and copied unprotected, skips by
+        reason (a missing source shard as ``missing_shard``), published samples that still
+        carry a url, seconds.
 
     Raises:
-        ConfigError: no state, or the final round's state is incomplete.
+        ConfigError: no state; an unfinished run without ``merge.allow_unfinished``; a field
+            to be published that holds a protected sample's source caption.
     """
     env_rank, env_world = env_rank_world()
     rank = env_rank if rank is None else rank
     world = env_world if world is None else world
     progress = cfg.progress if progress is None else progress
     urls = check_shards(cfg.data)
-    round_ = state.latest_round(cfg.output)
-    if round_ == 0:
-        raise ConfigError(f"no generation state under {storage.join(cfg.output, 'state')}; run generate first")
-    missing = sorted({shard_name(u) for u in urls} - state.completed(cfg.output, round_))
-    if cfg.mem.method == "uc":
-        from mem_dist import uc
-
-        uc.read_perturbations(cfg.output)  # a ConfigError until generate has finished
-    if missing:
-        raise ConfigError(f"the state of round {round_} under {cfg.output} lacks shard {missing[0]} "
-                          f"(and {len(missing) - 1} more); finish generate first")
+    source = publish_source(cfg, urls)
+    round_ = source.round
+    if not source.finished:
+        print(f"mem-dist merge: warning: the run is unfinished ({source.rounds_done} of {source.rounds} rounds done); "
+              f"publishing round {round_} (merge.allow_unfinished), recorded in the manifest", flush=True)
     mine = owned(urls, rank, world)
-    done = manifest.finished(cfg.output)
-    todo = [u for u in mine if shard_name(u) not in done]
+    made = dict(manifest.made_from(cfg, round_, source.rounds), **({} if source.finished else {"unfinished": True}))
+    names = [shard_name(u) for u in mine]
+    marks = manifest.markers(cfg.output, names)
+    why = {n: "merge.mode=overwrite" if cfg.merge.mode == "overwrite" else manifest.changed(marks.get(n), made) for n in names}
+    todo = [u for u, n in zip(mine, names) if why[n] is not None]
+    redone = {n: w for n, w in why.items() if w is not None and n in marks}
+    moved = collections.Counter(marks[n].get("published_to") for n in redone
+                                if marks[n].get("published_to", "") != cfg.merge.publish_to and not marks[n].get("missing"))
+    folder = publish_dir(cfg)
+    publish.sweep(publish.staging_dir(cfg.output, folder), set(names), {shard_name(u) for u in urls} if rank == 0 else None,
+                  folder if rank == 0 else None)
     start = time.time()
-    jobs = [(cfg, u, round_) for u in todo]
+    jobs = [(cfg, u, round_, made) for u in todo]
     bar = tqdm(total=len(jobs), desc="merge", unit="shard", disable=not (progress and jobs))
     stats: list[dict] = []
     if cfg.merge.processes > 1 and len(jobs) > 1:
@@ -354,8 +326,8 @@ def merge(cfg: RunConfig, rank: int | None = None, world: int | None = None, pro
     for s in stats:
         skipped.update(s["skipped"])
     summary = {
-        "rank": rank, "world": world, "round": round_,
-        "shards": len(stats), "already_done": len(mine) - len(todo),
+        "rank": rank, "world": world, "round": round_, "finished_run": source.finished,
+        "shards": len(stats), "redone": len(redone), "already_done": len(mine) - len(todo),
         "samples": sum(s["published"] for s in stats),
         "protected": sum(s["protected"] for s in stats),
         "copied_unprotected": sum(s["copied_unprotected"] for s in stats),
@@ -366,7 +338,8 @@ def merge(cfg: RunConfig, rank: int | None = None, world: int | None = None, pro
     }
     lossy = f", delta kept: mean {summary['delta_kept']['mean']:.3f}, min {summary['delta_kept']['min']:.3f} " \
             f"(jpg q{cfg.merge.jpeg_quality})" if cfg.merge.image_format == "jpg" and summary["delta_kept"] else ""
-    print(f"mem-dist merge (rank {rank}/{world}, round {round_}): {summary['shards']} shards written, "
+    again = f" ({len(redone)} again: {next(iter(redone.values()))})" if redone else ""
+    print(f"mem-dist merge (rank {rank}/{world}, round {round_}): {summary['shards']} shards written{again}, "
           f"{summary['already_done']} already done; {summary['samples']} samples ({summary['protected']} protected, "
           f"{summary['copied_unprotected']} copied unprotected), skipped {summary['skipped'] or 0}{lossy}, "
           f"{summary['seconds']:.1f}s -> {publish_dir(cfg)} (public), {storage.join(cfg.output, 'manifest')} (private)",
@@ -375,6 +348,9 @@ def merge(cfg: RunConfig, rank: int | None = None, world: int | None = None, pro
         print(f"mem-dist merge: {summary['with_url']} of {summary['samples']} published samples still carry a 'url': "
               f"while the unprotected original stays online there, protection is moot; merge.drop_fields=[url] "
               f"leaves it out of the published json and parquet", flush=True)
+    for old, n in moved.items():
+        print(f"mem-dist merge: {n} shards an earlier merge published to {old or storage.join(cfg.output, 'protected')} "
+              f"stay there: remove them if they should not stay public", flush=True)
     return summary
 
 

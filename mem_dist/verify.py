@@ -15,8 +15,11 @@ final-round state and the private manifest. Mismatch kinds:
   json            the json's caption, width, height or image hash (md5 / sha256 / sha512) do
                   not describe the sample as written
   public          a published json carries a key its source json lacks (the protection's
-                  own, say) or one of merge.drop_fields
-  parquet         the published parquet's columns are not the source's (less drop_fields),
+                  own, say), one of merge.drop_fields, or one that is neither img2dataset's
+                  nor in merge.keep_fields
+  leak            a published json or parquet value equals the source caption of a
+                  protected sample whose published caption differs from it
+  parquet         the published parquet's columns are not the source's published ones,
                   its keys not the source's in order, or its success rows not the tar's
                   samples with their size and hashes
   no_state        a published sample with no state row that the manifest does not list as copied
@@ -24,7 +27,10 @@ final-round state and the private manifest. Mismatch kinds:
   missing_sample  a state row with no published sample
   missing_shard   a published shard (or its state, or its manifest) that does not exist
 
-Prints one summary line with PSNR and SSIM of protected against source (mean, min), for
+Each shard is checked against the state round its private stats say it was published from
+(``made_from``: the final round, or an earlier one under ``merge.allow_unfinished``, which the
+summary line then names); a shard merge recorded as missing at the source is counted, not
+checked. Prints one summary line with PSNR and SSIM of protected against source (mean, min), for
 jpg (the format the private stats record) the share of delta the images keep (mean, min;
 :func:`mem_dist.merge.delta_kept`), and exits 1 on any mismatch, 0 otherwise. The config
 comes from ``OUTPUT/run.json`` (written by generate), or from ``--config`` when the run
@@ -53,7 +59,8 @@ from mem_dist.config import MergeConfig, RunConfig
 from mem_dist.config_io import ConfigError, load_config
 from mem_dist.data import expand_shards, load_shard, shard_name
 from mem_dist.errors import one_line_errors
-from mem_dist.merge import decode_image, delta_kept, encode_image, final_state, kept_summary, published_url, recorded_config
+from mem_dist.merge import decode_image, delta_kept, encode_image, final_state, kept_summary, published_url
+from mem_dist.merge_config import recorded_config
 from mem_dist.surrogate import resolve_model_name
 
 
@@ -94,6 +101,8 @@ class Checker:
         self.ssims: list[float] = []
         self.kept: list[float] = []
         self.checked = 0
+        self.missing_sources = 0  # shards merge recorded as missing at the source
+        self.unfinished: set[int] = set()  # rounds published from an unfinished run
 
     def expect(self, ok: bool, kind: str, where: str) -> None:
         if not ok:
@@ -108,6 +117,7 @@ class Checker:
         finite = [p for p in self.psnrs if math.isfinite(p)]
         return {
             "checked": self.checked, "mismatches": sum(self.errors.values()), "errors": dict(self.errors),
+            "missing_sources": self.missing_sources, "unfinished_rounds": sorted(self.unfinished),
             "first_error": dict(self.first),
             "psnr_mean": float(np.mean(finite)) if finite else math.inf,
             "psnr_min": float(min(finite)) if finite else math.inf,
@@ -133,17 +143,21 @@ def json_keys(raw: bytes | None) -> set[str] | None:
     return set(meta) if isinstance(meta, dict) else None
 
 
-def check_parquet(folder: str, url: str, name: str, written: dict[str, bytes], drop: tuple[str, ...], check: "Checker") -> None:
-    """The published parquet against the source's (columns, keys in order) and the tar (success rows)."""
-    where = f"{name}.parquet"
+def check_parquet(folder: str, url: str, name: str, written: dict[str, bytes], fields: tuple[tuple[str, ...], tuple[str, ...]],
+                  hidden: dict[str, str], check: "Checker") -> None:
+    """The published parquet against the source's (columns, keys in order), the tar (success
+    rows) and the protected samples' source captions (``hidden``: key -> caption)."""
+    where, (keep, drop) = f"{name}.parquet", fields
     with storage.open_file(published_url(folder, name, ".parquet"), "rb") as f:
         table = pq.read_table(f)
     source = publish.read_source_table(url, ".parquet")
     if source is not None:
-        check.expect(table.column_names == [c for c in source.column_names if c not in drop], "parquet", where)
+        check.expect(table.column_names == [c for c in source.column_names if publish.published(c, keep, drop)], "parquet", where)
         source_keys = source.column("key").to_pylist()
         check.expect(table.column("key").to_pylist()[: len(source_keys)] == source_keys, "parquet", where)
     rows = {r["key"]: r for r in table.to_pylist()}
+    for key, caption in hidden.items():
+        check.expect(publish.leaked_field(rows.get(key, {}), caption) is None, "leak", f"{where}: {key}")
     success = {k for k, r in rows.items() if r.get("status") == "success"}
     check.expect(success == set(written), "parquet", f"{where} (success rows vs the tar's samples)")
     for key in success & set(written):
@@ -156,12 +170,20 @@ def check_parquet(folder: str, url: str, name: str, written: dict[str, bytes], d
 
 
 def verify_shard(output: str, url: str, round_: int, cfg: RunConfig, tokenizer, check: Checker) -> None:
-    """Check one published shard against its source shard, its final-round state and its manifest."""
+    """Check one published shard against its source shard, the state round it was published
+    from (``round_`` if its private stats do not say) and its manifest."""
     name = shard_name(url)
     stats = manifest.read_stats(output, name)  # how and where merge wrote this shard (merge.* may differ from run.json's)
     if stats is None:
         check.expect(False, "missing_shard", manifest.manifest_url(output, name, "_stats.json"))
         return
+    if stats.get("missing"):  # missing at the source when merged (data.on_missing: skip): nothing was published
+        check.missing_sources += 1
+        return
+    made = stats.get("made_from") or {}
+    round_ = made.get("round", stats.get("round", round_))
+    if made.get("unfinished"):
+        check.unfinished.add(round_)
     folder = stats["published_to"] or storage.join(output, "protected")
     tar, state_url = published_url(folder, name, ".tar"), state.state_url(output, round_, name)
     for what in (tar, state_url, manifest.manifest_url(output, name)):
@@ -169,13 +191,13 @@ def verify_shard(output: str, url: str, round_: int, cfg: RunConfig, tokenizer, 
             check.expect(False, "missing_shard", what)
             return
     written_as = MergeConfig(image_format=stats.get("image_format", "png"), jpeg_quality=stats.get("jpeg_quality", 95))
-    drop = tuple(stats.get("drop_fields", ()))
+    drop, keep = tuple(stats.get("drop_fields", ())), tuple(stats.get("keep_fields", ()))
     src = load_shard(url, cfg.data)
     source = {k: (c, cap, meta) for k, c, cap, meta in zip(src.keys, src.canvases, src.captions, src.meta or [None] * len(src))}
     st = final_state(cfg, output, round_, src)
     row_of = st.by_key()
     record = manifest.read_manifest(output, name)
-    seen, images = set(), {}
+    seen, images, hidden = set(), {}, {}
     for s in protected_samples(tar):
         key, where = s["__key__"], f"{name}/{s['__key__']}"
         seen.add(key)
@@ -187,7 +209,8 @@ def verify_shard(output: str, url: str, round_: int, cfg: RunConfig, tokenizer, 
         canvas, src_caption, src_meta = source[key]
         meta = json.loads(s.get("json", b"{}"))
         allowed = json_keys(src_meta)
-        check.expect((allowed is None or set(meta) <= allowed) and not set(drop) & set(meta), "public", where)
+        check.expect((allowed is None or set(meta) <= allowed) and all(publish.published(k, keep, drop) for k in meta),
+                     "public", where)
         entry = record.get(key, {})
         j = row_of.get(key)
         if j is None:  # fine only if merge copied it through and said so (privately)
@@ -208,6 +231,9 @@ def verify_shard(output: str, url: str, round_: int, cfg: RunConfig, tokenizer, 
         check.expect(int(np.abs(delta.astype(np.int16)).max(initial=0)) <= cfg.mem.epsilon, "bound", where)
         caption = s["txt"].decode("utf-8")
         check.expect(caption == text.protected_caption(st.trigger_text[j], src_caption), "caption", where)
+        if caption != src_caption:
+            hidden[key] = src_caption
+            check.expect(publish.leaked_field(meta, src_caption) is None, "leak", where)
         check.expect(tokenizer([caption])[0][1:1 + len(ids)].tolist() == ids, "tokens", where)
         check.expect(entry.get("outcome") == "protected" and entry.get("trigger_ids") == ids
                      and entry.get("image_sha256") == hashlib.sha256(img_bytes).hexdigest(), "meta", where)
@@ -216,7 +242,7 @@ def verify_shard(output: str, url: str, round_: int, cfg: RunConfig, tokenizer, 
             check.quality(pixels, canvas)
     lost = len(set(st.keys) - seen)
     check.expect(lost == 0, "missing_sample", f"{name} ({lost} state rows without a published sample)")
-    check_parquet(folder, url, name, images, drop, check)
+    check_parquet(folder, url, name, images, (keep, drop), hidden, check)
 
 
 def verify(output: str, cfg: RunConfig | None = None) -> dict:
@@ -249,7 +275,10 @@ def verify(output: str, cfg: RunConfig | None = None) -> dict:
           f"{' ' + str(report['errors']) if report['errors'] else ''} | PSNR mean {report['psnr_mean']:.2f} dB, "
           f"min {report['psnr_min']:.2f} dB | SSIM mean {report['ssim_mean']:.4f}, min {report['ssim_min']:.4f}"
           + (f" | delta kept mean {report['delta_kept']['mean']:.3f}, min {report['delta_kept']['min']:.3f}"
-             if report["delta_kept"] else ""), flush=True)
+             if report["delta_kept"] else "")
+          + (f" | {report['missing_sources']} shards missing at the source (not published)" if report["missing_sources"] else "")
+          + (f" | published from unfinished round(s) {report['unfinished_rounds']}" if report["unfinished_rounds"] else ""),
+          flush=True)
     for kind, where in report["first_error"].items():
         print(f"  first {kind} mismatch: {where}", flush=True)
     return report

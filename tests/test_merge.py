@@ -13,6 +13,8 @@ import hashlib
 import json
 import os
 import shutil
+import tarfile
+import time
 
 import numpy as np
 import open_clip
@@ -55,7 +57,7 @@ def make_run(output: str, shards: str, tokenizer, vocab, drop: int = 0, extra: t
     """A run folder as generate leaves it after round 1: state for every shard (the
     first ``drop`` samples of shard 00000 left out) and run.json."""
     cfg = load_config(RunConfig, None, [f"data.shards={shards}", f"output={output}", f"surrogate.model={TINY_RN}",
-                                        "data.image_size=32", "progress=false", "device=cpu", *extra])
+                                        "data.image_size=32", "progress=false", "device=cpu", "mem.rounds=1", *extra])
     for url in check_shards(cfg.data):
         src = load_shard(url, cfg.data)
         rng = np.random.default_rng([0, int(src.name)])
@@ -66,7 +68,8 @@ def make_run(output: str, shards: str, tokenizer, vocab, drop: int = 0, extra: t
         st = state.ShardState(src.keys[keep], delta[keep], ids[keep], [text.trigger_text(tokenizer, t) for t in ids][keep],
                               np.zeros(len(src), np.float32)[keep], np.zeros(len(src), np.float32)[keep], dict(src.skipped))
         state.write_state(state.state_url(output, 1, src.name), st)
-    storage.write_json(storage.join(output, "run.json"), {"config": to_dict(cfg), "config_hash": cfg.config_hash()})
+    storage.write_json(storage.join(output, "run.json"), {"config": to_dict(cfg), "config_hash": cfg.config_hash(),
+                                                         "rounds": 1, "rounds_done": 1})
     return cfg
 
 
@@ -75,6 +78,12 @@ def run(demo, tokenizer, vocab, tmp_path_factory) -> RunConfig:
     cfg = make_run(str(tmp_path_factory.mktemp("run")), f"{demo}/train/{{00000..00002}}.tar", tokenizer, vocab)
     merge.merge(cfg)
     return cfg
+
+
+def tar_members(path: str) -> list[tuple[str, bytes, float]]:
+    """(name, bytes, mtime) of each member of a tar, in order."""
+    with tarfile.open(path) as tf:
+        return [(m.name, tf.extractfile(m).read(), m.mtime) for m in tf.getmembers()]
 
 
 def read_tar(path: str) -> list[dict]:
@@ -107,7 +116,8 @@ def test_protected_shards_are_canvas_plus_delta(run, demo, tokenizer):
             assert tokenizer([caption])[0][1:4].tolist() == st.trigger_ids[i].tolist()
             meta = json.loads(s["json"])
             source = json.loads(src.meta[i])
-            assert list(meta) == list(source) and meta["scene"] == source["scene"]  # the source's json, made true
+            # the source's json, made true, with img2dataset's fields only (the demo's "scene" is not one)
+            assert list(meta) == [k for k in source if k != "scene"] and "scene" in source
             assert meta["key"] == src.keys[i] and meta["url"] == source["url"]
             assert meta["caption"] == caption and meta["width"] == meta["height"] == 32
             assert meta["sha256"] == hashlib.sha256(s["png"]).hexdigest()
@@ -132,6 +142,10 @@ def test_protected_shards_are_canvas_plus_delta(run, demo, tokenizer):
         assert private["published"] == private["protected"] == private["source_samples"] == len(src)
         assert private["skipped"] == {} and private["copied_unprotected"] == 0 and private["method"] == "mem"
         assert private["round"] == 1 and private["end_time"] >= private["start_time"]
+        assert private["made_from"] == {**manifest.made_from(run, 1, 1)}
+        # tar members carry the time they were written, as img2dataset's TarWriter leaves them (not 0)
+        times = [m for _, _, m in tar_members(f"{run.output}/protected/{name}.tar")]
+        assert all(private["start_time"] - 1 <= m <= private["end_time"] + 1 for m in times)
 
 
 def test_verify_passes_then_catches_tampering(run, tmp_path, capsys):
@@ -251,7 +265,7 @@ def test_samples_without_state_are_dropped_or_copied(demo, tokenizer, vocab, tmp
     # publicly: rows img2dataset would have written for samples that did not make it
     stats = json.load(open(f"{cfg.output}/protected/00000_stats.json"))
     assert (stats["count"], stats["successes"], stats["failed_to_resize"]) == (25, 23, 2)
-    assert stats["status_dict"] == {"success": 23, "not published": 2}
+    assert stats["status_dict"] == {"success": 23, "Image decoding error": 2}  # img2dataset's words, whatever the reason
     rows = pq.read_table(f"{cfg.output}/protected/00000.parquet").to_pylist()
     assert [r["status"] for r in rows] == ["failed_to_resize"] * 2 + ["success"] * 23
     assert rows[0]["width"] is None and rows[0]["caption"] == load_shard(f"{demo}/train/00000.tar", cfg.data).captions[0]
@@ -303,9 +317,11 @@ def test_ranks_and_processes_give_the_same_bytes(run, demo, tokenizer, vocab, tm
     summary = merge.merge(cfg)  # one rank, two worker processes: the two shards left
     assert summary["shards"] == 2 and summary["already_done"] == 1
     for name in NAMES:  # state and config are the same as the module run's, so are the shards
-        for part in ("protected/{}.tar", "protected/{}.parquet", "protected/{}_stats.json", "manifest/{}.parquet"):
+        for part in ("protected/{}.parquet", "protected/{}_stats.json", "manifest/{}.parquet"):
             a, b = f"{cfg.output}/{part.format(name)}", f"{run.output}/{part.format(name)}"
             assert open(a, "rb").read() == open(b, "rb").read(), a
+        a, b = (tar_members(f"{out}/protected/{name}.tar") for out in (cfg.output, run.output))
+        assert [(n, data) for n, data, _ in a] == [(n, data) for n, data, _ in b]  # the tars but for member mtimes
 
 
 def test_cli_errors_are_one_line_exit_2(run, demo, tmp_path, capsys):
@@ -342,19 +358,20 @@ def test_merge_takes_the_run_config_from_run_json(run, demo, tmp_path, capsys):
 
 def test_drop_fields_and_publish_to_keep_the_public_side_apart(run, demo, tmp_path, capsys):
     """merge.publish_to puts the public side elsewhere (the manifest stays with the run);
-    merge.drop_fields removes json keys and parquet columns; merge says how many published
-    samples still carry a url."""
+    merge.drop_fields removes json keys and parquet columns, merge.keep_fields publishes a
+    source field img2dataset does not write; merge says how many published samples still
+    carry a url."""
     copy = str(tmp_path / "run")
     shutil.copytree(run.output, copy)
     for part in ("protected", "manifest"):
         shutil.rmtree(f"{copy}/{part}")
     public = f"memory://mem-dist-public-{os.getpid()}/shards"
-    assert merge.main([copy, f"merge.publish_to={public}", "merge.drop_fields=[url, scene]"]) == 0
+    assert merge.main([copy, f"merge.publish_to={public}", "merge.drop_fields=[url]", "merge.keep_fields=[scene]"]) == 0
     assert "still carry a 'url'" not in capsys.readouterr().out
     assert not os.path.exists(f"{copy}/protected") and sorted(os.listdir(f"{copy}/manifest"))[:2] == ["00000.parquet", "00000_stats.json"]
     from mem_dist.verify import protected_samples
     samples = list(protected_samples(f"{public}/00001.tar"))
-    assert len(samples) == 25 and all("url" not in json.loads(s["json"]) and "scene" not in json.loads(s["json"]) for s in samples)
+    assert len(samples) == 25 and all("url" not in json.loads(s["json"]) and "scene" in json.loads(s["json"]) for s in samples)
     with storage.open_file(f"{public}/00001.parquet") as f:
         assert "url" not in pq.read_table(f).column_names
     assert verify.verify(copy)["mismatches"] == 0
