@@ -23,6 +23,15 @@ from mem_dist.config_io import ConfigError, check
 # --------------------------------------------------------------------------------------
 
 
+# data.image_keys: a member extension -> the Pillow formats its bytes may be opened as.
+IMAGE_FORMATS = {
+    "jpg": ("JPEG",), "jpeg": ("JPEG",), "jpe": ("JPEG",), "jfif": ("JPEG",), "png": ("PNG",), "webp": ("WEBP",),
+    "gif": ("GIF",), "bmp": ("BMP",), "tif": ("TIFF",), "tiff": ("TIFF",), "avif": ("AVIF",), "jp2": ("JPEG2000",),
+}
+MAX_PIXELS = 64_000_000  # data.max_pixels' default
+PILLOW_HARD_LIMIT = 178_956_970  # 2 x Pillow's Image.MAX_IMAGE_PIXELS: it refuses larger images itself
+
+
 @dataclass(frozen=True)
 class DataConfig:
     shards: str = ""
@@ -38,7 +47,12 @@ class DataConfig:
     caption_key: str = "txt"
     """Tar member extension that holds the caption."""
     image_keys: tuple[str, ...] = ("jpg", "png", "jpeg", "webp")
-    """Tar member extensions tried, in order, for the image."""
+    """Tar member extensions tried, in order, for the image. They also name the only image
+    formats ever opened (jpg/jpeg: JPEG, png: PNG, webp: WEBP; also gif, bmp, tif/tiff,
+    avif, jp2): other bytes are skipped as "unsupported_format", never handed to a decoder."""
+    max_pixels: int = MAX_PIXELS
+    """An image with more pixels (width x height, from its header) is skipped as
+    "image_too_large" before it is decoded (a decompression bomb); at most 178956970."""
     on_missing: Literal["error", "skip"] = "error"
     """A shard that does not exist: error = stop before any work (exit 2); skip = count it
     as "missing_shard" and go on."""
@@ -57,6 +71,10 @@ class DataConfig:
             raise ConfigError("config key 'data.shards' is required (a shard URL such as 'data/demo/train/{00000..00007}.tar')")
         check(self.image_size >= 8, "data.image_size", "must be at least 8")
         check(len(self.image_keys) > 0, "data.image_keys", "must name at least one extension")
+        unknown = [k for k in self.image_keys if k.lower() not in IMAGE_FORMATS]
+        check(not unknown, "data.image_keys", f"no image format known for '{unknown[0] if unknown else ''}' "
+                                              f"(known: {', '.join(IMAGE_FORMATS)})")
+        check(1 <= self.max_pixels <= PILLOW_HARD_LIMIT, "data.max_pixels", f"must be between 1 and {PILLOW_HARD_LIMIT}")
         check(self.cache_shards >= 1, "data.cache_shards", "must be at least 1")
 
 
@@ -290,12 +308,18 @@ class RunConfig:
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that decide the generated state. Resuming is refused when these
-        differ; mem.rounds is left out so a finished run can be extended."""
+        differ; mem.rounds is left out so a finished run can be extended, and keys that
+        change no state byte (data.cache_shards: memory only; output, device, progress,
+        state, merge) so a resume may change them."""
         mem = dataclasses.asdict(self.mem)
         mem.pop("rounds")
+        data = dataclasses.asdict(self.data)
+        data.pop("cache_shards")
+        if data["max_pixels"] == MAX_PIXELS:  # left out at its default, so runs started before it existed resume
+            data.pop("max_pixels")
         return {
             "seed": self.seed,
-            "data": dataclasses.asdict(self.data),
+            "data": data,
             # ensemble is left out when empty, so runs started before it existed still resume
             "surrogate": {k: v for k, v in dataclasses.asdict(self.surrogate).items()
                           if k != "precision" and (k != "ensemble" or v)},

@@ -5,14 +5,26 @@ image becomes the *canvas* (the pixels the protected shard will store, see
 :func:`to_canvas`), and every sample that cannot be used is skipped with a counted reason:
 
   ``decode_error``   the image bytes do not decode
+  ``unsupported_format``  the image is in a format none of ``data.image_keys`` names (an EPS
+                     or TIFF behind a .jpg name): never opened by a decoder
+  ``image_too_large`` more pixels than ``data.max_pixels`` (a decompression bomb): not decoded
   ``no_image``       no member with one of ``data.image_keys``
   ``no_caption``     no caption member, or an empty caption, with ``data.empty_captions: drop``
                      (otherwise such a sample is kept with caption "")
   ``wrong_size``     ``resize_mode: no`` and the image is not image_size x image_size
-  ``duplicate_key``  a key seen before in the same shard (the first sample is kept)
+  ``duplicate_key``  a key seen before in the same shard (the first sample is kept), or a
+                     sample with a member twice (KEY.jpg twice: which image goes with the
+                     caption is unknown, so that sample is skipped; the rest of the shard is kept)
   ``truncated_tar``  the tar ends mid-member (complete samples before the break are kept)
+  ``corrupt_tar``    the tar ends as a tar should but a member header inside it is damaged,
+                     the same way on every one of READ_ATTEMPTS reads (samples before it kept)
   ``missing_shard``  the shard does not exist (``data.on_missing: skip``)
   ``empty_shard``    the shard holds no samples
+
+A read that fails mid-shard although the tar's tail shows it whole is a storage fault, not
+bad data: the shard is read again (READ_ATTEMPTS in all, backoff from READ_BACKOFF_S), and
+if every read fails :class:`ShardReadError` stops the rank, nothing of the shard committed,
+for the run to resume when started again.
 
 Shapes: N samples, H = W = data.image_size, C = 3; canvases are uint8 [N, H, W, C].
 """
@@ -23,17 +35,34 @@ import collections
 import io
 import tarfile
 import threading
+import time
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 
 import braceexpand
 import numpy as np
 import webdataset as wds
-from PIL import Image, ImageOps
 
 from mem_dist import storage
+from mem_dist.canvas import HIGH_DEPTH_MODES, allowed_formats, as_rgb, decode, sniff_format, to_8bit, to_canvas, upright  # noqa: F401
 from mem_dist.config import DataConfig
 from mem_dist.config_io import ConfigError
+
+READ_ATTEMPTS = 4  # reads of a whole tar before a mid-shard failure stops the rank
+READ_BACKOFF_S = 1.0  # seconds before the second read, doubled before each next one
+
+class ShardReadError(OSError):
+    """A shard whose tar is whole could not be read READ_ATTEMPTS times: a storage fault."""
+
+    one_line = True  # mem_dist.errors: one line, exit 1
+
+
+class ReadFault(Exception):
+    """A read of a whole tar failed part-way (``cause``); load_shard reads it again."""
+
+    def __init__(self, url: str, cause: BaseException):
+        super().__init__(f"{url}: {type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}")
+        self.url, self.cause = url, cause
 
 
 @dataclass
@@ -119,78 +148,6 @@ def owned(items: list, rank: int, world: int) -> list:
     return items[rank::world]
 
 
-def to_canvas(img: Image.Image, size: int, mode: str) -> np.ndarray | None:
-    """A source image as the canvas, uint8 [size, size, 3]; None if mode "no" and the
-    image has the wrong size.
-
-    Any image mode becomes RGB as :func:`as_rgb` shows it.
-    center_crop: shorter side to ``size`` (bicubic), centre crop.
-    border: longer side to ``size`` (bicubic), pad with white to a square.
-    no: as it is.
-    """
-    img = as_rgb(img)
-    w, h = img.size
-    if mode == "no":
-        return np.asarray(img, dtype=np.uint8).copy() if (w, h) == (size, size) else None
-    if mode == "center_crop":
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        if (nw, nh) != (w, h):
-            img = img.resize((nw, nh), Image.BICUBIC)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        img = img.crop((left, top, left + size, top + size))
-    else:  # border
-        scale = size / max(w, h)
-        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        if (nw, nh) != (w, h):
-            img = img.resize((nw, nh), Image.BICUBIC)
-        board = Image.new("RGB", (size, size), (255, 255, 255))
-        board.paste(img, ((size - nw) // 2, (size - nh) // 2))
-        img = board
-    return np.asarray(img, dtype=np.uint8).copy()
-
-
-def as_rgb(img: Image.Image) -> Image.Image:
-    """RGB as the image is shown.
-
-    - Turned upright by its EXIF orientation, as browsers and viewers show it (the
-      protected image carries no EXIF, so a phone photo would otherwise be stored on its side).
-    - Transparent pixels over white, as img2dataset does (a plain convert keeps whatever
-      colour hides under them, often black).
-    - 16-bit and float greyscale scaled to 8 bits (a plain convert clips them to white).
-    """
-    img = upright(img)
-    if img.mode in HIGH_DEPTH_MODES:
-        return Image.fromarray(to_8bit(img)).convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img).convert("RGB")
-    return img.convert("RGB")
-
-
-HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
-
-
-def upright(img: Image.Image) -> Image.Image:
-    """The image rotated / flipped by its EXIF orientation tag; as it is if it has none
-    or the tag cannot be read."""
-    try:
-        return ImageOps.exif_transpose(img)
-    except Exception:  # malformed EXIF: the pixels are still good
-        return img
-
-
-def to_8bit(img: Image.Image) -> np.ndarray:
-    """A high-bit-depth greyscale image as uint8: 16-bit modes (and 32-bit integer or
-    float ones holding values above 255) by 1/257, float in [0, 1] by 255, clipped."""
-    a = np.nan_to_num(np.asarray(img, dtype=np.float64))
-    if img.mode.startswith("I;16") or a.max(initial=0) > 255:
-        a = a / 257
-    elif img.mode == "F" and a.max(initial=0) <= 1:
-        a = a * 255
-    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
-
-
 def tar_is_complete(url: str, size: int | None = None) -> bool:
     """Whether a tar ends the way every tar writer ends it: a size that is a multiple of
     512 and two zero blocks. Python's tarfile (and so webdataset) treats a header cut
@@ -202,39 +159,85 @@ def tar_is_complete(url: str, size: int | None = None) -> bool:
     return fs.cat_file(path, start=size - 1024, end=size) == bytes(1024)
 
 
-def iter_samples(url: str, skipped: collections.Counter, size: int | None = None):
-    """Raw samples of a tar shard as dicts (``__key__`` plus member bytes by extension).
+def group_members(url: str, members):
+    """Tar members grouped into samples the way webdataset groups them (consecutive members
+    that share a key; suffixes lower-cased), except that a member the sample already has
+    marks the sample ``__duplicate__`` (webdataset raises, which would end the shard there)."""
+    current = None
+    for member in members:
+        prefix, suffix = wds.tariterators.base_plus_ext(member["fname"])
+        if prefix is None:
+            continue
+        suffix = suffix.lower()
+        if current is None or prefix != current["__key__"]:
+            if current is not None:
+                yield current
+            current = {"__key__": prefix, "__url__": url}
+        if suffix in current:
+            current["__duplicate__"] = suffix
+        else:
+            current[suffix] = member["data"]
+    if current is not None:
+        yield current
 
-    A truncated or unreadable tar counts ``truncated_tar`` once; the samples before the
-    break are yielded except the last one, which may be missing members. ``size``: the
-    tar's size in bytes, if known (one storage request fewer).
+
+def iter_samples(url: str, skipped: collections.Counter, size: int | None = None, last_try: bool = True):
+    """Raw samples of a tar shard as dicts (``__key__`` plus member bytes by extension; a
+    sample with a repeated member carries ``__duplicate__``).
+
+    A truncated tar counts ``truncated_tar`` once; the samples before the break are yielded
+    except the last one, which may be missing members. A tar that is whole but fails
+    part-way raises :class:`ReadFault` (a storage fault: read it again), except on the
+    ``last_try`` when the failure is the tar's own (a damaged header: ``corrupt_tar``,
+    counted like truncation). ``size``: the tar's size in bytes, if known.
     """
 
     def reraise(exn: Exception) -> bool:
         raise exn
 
     complete = tar_is_complete(url, size)
-    previous = None
+    previous, broken = None, False
     with storage.open_file(url, "rb") as stream:
-        members = (dict(m, __url__=url) for m in wds.tariterators.tar_file_iterator(stream, handler=reraise))
         try:
-            for sample in wds.tariterators.group_by_keys(members, handler=reraise):
+            for sample in group_members(url, wds.tariterators.tar_file_iterator(stream, handler=reraise)):
                 if previous is not None:
                     yield previous
                 previous = sample
         except (tarfile.TarError, EOFError, OSError, ValueError) as e:
-            complete = False
+            if complete and not (last_try and isinstance(e, (tarfile.TarError, EOFError))):
+                raise ReadFault(url, e) from e
+            broken = True
             _warn(f"{url}: not a valid tar after the samples read so far ({type(e).__name__}: {e})")
-    if previous is not None and complete:
+    if previous is not None and not broken and complete:
         yield previous
     if not complete:
         skipped["truncated_tar"] += 1
         _warn(f"{url}: tar is truncated; kept the complete samples before the break")
+    elif broken:
+        skipped["corrupt_tar"] += 1
+        _warn(f"{url}: tar is damaged inside (the same way on every read); kept the complete samples before it")
 
 
 def load_shard(url: str, cfg: DataConfig) -> Shard:
-    """Decode every usable sample of a shard into its canvas and caption."""
+    """Decode every usable sample of a shard into its canvas and caption. A whole tar
+    whose read fails part-way is read again (READ_ATTEMPTS in all); then ShardReadError."""
     DECODES.add()
+    delay = READ_BACKOFF_S
+    for attempt in range(1, READ_ATTEMPTS + 1):
+        try:
+            return _load_shard(url, cfg, last_try=attempt == READ_ATTEMPTS)
+        except ReadFault as fault:
+            if attempt == READ_ATTEMPTS:
+                raise ShardReadError(f"{fault} (the tar is whole; read {READ_ATTEMPTS} times): a storage fault, "
+                                     f"nothing of this shard was committed; start the same command again to resume") from fault.cause
+            _warn(f"read failed part-way, the tar is whole: {fault}; reading it again in {delay:g} s "
+                  f"(try {attempt + 1} of {READ_ATTEMPTS})")
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def _load_shard(url: str, cfg: DataConfig, last_try: bool) -> Shard:
     skipped: collections.Counter = collections.Counter()
     keys, canvases, captions, metas = [], [], [], []
     empty = np.zeros((0, cfg.image_size, cfg.image_size, 3), np.uint8)
@@ -245,6 +248,10 @@ def load_shard(url: str, cfg: DataConfig) -> Shard:
         skipped["missing_shard"] += 1
         _warn(f"{url}: shard not found, skipped")
         return Shard(url, [], empty, [], skipped)
+    except OSError as e:
+        if isinstance(e, PermissionError):
+            raise
+        raise ReadFault(url, e) from e
     if size == 0:
         skipped["empty_shard"] += 1
         _warn(f"{url}: shard is empty (0 bytes), skipped")
@@ -256,9 +263,9 @@ def load_shard(url: str, cfg: DataConfig) -> Shard:
         skipped[reason] += 1
         dropped.append((key, reason))
 
-    for sample in iter_samples(url, skipped, size):
+    for sample in iter_samples(url, skipped, size, last_try=last_try):
         key = sample.get("__key__", "?")
-        if key in seen:  # state rows, merge and verify join on the key
+        if key in seen or "__duplicate__" in sample:  # state rows, merge and verify join on the key
             skip(key, "duplicate_key")
             continue
         raw = next((sample[k] for k in cfg.image_keys if k in sample), None)
@@ -270,15 +277,9 @@ def load_shard(url: str, cfg: DataConfig) -> Shard:
         if not caption and cfg.empty_captions == "drop":
             skip(key, "no_caption")
             continue
-        try:
-            with Image.open(io.BytesIO(raw)) as img:
-                img.load()
-                canvas = to_canvas(img, cfg.image_size, cfg.resize_mode)
-        except Exception:  # PIL raises many types for bad bytes
-            skip(key, "decode_error")
-            continue
+        canvas, reason = decode(raw, cfg)
         if canvas is None:
-            skip(key, "wrong_size")
+            skip(key, reason)
             continue
         seen.add(key)
         keys.append(key)
@@ -287,7 +288,7 @@ def load_shard(url: str, cfg: DataConfig) -> Shard:
         metas.append(sample.get("json"))
     if not keys and not skipped:
         skipped["empty_shard"] += 1
-    if sum(v for k, v in skipped.items() if k not in ("truncated_tar",)):
+    if sum(v for k, v in skipped.items() if k not in ("truncated_tar", "corrupt_tar")):
         _warn(f"{url}: skipped {dict(skipped)}")
     stack = np.stack(canvases) if canvases else empty
     return Shard(url, keys, stack, captions, skipped, metas, dropped)
