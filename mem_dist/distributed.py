@@ -49,6 +49,14 @@ class Dist:
         torch.distributed.all_gather_object(out, obj)
         return out
 
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
 
 def init(device: str = "auto") -> Dist:
     """Start (or join) the process group.
@@ -99,3 +107,36 @@ def checksum(model: torch.nn.Module) -> float:
         if t.is_floating_point():
             total += (t.detach().double().abs().sum() * (1 + (i % 7))).cpu()
     return float(total)
+
+
+def reduce_gradients(model: torch.nn.Module, dist: Dist, ranks: int) -> None:
+    """Each parameter's gradient summed over the processes and divided by ``ranks``, as DDP
+    averages them over ``ranks`` processes: for a process standing in for several of a run's
+    ranks (its .grad holds their sum) or for none (no .grad: zeros). One all-reduce of one
+    flat buffer. With at most two ranks' gradients this gives DDP's bits (a sum of two floats
+    does not depend on their order; dividing by 1 or 2 is exact); with more, the order of the
+    float sums differs from DDP's, and so may the last bits."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        return
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    if dist.world > 1:
+        torch.distributed.all_reduce(flat)
+    if ranks != 1:
+        flat /= ranks
+    at = 0
+    for p in params:  # back in the parameter's own memory layout (channels-last tensors: fused AdamW reads it raw)
+        n = p.numel()
+        grad = p.grad if p.grad is not None else torch.empty_like(p)
+        p.grad = grad.copy_(flat[at:at + n].view_as(p))
+        at += n
+
+
+def buffers_of(model: torch.nn.Module) -> list[torch.Tensor]:
+    """Copies of the model's buffers (BatchNorm running statistics), for :func:`set_buffers`."""
+    return [b.detach().clone() for b in model.buffers()]
+
+
+def set_buffers(model: torch.nn.Module, saved: list[torch.Tensor]) -> None:
+    for b, s in zip(model.buffers(), saved, strict=True):
+        b.data.copy_(s)

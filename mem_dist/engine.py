@@ -3,14 +3,18 @@
     for r in rounds:
         surrogate phase: M DDP steps of the surrogate(s)             (mem.surrogate_phase)
                          -> parameter checksum compared across ranks -> checkpoint r
-        sample phase:    every shard this rank owns whose round-r state is missing
+        sample phase:    the shards whose round-r state is missing, dealt out round-robin
+                         over this launch's ranks
                          -> state/round-r/{shard}.parquet, atomic      (mem.process_shard)
         all ranks:       the round's loss sums reduced across ranks; rank 0 writes the
                          metrics.jsonl line and run.json, prunes old rounds
 
 The surrogate is checkpointed after every surrogate phase and every random stream is a
-function of (seed, round, shard, batch) or (seed, rank, step), so a resumed run computes
-exactly what an uninterrupted one would have. Each rank reads only its own shards' state.
+function of (seed, round, shard, batch) or (seed, surrogate rank, step), so a resumed run
+computes exactly what an uninterrupted one would have, on any number of processes (the
+surrogate's batches stay laid out for the first launch's G ranks; with G > 2 a launch of
+another size sums their gradients in another float order). Each rank reads only its own
+shards' state.
 """
 
 from __future__ import annotations
@@ -35,18 +39,19 @@ def generate(cfg: RunConfig, dist: distributed.Dist, log=print) -> dict:
 
         return uc.generate(cfg, dist, log)
     old = rundir.check_resume(cfg, dist.world)
-    run = mem.setup(cfg, dist)
+    run = mem.setup(cfg, dist, ranks=rundir.surrogate_ranks(old, dist.world))
     dist.barrier()  # every rank has checked run.json before rank 0 rewrites it
     done = old.get("rounds_done", 0) if old else 0
     if dist.is_main:
         storage.write_json(storage.join(cfg.output, "run.json"),
-                           rundir.run_record(cfg, run.urls, dist.world, old, done, (old or {}).get("skipped", {})))
+                           rundir.run_record(cfg, run.urls, dist.world, old, done, (old or {}).get("skipped", {}), launch=True))
     dist.barrier()
     last = rundir.total_rounds(cfg)
     first = resume_point(run)
     if old is not None and first <= last and dist.is_main:
         n = len(state.completed(cfg.output, first))
-        log(f"mem-dist: resuming {cfg.output} at round {first} ({done} rounds done, {n} shards of round {first} committed)")
+        log(f"mem-dist: resuming {cfg.output} at round {first} ({done} rounds done, {n} shards of round {first} committed) "
+            f"on {dist.world} processes" + (f" for the surrogate's {run.ranks} ranks" if run.ranks != dist.world else ""))
     record = None
     with ThreadPoolExecutor(1, thread_name_prefix="decode") as decoder:
         for round_ in range(first, last + 1):
@@ -92,9 +97,11 @@ def one_round(run: mem.Run, round_: int, bar: bool, log, decoder: ThreadPoolExec
     decodes = data.DECODES.value
     t0 = time.time()
     train_loss = surrogate_round(run, round_, bar) if cfg.mem.method == "mem" else float("nan")
+    checksum = [distributed.checksum(m.bare) for m in run.ensemble.members] if cfg.mem.method == "mem" else None
     t1 = time.time()
-    done = state.completed(cfg.output, round_)
-    todo = [u for u in run.mine if shard_name(u) not in done]
+    done = dist.broadcast(state.completed(cfg.output, round_) if dist.is_main else None)  # one listing, one split
+    todo = data.owned([u for u in run.urls if shard_name(u) not in done], dist.rank, dist.world)
+    mine = todo + data.owned([u for u in run.urls if shard_name(u) in done], dist.rank, dist.world)
     sums: dict[str, dict] = {}  # this rank's shards: the round's loss sums, from memory or (resumed) from storage
     for i, url in enumerate(tqdm(todo, desc=f"round {round_} samples", disable=not bar, leave=False)):
         run.cache.get(url)
@@ -105,11 +112,12 @@ def one_round(run: mem.Run, round_: int, bar: bool, log, decoder: ThreadPoolExec
         sums[url] = {"n": len(st.keys), "loss_sum": float(st.loss.astype("float64").sum()),
                      "clean_sum": float(st.clean_loss.astype("float64").sum()), "skipped": dict(st.skipped)}
     t2 = time.time()
-    mine = [sums.get(u) or state.summary(state.state_url(cfg.output, round_, shard_name(u))) for u in run.mine]
-    here = sum(s["n"] for u, s in zip(run.mine, mine) if u in sums)
-    totals = dist.sum([sum(s["n"] for s in mine), sum(s["loss_sum"] for s in mine), sum(s["clean_sum"] for s in mine),
-                       here, 0.0 if train_loss != train_loss else train_loss, data.DECODES.value - decodes])
-    skips = dist.gather([s["skipped"] for s in mine])
+    summaries = [sums.get(u) or state.summary(state.state_url(cfg.output, round_, shard_name(u))) for u in mine]
+    here = sum(s["n"] for u, s in zip(mine, summaries) if u in sums)
+    totals = dist.sum([sum(s["n"] for s in summaries), sum(s["loss_sum"] for s in summaries),
+                       sum(s["clean_sum"] for s in summaries), here,
+                       0.0 if train_loss != train_loss else train_loss * len(run.streams), data.DECODES.value - decodes])
+    skips = dist.gather([s["skipped"] for s in summaries])
     peak_rss = max(dist.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10))
     dist.barrier()  # every shard of the round is committed
     record = None
@@ -121,7 +129,8 @@ def one_round(run: mem.Run, round_: int, bar: bool, log, decoder: ThreadPoolExec
                     skipped[reason] = skipped.get(reason, 0) + c
         n = int(totals[0])
         timing = {"surrogate_s": t1 - t0, "sample_s": t2 - t1, "start": t0, "end": time.time(), "samples_here": int(totals[3]),
-                  "train_loss": totals[4] / dist.world, "decodes": int(totals[5]), "peak_rss_mb": round(peak_rss, 1)}
+                  "train_loss": totals[4] / run.ranks, "decodes": int(totals[5]), "peak_rss_mb": round(peak_rss, 1),
+                  "checksum": checksum}
         record = finish_round(run, round_, n, totals[1] / n if n else float("nan"), totals[2] / n if n else float("nan"),
                               skipped, timing, log)
     dist.barrier()
@@ -136,11 +145,11 @@ def finish_round(run: mem.Run, round_: int, n: int, loss: float, clean_loss: flo
     m = {
         "round": round_, "loss": loss, "clean_loss": clean_loss, "surrogate_train_loss": timing["train_loss"], "samples": n,
         "skipped": skipped, "surrogate_s": round(surrogate_s, 3), "sample_s": round(sample_s, 3),
-        "surrogate_samples_per_s": round(cfg.mem.surrogate_steps * cfg.mem.batch_size * run.dist.world / surrogate_s, 1)
+        "surrogate_samples_per_s": round(cfg.mem.surrogate_steps * cfg.mem.batch_size * run.ranks / surrogate_s, 1)
         if surrogate_s > 0 and is_mem else None,
         "sample_samples_per_s": round(timing["samples_here"] / sample_s, 1) if sample_s > 0 else None,
         "hotflip": is_mem and cfg.mem.trigger_len > 0 and round_ <= cfg.mem.hotflip_rounds,
-        "decodes": timing["decodes"], "peak_rss_mb": timing["peak_rss_mb"],
+        "decodes": timing["decodes"], "peak_rss_mb": timing["peak_rss_mb"], "surrogate_checksum": timing["checksum"],
         "start": round(timing["start"], 3), "end": round(timing["end"], 3),
     }
     url = storage.join(cfg.output, "metrics.jsonl")

@@ -123,19 +123,24 @@ class Ensemble:
         for m in self.members:
             m.model.eval()
 
-    def train_step(self, pix_BCHW: torch.Tensor, tok_BL: torch.Tensor, crop_gen: torch.Generator | None) -> list[float]:
+    def train_step(self, pix_BCHW: torch.Tensor, tok_BL: torch.Tensor, crop_gen: torch.Generator | None,
+                   step: bool = True) -> list[float]:
         """One AdamW step of every member on the batch, through its DDP wrapper (gradients
-        all-reduced across ranks); returns each member's loss."""
+        all-reduced across ranks); returns each member's loss. ``step=False``: the batch's
+        gradients only added to each member's .grad, through the bare model (no DDP): the
+        caller sums several ranks' batches and steps (:func:`mem_dist.mem.surrogate_phase`)."""
         losses = []
         for m in self.members:
             pix = augment.random_resized_crop(pix_BCHW, crop_gen) if crop_gen is not None else pix_BCHW
             with self.autocast():
-                out = m.model(surrogate.to_model_input(pix, m.spec), tok_BL)
+                out = (m.model if step else m.bare)(surrogate.to_model_input(pix, m.spec), tok_BL)
             image, text = (out["image_features"], out["text_features"]) if isinstance(out, dict) else out[:2]
             loss = surrogate.clip_loss(image.float(), text.float(), m.bare.logit_scale).mean()
-            m.optimizer.zero_grad(set_to_none=True)  # the original never zeroed them (bug 4)
+            if step:
+                m.optimizer.zero_grad(set_to_none=True)  # the original never zeroed them (bug 4)
             loss.backward()
-            m.optimizer.step()
+            if step:
+                m.optimizer.step()
             losses.append(loss.item())
         return losses
 

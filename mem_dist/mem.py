@@ -1,13 +1,17 @@
 """MEM's work in a round, on one rank: the surrogate phase and the sample phase.
 
     surrogate phase: M AdamW steps of the surrogate(s) on (canvas + delta, trigger + caption),
-                     DDP across ranks, each rank drawing batches from the shards it owns
-                     (:class:`Stream`: only the shards a round reaches are read)
+                     DDP across ranks, each of the run's G surrogate ranks (the first
+                     launch's world size) drawing batches from the shards it owns
+                     (:class:`Stream`: only the shards a round reaches are read); a launch
+                     with another world size runs the same G batches per step
     sample phase:    per shard, per batch: HotFlip on the trigger (rounds <= H), then PGD on
                      delta with shuffled captions (the members' mean loss) -> the shard's state
 
 and the random baselines (``mem.method: random | prefix``), which optimise nothing.
-Everything random is a function of (seed, round, shard, batch) or (seed, rank, step).
+Everything random is a function of (seed, round, shard, batch) or (seed, surrogate rank, step),
+so no state byte depends on the world size of the launch that computes it (but for the
+order of float sums when G > 2: :func:`mem_dist.distributed.reduce_gradients`).
 
 Shapes: B batch, C = 3, H = W canvas side, k trigger length, L context length.
 """
@@ -35,23 +39,34 @@ class Run:
     cfg: RunConfig
     dist: distributed.Dist
     urls: list[str]  # every shard of the run
-    mine: list[str]  # the shards this rank owns (sample phase)
-    stream: list[str]  # the shards this rank trains on (its own, or a borrowed one)
+    ranks: int  # G: the surrogate ranks the batches are laid out for (the first launch's world size)
+    streams: dict[int, list[str]]  # surrogate rank -> the shards it trains on, for those this process runs
     ensemble: Ensemble  # the surrogate(s)
     vocab: torch.Tensor  # trigger-capable token ids
     cache: ShardCache
     at_round: int = 0  # the round whose surrogate phase the members' weights come from
-    batches: "Stream | None" = None  # the surrogate's batch stream, kept across rounds
+    batches: "dict[int, Stream] | None" = None  # the surrogate's batch streams, kept across rounds
+
+    @property
+    def stream(self) -> list[str]:
+        """The shards of this process's first surrogate rank ([] if it runs none)."""
+        return next(iter(self.streams.values()), [])
 
 
-def setup(cfg: RunConfig, dist: distributed.Dist, urls: list[str] | None = None) -> Run:
-    """Shards, surrogate(s) (same init on every rank), optimizers, trigger vocabulary."""
+def setup(cfg: RunConfig, dist: distributed.Dist, urls: list[str] | None = None, ranks: int | None = None) -> Run:
+    """Shards, surrogate(s) (same init on every rank), optimizers, trigger vocabulary.
+
+    ``ranks``: G, the surrogate ranks (default: this launch's world size). Surrogate rank v
+    trains on the shards i with i % G == v (or borrows shard v % len(urls)), and process p
+    runs the surrogate ranks v with v % world == p: its own when world == G."""
     urls = check_shards(cfg.data) if urls is None else urls
-    mine = owned(urls, dist.rank, dist.world)
+    ranks = ranks or dist.world
+    streams = {v: owned(urls, v, ranks) or [urls[v % len(urls)]] for v in owned(list(range(ranks)), dist.rank, dist.world)}
     ensemble = Ensemble.create(cfg, dist)
     vocab = torch.tensor(text.trigger_vocabulary(ensemble.tokenizer, cfg.mem.trigger_vocab, cfg.seed), device=dist.device)
-    return Run(cfg, dist, urls, mine, mine or [urls[dist.rank % len(urls)]], ensemble, vocab,
-               ShardCache(cfg.data, cfg.data.cache_shards))
+    # standing in for k > 1 surrogate ranks: their k shard-blocked streams in memory at once
+    cache = ShardCache(cfg.data, max(cfg.data.cache_shards, len(streams) + 1) if len(streams) > 1 else cfg.data.cache_shards)
+    return Run(cfg, dist, urls, ranks, streams, ensemble, vocab, cache)
 
 
 # --------------------------------------------------------------------------------------
@@ -105,7 +120,7 @@ class Stream:
     """A rank's endless, shard-blocked stream of surrogate batches: per epoch the shards in a
     seeded order and each shard's rows in a seeded order, cut into batches of ``batch_size``
     (a short last batch of an epoch is dropped; a rank with fewer samples than a batch takes
-    them all as one). Batch s depends only on (seed, rank, s), so a round continues at step
+    them all as one). Batch s depends only on (seed, rank, s) (rank: the surrogate rank), so a round continues at step
     (round - 1) * M wherever the stream was left, and only the shards the stream reaches
     are asked their size.
 
@@ -158,47 +173,72 @@ class Stream:
             self.step += 1
 
 
-def stream_for(run: Run, round_: int) -> Stream:
-    """The run's stream, built on first use. A shard's size comes from its decoded samples
-    when it is cached, else from the previous round's state (its row count, one small read:
-    a resumed run skipping ahead), else from decoding it."""
+def stream_for(run: Run, v: int, round_: int) -> Stream:
+    """Surrogate rank ``v``'s stream, built on first use. A shard's size comes from its decoded
+    samples when it is cached, else from the previous round's state (its row count, one small
+    read: a resumed run skipping ahead), else from decoding it."""
     def size(s: int) -> int:
-        url = run.stream[s]
+        url = run.streams[v][s]
         cached = run.cache.peek(url)
         counted = state.row_count(run.cfg.output, round_ - 1, url) if cached is None else None
         return len(cached if cached is not None else run.cache.get(url)) if counted is None else counted
 
     if run.batches is None:
+        run.batches = {}
+    if v not in run.batches:
         m = run.cfg.mem
-        run.batches = Stream(len(run.stream), size, m.batch_size, m.surrogate_steps, run.cfg.seed, run.dist.rank)
-    return run.batches
+        run.batches[v] = Stream(len(run.streams[v]), size, m.batch_size, m.surrogate_steps, run.cfg.seed, v)
+    return run.batches[v]
 
 
 def surrogate_phase(run: Run, round_: int, bar: bool) -> float:
     """M DDP steps of every member on protected pairs (the same batches); returns this
-    rank's mean training loss over steps and members."""
-    cfg = run.cfg
+    process's mean training loss over steps, surrogate ranks and members (NaN if it runs none).
+
+    A process that runs exactly its own surrogate rank (world == G) steps through DDP. One
+    that stands in for several (world < G) or none (world > G) adds its ranks' gradients on
+    the bare models, and the sum over processes, divided by G, is what DDP would have
+    averaged (:func:`distributed.reduce_gradients`); the BatchNorm statistics kept are
+    surrogate rank 0's, as DDP keeps rank 0's."""
+    cfg, dist = run.cfg, run.dist
+    own = list(run.streams) == [dist.rank] and dist.world == run.ranks
     run.ensemble.train()
+    takes = {v: stream_for(run, v, round_).take(round_) for v in run.streams}
     starts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     losses = []
-    for step, refs in tqdm(stream_for(run, round_).take(round_), total=cfg.mem.surrogate_steps, desc=f"round {round_} surrogate",
-                           disable=not bar, leave=False):
-        canvas, delta, trig, bodies = [], [], [], []
-        for s, i in refs:
-            url = run.stream[s]
-            shard = run.cache.get(url)
-            if url not in starts:  # batches are shard-blocked: keep the last two shards' state
-                if len(starts) == 2:
-                    del starts[next(iter(starts))]
-                starts[url] = start_state(run, shard, round_)
-            canvas.append(shard.canvases[i])
-            delta.append(starts[url][0][i])
-            trig.append(starts[url][1][i])
-            bodies.append(caption_ids(run, shard)[i])
-        pix = pixels(np.stack(canvas), run.dist.device) + torch.from_numpy(np.stack(delta)).to(run.dist.device).permute(0, 3, 1, 2).float()
-        tok = tokens(run, bodies, torch.from_numpy(np.stack(trig)))
-        gen = torch.Generator().manual_seed(seed_of(cfg.seed, "crop", run.dist.rank, step)) if cfg.mem.augment else None
-        losses += run.ensemble.train_step(pix, tok, gen)
+    for _ in tqdm(range(cfg.mem.surrogate_steps), desc=f"round {round_} surrogate", disable=not bar, leave=False):
+        if not own:
+            for m in run.ensemble.members:
+                m.optimizer.zero_grad(set_to_none=True)
+        kept = None
+        for v, take in takes.items():
+            step, refs = next(take)
+            canvas, delta, trig, bodies = [], [], [], []
+            for s, i in refs:
+                url = run.streams[v][s]
+                shard = run.cache.get(url)
+                if url not in starts:  # batches are shard-blocked: keep the last two shards' state per stream
+                    if len(starts) == 2 * len(takes):
+                        del starts[next(iter(starts))]
+                    starts[url] = start_state(run, shard, round_)
+                canvas.append(shard.canvases[i])
+                delta.append(starts[url][0][i])
+                trig.append(starts[url][1][i])
+                bodies.append(caption_ids(run, shard)[i])
+            pix = pixels(np.stack(canvas), dist.device) + torch.from_numpy(np.stack(delta)).to(dist.device).permute(0, 3, 1, 2).float()
+            tok = tokens(run, bodies, torch.from_numpy(np.stack(trig)))
+            gen = torch.Generator().manual_seed(seed_of(cfg.seed, "crop", v, step)) if cfg.mem.augment else None
+            losses += run.ensemble.train_step(pix, tok, gen, step=own)
+            if v == 0 and not own:
+                kept = [distributed.buffers_of(m.bare) for m in run.ensemble.members]
+        if not own:
+            for i, m in enumerate(run.ensemble.members):
+                if kept is not None:
+                    distributed.set_buffers(m.bare, kept[i])
+                distributed.reduce_gradients(m.bare, dist, run.ranks)
+                m.optimizer.step()
+    for take in takes.values():  # each stream's generator runs on past its last batch (its step count)
+        next(take, None)
     run.ensemble.eval()
     return float(np.mean(losses)) if losses else float("nan")
 

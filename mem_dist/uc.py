@@ -215,8 +215,8 @@ def generate(cfg: RunConfig, dist: distributed.Dist, log=print) -> dict:
     net = FeatureNet(cfg, dist.device)  # before anything is written: a surrogate that cannot serve is a config error
     dist.barrier()
     if dist.is_main:
-        storage.write_json(storage.join(cfg.output, "run.json"),
-                           rundir.run_record(cfg, urls, dist.world, old, (old or {}).get("rounds_done", 0), (old or {}).get("skipped", {})))
+        storage.write_json(storage.join(cfg.output, "run.json"), rundir.run_record(
+            cfg, urls, dist.world, old, (old or {}).get("rounds_done", 0), (old or {}).get("skipped", {}), launch=True))
     dist.barrier()
     if storage.exists(perturbations_url(cfg.output)):
         record = storage.read_json(storage.join(cfg.output, "run.json"))
