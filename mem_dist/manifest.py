@@ -105,9 +105,9 @@ def changed(marker: dict | None, now: dict) -> str | None:
     if marker.get("missing"):
         return "missing at the source"
     before = marker.get("made_from") or {}
-    for key, value in now.items():
-        if key != "rounds" and before.get(key) != value:
-            return f"{key} {before.get(key)!r} -> {value!r}"
+    for key in [*now, *(k for k in before if k not in now)]:
+        if key != "rounds" and before.get(key) != now.get(key):
+            return f"{key} {before.get(key)!r} -> {now.get(key)!r}"
     return None
 
 

@@ -129,9 +129,11 @@ def final_state(cfg: RunConfig, output: str, round_: int, src: Shard) -> state.S
 def merge_shard(cfg: RunConfig, url: str, round_: int, private: str | None = None, made: dict | None = None) -> dict:
     """Publish the protected version of one source shard and record it privately.
 
-    The shard's completion marker is taken away first; the public files are built in a
-    staging folder no reader lists (:func:`mem_dist.publish.staging_dir`) and moved into place
-    only when all three are whole; the marker is written last. A shard missing at the source
+    The public files are built in a staging folder no reader lists
+    (:func:`mem_dist.publish.staging_dir`); once all three are whole, the shard's old completion
+    marker is taken away, they are moved into place (the tar last) and the new marker is
+    written last. A shard that fails before that leaves what an earlier merge published, and
+    its marker, as they were. A shard missing at the source
     (``data.on_missing: skip``) publishes nothing: its marker records it as missing.
 
     Args:
@@ -153,7 +155,6 @@ def merge_shard(cfg: RunConfig, url: str, round_: int, private: str | None = Non
     name, folder, fmt = shard_name(url), publish_dir(cfg), cfg.merge.image_format
     private = cfg.output if private is None else private
     made = made if made is not None else manifest.made_from(cfg, round_, round_)
-    manifest.remove_stats(private, name)
     src = load_shard(url, cfg.data)
     if src.skipped.get("missing_shard"):
         stats = {"source": url, "published_to": cfg.merge.publish_to, "missing": True, "published": 0, "protected": 0,
@@ -205,6 +206,7 @@ def merge_shard(cfg: RunConfig, url: str, round_: int, private: str | None = Non
         public_stats = publish.shard_stats(publish.read_source_table(url, "_stats.json"), table, start, time.time())
         with open(paths["_stats.json"], "wb") as f:
             f.write(publish.stats_bytes(public_stats))
+        manifest.remove_stats(private, name)  # the shard is unfinished from here until its new marker
         for suffix in ("_stats.json", ".parquet", ".tar"):  # the tar last: readers list tars, then read beside them
             publish.commit(paths[suffix], published_url(folder, name, suffix))
     except publish.CaptionLeak as e:

@@ -113,6 +113,8 @@ def test_protected_shards_are_canvas_plus_delta(run, demo, tokenizer):
             assert np.array_equal(pixels_of(s["png"]).astype(np.int16) - src.canvases[i], st.delta[i])
             caption = s["txt"].decode()
             assert caption == st.trigger_text[i] + " " + src.captions[i]
+            # what docs/layout.md says it reveals: cutting the first k words gives caption and trigger back
+            assert caption.split(" ", 3)[3] == src.captions[i] and " ".join(caption.split(" ")[:3]) == st.trigger_text[i]
             assert tokenizer([caption])[0][1:4].tolist() == st.trigger_ids[i].tolist()
             meta = json.loads(s["json"])
             source = json.loads(src.meta[i])

@@ -1,0 +1,302 @@
+"""Merge under faults: each test injects one, and ends with every source sample either
+published correctly (verify passes) or counted under a named reason, nothing published twice,
+and nothing published that the config says not to.
+
+Real parts only: webdataset shards, generate's own state, merge and generate as processes
+killed with SIGKILL, local files and moto's S3 server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from mem_dist import generate, manifest, merge, storage, verify
+from mem_dist.verify import protected_samples
+from tests.conftest import ROOT, tiny_overrides
+
+NAMES = ("00000", "00001")  # 80 samples each
+EXTRA = ("original_caption", "TEXT", "similarity")  # source fields img2dataset does not write
+
+
+def add_source_fields(folder: str) -> None:
+    """Give every sample of the shards in ``folder`` the fields a LAION-style producer keeps:
+    ``original_caption`` and ``TEXT`` (both the caption) and ``similarity``, in json and parquet."""
+    for name in NAMES:
+        tar = f"{folder}/{name}.tar"
+        samples = list(wds.WebDataset(tar, shardshuffle=False))
+        with wds.TarWriter(tar) as tw:
+            for s in samples:
+                meta = json.loads(s["json"])
+                meta.update(original_caption=s["txt"].decode(), TEXT=s["txt"].decode(), similarity=0.31)
+                tw.write({"__key__": s["__key__"], "jpg": s["jpg"], "txt": s["txt"], "json": json.dumps(meta, indent=4)})
+        table = pq.read_table(f"{folder}/{name}.parquet")
+        captions = table.column("caption")
+        table = table.append_column("original_caption", captions).append_column("TEXT", captions)
+        table = table.append_column("similarity", pa.array([0.31] * len(table)))
+        pq.write_table(table, f"{folder}/{name}.parquet")
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> str:
+    from mem_dist.demo import make_demo_data
+
+    out = str(tmp_path_factory.mktemp("src"))
+    make_demo_data(out, train=160, val=10, size=32, per_shard=80, seed=3)
+    add_source_fields(f"{out}/train")
+    return f"{out}/train"
+
+
+@pytest.fixture(scope="module")
+def finished_run(src, tmp_path_factory) -> str:
+    """A finished MEM run (2 rounds, tiny surrogate) over both shards; tests merge copies of it."""
+    out = str(tmp_path_factory.mktemp("run") / "run")
+    assert generate.main(tiny_overrides(f"{src}/{{00000..00001}}.tar", out)) == 0
+    return out
+
+
+def copy_of(run: str, tmp_path) -> str:
+    out = str(tmp_path / "run")
+    shutil.copytree(run, out)
+    return out
+
+
+def public_files(folder: str) -> list[str]:
+    """Everything a reader listing the public folder sees (hidden names included)."""
+    return sorted(storage.listdir(folder))
+
+
+def account(out: str, public: str | None = None) -> dict:
+    """Every source sample of the run either published once (verify passes for it) or counted
+    under a named reason in the private manifest; returns {outcome or reason: count} and checks
+    that the public folder holds exactly the finished shards' files, nothing else."""
+    run = storage.read_json(f"{out}/run.json")
+    public = public or f"{out}/protected"
+    report = verify.verify(out)
+    assert report["mismatches"] == 0, report
+    counts: dict[str, int] = {}
+    expected = []
+    for url in run["shards"]:
+        name = storage.basename(url)[: -len(".tar")]
+        stats = manifest.read_stats(out, name)
+        assert stats is not None, f"{name}: neither published nor counted"
+        if stats.get("missing"):
+            counts["missing_shard"] = counts.get("missing_shard", 0) + 1
+            continue
+        expected += [f"{name}{s}" for s in (".parquet", ".tar", "_stats.json")]
+        record = manifest.read_manifest(out, name)
+        keys = [s["__key__"] for s in protected_samples(f"{public}/{name}.tar")]
+        assert len(keys) == len(set(keys)), f"{name}: a sample published twice"
+        published = {k for k, r in record.items() if r["outcome"] in ("protected", "copied")}
+        assert set(keys) == published
+        for r in record.values():
+            what = r["outcome"] if r["outcome"] != "dropped" else r["reason"]
+            assert what, r
+            counts[what] = counts.get(what, 0) + 1
+        assert len(record) == stats["source_samples"]
+    assert public_files(public) == sorted(expected)
+    return counts
+
+
+def json_of(public: str, name: str) -> list[dict]:
+    return [json.loads(s["json"]) for s in protected_samples(f"{public}/{name}.tar")]
+
+
+def parquet_columns(public: str, name: str) -> list[str]:
+    with storage.open_file(f"{public}/{name}.parquet", "rb") as f:
+        return pq.read_table(f).column_names
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mem-dist: error: "), err
+    return err[0]
+
+
+def test_kill9_mid_shard_then_rerun(finished_run, tmp_path):
+    """merge killed with SIGKILL while it writes the second shard: the public folder shows the
+    finished shard and nothing else (no temp, no half tar); the re-run publishes the rest once."""
+    for attempt in range(4):  # the kill must land inside shard 00001's write; retried if it came late
+        out = copy_of(finished_run, tmp_path / str(attempt))
+        staged = f"{out}/tmp/merge/00001.tar.partial"
+        proc = subprocess.Popen([sys.executable, "-m", "mem_dist.merge", out, "progress=false"], cwd=ROOT,
+                                env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while proc.poll() is None and not (os.path.exists(staged) and os.path.exists(f"{out}/manifest/00000_stats.json")):
+            time.sleep(0.001)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        # mid-shard: the tar still being built (not one of its files moved into place yet)
+        if proc.returncode == -signal.SIGKILL and os.path.exists(staged) and manifest.read_stats(out, "00001") is None:
+            break
+    else:
+        pytest.fail("the kill never landed mid-shard")
+    # the half-written tar is where no reader looks; the public folder holds the finished shard only
+    assert public_files(f"{out}/protected") == ["00000.parquet", "00000.tar", "00000_stats.json"]
+    summary = merge.merge(merge.resolve_config(out, None, []))
+    assert (summary["shards"], summary["already_done"]) == (1, 1)
+    assert os.listdir(f"{out}/tmp/merge") == []  # swept, and the new one moved into place
+    assert account(out) == {"protected": 160}
+
+
+def test_merge_rerun_with_changed_settings_redoes_the_shards(finished_run, tmp_path, capsys):
+    """A merge, then the same run merged with merge.drop_fields=[url] (and then to moto's S3):
+    each shard is redone because its marker says it was made otherwise, the urls are gone, and
+    an unchanged re-run writes nothing. merge.mode=overwrite redoes everything."""
+    out = copy_of(finished_run, tmp_path)
+    assert merge.main([out]) == 0
+    assert all("url" in m for m in json_of(f"{out}/protected", "00000"))
+    capsys.readouterr()
+    assert merge.main([out, "merge.drop_fields=[url]"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 shards written (2 again: drop_fields [] -> ['url'])" in printed and "still carry a 'url'" not in printed
+    for name in NAMES:
+        assert not any("url" in m for m in json_of(f"{out}/protected", name))
+        assert "url" not in parquet_columns(f"{out}/protected", name)
+        assert manifest.read_stats(out, name)["made_from"]["drop_fields"] == ["url"]
+    assert merge.main([out, "merge.drop_fields=[url]"]) == 0
+    assert "0 shards written, 2 already done" in capsys.readouterr().out
+    assert merge.main([out, "merge.drop_fields=[url]", "merge.mode=overwrite"]) == 0
+    assert "2 shards written (2 again: merge.mode=overwrite)" in capsys.readouterr().out
+    assert account(out) == {"protected": 160}
+
+    # another destination (moto's S3): redone there, and merge names the folder the old copies stay in
+    public = "s3://public/shards"
+    with moto_s3() as fs:
+        fs.mkdir("public")
+        assert merge.main([out, "merge.drop_fields=[url]", f"merge.publish_to={public}"]) == 0
+        printed = capsys.readouterr().out
+        assert "2 shards written (2 again: publish_to" in printed and f"published to {out}/protected stay there" in printed
+        assert not any("url" in m for m in json_of(public, "00001"))
+        shutil.rmtree(f"{out}/protected")
+        assert account(out, public) == {"protected": 160}
+
+
+def test_merge_during_an_unfinished_generate(src, tmp_path, capsys):
+    """generate (3 rounds) killed with SIGKILL once round 1 is recorded: merge refuses the run
+    with one line; merge.allow_unfinished=true publishes the newest complete round and the
+    manifest says so; once generate is resumed to the end, merge redoes every shard from round 3.
+
+    generate runs in a forked process (its imports already made: a fresh interpreter spends
+    about 10 s importing accelerate and torch on this machine), killed like any other."""
+    out = str(tmp_path / "run")
+    args = tiny_overrides(f"{src}/00000.tar", out, **{"mem.rounds": 3})
+    proc = multiprocessing.get_context("fork").Process(target=generate.main, args=(args,))
+    proc.start()
+    run_json = f"{out}/run.json"
+    while proc.is_alive() and not (os.path.exists(run_json) and storage.read_json(run_json)["rounds_done"] >= 1):
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+    done = storage.read_json(run_json)["rounds_done"]
+    assert proc.exitcode == -signal.SIGKILL and 1 <= done < 3
+
+    assert merge.main([out]) == 2
+    assert f"unfinished: {done} of 3 rounds done" in one_line_error(capsys)
+    assert not os.path.exists(f"{out}/protected") and not os.path.exists(f"{out}/manifest")
+    assert merge.main([out, "merge.allow_unfinished=true"]) == 0
+    assert "the run is unfinished" in capsys.readouterr().out
+    made = manifest.read_stats(out, "00000")["made_from"]
+    assert made["unfinished"] is True and made["round"] in (done, done + 1) and made["rounds"] == 3
+    assert verify.verify(out)["unfinished_rounds"] == [made["round"]]
+    assert account(out) == {"protected": 80}
+
+    assert generate.main(args) == 0  # resumed to the end
+    capsys.readouterr()
+    assert merge.main([out]) == 0
+    assert "1 shards written (1 again: " in capsys.readouterr().out  # round 1 -> 3 (or: unfinished True -> None)
+    assert "unfinished" not in manifest.read_stats(out, "00000")["made_from"]
+    assert verify.verify(out)["unfinished_rounds"] == []
+    assert account(out) == {"protected": 80}
+
+
+def test_missing_shard_is_recorded_not_published(src, tmp_path, capsys):
+    """data.on_missing=skip with shard 00002 missing: merge publishes nothing under its name,
+    records and counts it privately, and re-checks it on every run (it may appear later)."""
+    out = str(tmp_path / "run")
+    args = tiny_overrides(f"{src}/{{00000..00002}}.tar", out, **{"mem.method": "random", "mem.rounds": 1,
+                                                                   "data.on_missing": "skip"})
+    assert generate.main(args) == 0
+    summary = merge.merge(merge.resolve_config(out, None, []))
+    assert summary["skipped"] == {"missing_shard": 1} and summary["samples"] == 160
+    assert manifest.read_stats(out, "00002")["missing"] is True
+    assert not [f for f in public_files(f"{out}/protected") if f.startswith("00002")]
+    assert account(out) == {"protected": 160, "missing_shard": 1}
+    assert verify.verify(out)["missing_sources"] == 1
+    summary = merge.merge(merge.resolve_config(out, None, []))
+    assert (summary["shards"], summary["already_done"], summary["skipped"]) == (1, 2, {"missing_shard": 1})
+
+
+def test_source_caption_fields_are_not_published(finished_run, tmp_path, capsys):
+    """The source json and parquet carry original_caption, TEXT (the caption itself) and
+    similarity: none is published by default; merge.keep_fields publishes one on request; asking
+    for a field that holds the source caption fails the merge with one line and publishes nothing."""
+    out = copy_of(finished_run, tmp_path / "a")
+    assert merge.main([out]) == 0
+    for name in NAMES:
+        assert not any(set(EXTRA) & set(m) for m in json_of(f"{out}/protected", name))
+        assert not set(EXTRA) & set(parquet_columns(f"{out}/protected", name))
+    assert merge.main([out, "merge.keep_fields=[similarity]"]) == 0
+    assert all(m["similarity"] == 0.31 and "TEXT" not in m for m in json_of(f"{out}/protected", "00001"))
+    assert "similarity" in parquet_columns(f"{out}/protected", "00001")
+    assert account(out) == {"protected": 160}
+
+    capsys.readouterr()
+    fresh = copy_of(finished_run, tmp_path / "b")
+    assert merge.main([fresh, "merge.keep_fields=[original_caption]"]) == 2
+    line = one_line_error(capsys)
+    assert "shard 00000: json field 'original_caption' of sample" in line and "holds its source caption" in line
+    assert public_files(f"{fresh}/protected") == [] and os.listdir(f"{fresh}/tmp/merge") == []
+    assert manifest.read_stats(fresh, "00000") is None
+    # the failed re-run of the first copy left its earlier publication and markers as they were
+    assert merge.main([out, "merge.keep_fields=[TEXT]"]) == 2
+    assert "json field 'TEXT'" in one_line_error(capsys)
+    assert account(out) == {"protected": 160}
+
+
+# --------------------------------------------------------------------------------------
+
+
+class moto_s3:
+    """moto's S3 server on 127.0.0.1 for the block, reached through the AWS variables s3fs reads."""
+
+    def __enter__(self):
+        import s3fs
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        self.server.start()
+        env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}
+        self.old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        s3fs.S3FileSystem.clear_instance_cache()
+        return s3fs.S3FileSystem(use_listings_cache=False)
+
+    def __exit__(self, *exc):
+        import s3fs
+
+        self.server.stop()
+        for k, v in self.old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        s3fs.S3FileSystem.clear_instance_cache()
