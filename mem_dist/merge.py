@@ -168,7 +168,7 @@ def merge_shard(cfg: RunConfig, url: str, round_: int, private: str | None = Non
     rows: list[dict] = []  # the manifest
     dropped = {key: reason for key, reason in src.dropped}
     hidden: dict[str, str] = {}  # key -> source caption of each protected sample whose caption changed
-    kept, with_url = [], 0
+    kept, with_url, left_out = [], 0, set()
     staging = publish.staging_dir(private, folder)
     paths = {suffix: publish.staged(staging, name, suffix) for suffix in publish.SUFFIXES}
     keep, drop = cfg.merge.keep_fields, cfg.merge.drop_fields
@@ -195,12 +195,16 @@ def merge_shard(cfg: RunConfig, url: str, round_: int, private: str | None = Non
                 w = publish.Written.of(key, caption, image, pixels.shape[1], pixels.shape[0])
                 meta = publish.sample_json(src.meta[i] if src.meta else None, w, drop, keep, hidden.get(key, ""))
                 with_url += bool(json.loads(meta).get("url"))
+                left_out.update(publish.left_out(src.meta[i] if src.meta else None, keep, drop))
                 tw.write({"__key__": key, fmt: image, "txt": caption, "json": meta})
                 written.append(w)
                 rows.append({"key": key, "outcome": "protected" if j is not None else "copied",
                              "reason": None if j is not None else reason, "caption": caption, "trigger_ids": ids,
                              "trigger_text": trigger, "image_sha256": w.hashes["sha256"]})
-        table = publish.shard_parquet(publish.read_source_table(url, ".parquet"), written, dropped, drop, keep, hidden)
+        source_table = publish.read_source_table(url, ".parquet")
+        left_out.update(c for c in (source_table.column_names if source_table is not None else [])
+                        if not publish.published(c, keep, drop) and c not in drop)
+        table = publish.shard_parquet(source_table, written, dropped, drop, keep, hidden)
         with open(paths[".parquet"], "wb") as f:
             f.write(publish.parquet_bytes(table))
         public_stats = publish.shard_stats(publish.read_source_table(url, "_stats.json"), table, start, time.time())
@@ -233,6 +237,7 @@ def merge_shard(cfg: RunConfig, url: str, round_: int, private: str | None = Non
         "skipped": dict(collections.Counter(dropped.values()),
                         **{r: c for r, c in src.skipped.items() if r in SHARD_LEVEL_SKIPS}),
         "with_url": with_url,
+        "left_out": sorted(left_out),  # source fields not published: not img2dataset's, not in merge.keep_fields
         "image_format": fmt,
         **({"jpeg_quality": cfg.merge.jpeg_quality} if fmt == "jpg" else {}),
         "drop_fields": list(drop),
@@ -350,6 +355,10 @@ def merge(cfg: RunConfig, rank: int | None = None, world: int | None = None, pro
         print(f"mem-dist merge: {summary['with_url']} of {summary['samples']} published samples still carry a 'url': "
               f"while the unprotected original stays online there, protection is moot; merge.drop_fields=[url] "
               f"leaves it out of the published json and parquet", flush=True)
+    left_out = sorted({f for s in stats for f in s.get("left_out", [])})
+    if left_out:
+        print(f"mem-dist merge: source fields left out of the published json and parquet (not img2dataset's; "
+              f"merge.keep_fields=[...] publishes them): {', '.join(left_out)}", flush=True)
     for old, n in moved.items():
         print(f"mem-dist merge: {n} shards an earlier merge published to {old or storage.join(cfg.output, 'protected')} "
               f"stay there: remove them if they should not stay public", flush=True)

@@ -65,6 +65,12 @@ def published(name: str, keep: tuple[str, ...] = (), drop: tuple[str, ...] = ())
     return (name in IMG2DATASET_FIELDS or name in keep) and name not in drop
 
 
+def left_out(raw: bytes | None, keep: tuple[str, ...] = (), drop: tuple[str, ...] = ()) -> list[str]:
+    """The keys of a source json (``raw``) that the allowlist leaves out (those of ``drop``
+    are the owner's own choice and not listed)."""
+    return [k for k in _json_object(raw) or {} if not published(k, keep, drop) and k not in drop]
+
+
 def leaked_field(values: dict, caption: str) -> str | None:
     """The first field of ``values`` (a json object or a parquet row) whose value, or a string
     nested in it, equals ``caption``; None if none does (or the caption is empty)."""

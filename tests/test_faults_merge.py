@@ -245,7 +245,9 @@ def test_source_caption_fields_are_not_published(finished_run, tmp_path, capsys)
     similarity: none is published by default; merge.keep_fields publishes one on request; asking
     for a field that holds the source caption fails the merge with one line and publishes nothing."""
     out = copy_of(finished_run, tmp_path / "a")
+    capsys.readouterr()
     assert merge.main([out]) == 0
+    assert "publishes them): TEXT, original_caption, scene, similarity" in capsys.readouterr().out
     for name in NAMES:
         assert not any(set(EXTRA) & set(m) for m in json_of(f"{out}/protected", name))
         assert not set(EXTRA) & set(parquet_columns(f"{out}/protected", name))
