@@ -72,8 +72,8 @@ class DataConfig:
         check(self.image_size >= 8, "data.image_size", "must be at least 8")
         check(len(self.image_keys) > 0, "data.image_keys", "must name at least one extension")
         unknown = [k for k in self.image_keys if k.lower() not in IMAGE_FORMATS]
-        check(not unknown, "data.image_keys", f"no image format known for '{unknown[0] if unknown else ''}' "
-                                              f"(known: {', '.join(IMAGE_FORMATS)})")
+        check(not unknown, "data.image_keys", f"names '{unknown[0] if unknown else ''}', not an image format mem-dist "
+                                              f"opens (known: {', '.join(IMAGE_FORMATS)})")
         check(1 <= self.max_pixels <= PILLOW_HARD_LIMIT, "data.max_pixels", f"must be between 1 and {PILLOW_HARD_LIMIT}")
         check(self.cache_shards >= 1, "data.cache_shards", "must be at least 1")
 

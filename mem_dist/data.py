@@ -41,7 +41,6 @@ from dataclasses import dataclass, field
 
 import braceexpand
 import numpy as np
-import webdataset as wds
 
 from mem_dist import storage
 from mem_dist.canvas import HIGH_DEPTH_MODES, allowed_formats, as_rgb, decode, sniff_format, to_8bit, to_canvas, upright  # noqa: F401
@@ -163,9 +162,11 @@ def group_members(url: str, members):
     """Tar members grouped into samples the way webdataset groups them (consecutive members
     that share a key; suffixes lower-cased), except that a member the sample already has
     marks the sample ``__duplicate__`` (webdataset raises, which would end the shard there)."""
+    from webdataset.tariterators import base_plus_ext  # webdataset imports torch: not before a shard is read
+
     current = None
     for member in members:
-        prefix, suffix = wds.tariterators.base_plus_ext(member["fname"])
+        prefix, suffix = base_plus_ext(member["fname"])
         if prefix is None:
             continue
         suffix = suffix.lower()
@@ -192,6 +193,8 @@ def iter_samples(url: str, skipped: collections.Counter, size: int | None = None
     counted like truncation). ``size``: the tar's size in bytes, if known.
     """
 
+    from webdataset.tariterators import tar_file_iterator
+
     def reraise(exn: Exception) -> bool:
         raise exn
 
@@ -199,7 +202,7 @@ def iter_samples(url: str, skipped: collections.Counter, size: int | None = None
     previous, broken = None, False
     with storage.open_file(url, "rb") as stream:
         try:
-            for sample in group_members(url, wds.tariterators.tar_file_iterator(stream, handler=reraise)):
+            for sample in group_members(url, tar_file_iterator(stream, handler=reraise)):
                 if previous is not None:
                     yield previous
                 previous = sample

@@ -12,7 +12,10 @@
 
 The shard's skip counts travel in the file's metadata (``mem_dist.skipped``), so a
 shard's state and its stats exist together or not at all. A state file that exists is
-complete: it is written to a temp name and moved (local) or PUT in one request (S3).
+complete: it is written to a temp name, fsynced and moved (local) or PUT in one request (S3).
+One that cannot be read all the same (zero bytes, not Parquet, columns missing: a disk that
+lost it, a hand that touched it) raises :class:`StateError`, one line naming its URL; a
+resumed generate finds such objects first (:func:`sweep`) and redoes them.
 """
 
 from __future__ import annotations
@@ -26,6 +29,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mem_dist import storage
+
+
+class StateError(RuntimeError):
+    """A state object that exists but cannot be read; ``url`` names it."""
+
+    one_line = True  # mem_dist.errors: one line, exit 1
+
+    def __init__(self, url: str, why: str):
+        super().__init__(f"state object {url} is unreadable ({why}); run the same generate command again to redo it")
+        self.url = url
+
+
+def _why(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text[:120]}"
 
 SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -77,14 +95,45 @@ def write_state(url: str, state: ShardState) -> None:
     }, schema=SCHEMA)
     table = table.replace_schema_metadata({"mem_dist.skipped": json.dumps(state.skipped, sort_keys=True)})
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd", write_page_checksum=True)  # damaged pages are found when read
     storage.write_bytes_atomic(url, buf.getvalue())
+
+
+def _read_table(url: str, columns: list[str] | None = None) -> pa.Table:
+    """The state table (or some of its columns); StateError if the object is not a state.
+    The whole table is fetched first and parsed in memory, so that an error in parsing is
+    the object's own, never the network's; a column subset is read from the file (a
+    projection: the delta column, the bulk, is skipped)."""
+    if columns is None:
+        raw = storage.read_bytes(url)  # a storage error is raised as it is
+        try:
+            table = pq.read_table(io.BytesIO(raw), page_checksum_verification=True)
+        except Exception as e:
+            raise StateError(url, _why(e) if raw else "zero bytes") from e
+    else:
+        try:
+            with storage.open_file(url, "rb") as f:
+                table = pq.read_table(f, columns=columns, page_checksum_verification=True)
+        except Exception as e:
+            if _parquet_error(e):
+                raise StateError(url, _why(e)) from e
+            raise
+    missing = [c for c in (columns or SCHEMA.names) if c not in table.column_names]
+    if missing:
+        raise StateError(url, f"no column '{missing[0]}'")
+    return table
+
+
+def _parquet_error(e: BaseException) -> bool:
+    """Whether pyarrow raised ``e`` about the bytes (zero length, no magic, a bad footer, a
+    page whose checksum fails), not the storage under it: pyarrow's own exceptions and the
+    bare OSError (no errno) it raises for a damaged page."""
+    return isinstance(e, pa.ArrowException) or (type(e) is OSError and e.errno is None)
 
 
 def read_state(url: str) -> ShardState:
     """Read a shard's state back (delta as int8 [N, H, W, C])."""
-    with storage.open_file(url, "rb") as f:
-        table = pq.read_table(f)
+    table = _read_table(url)
     meta = table.schema.metadata or {}
     skipped = json.loads(meta.get(b"mem_dist.skipped", b"{}"))
     cols = table.to_pydict()
@@ -102,8 +151,7 @@ def read_state(url: str) -> ShardState:
 
 def read_summary(url: str) -> tuple[np.ndarray, np.ndarray, dict[str, int]]:
     """(loss, clean_loss, skip counts) of a shard's state, without reading delta."""
-    with storage.open_file(url, "rb") as f:
-        table = pq.read_table(f, columns=["loss", "clean_loss"])
+    table = _read_table(url, ["loss", "clean_loss"])
     skipped = json.loads((table.schema.metadata or {}).get(b"mem_dist.skipped", b"{}"))
     return table.column("loss").to_numpy(), table.column("clean_loss").to_numpy(), skipped
 
@@ -115,8 +163,52 @@ def row_count(output: str, round_: int, shard_url: str) -> int | None:
     url = state_url(output, round_, name[: -len(".tar")] if name.endswith(".tar") else name)
     if round_ < 1 or not storage.exists(url):
         return None
-    with storage.open_file(url, "rb") as f:
-        return pq.ParquetFile(f).metadata.num_rows
+    try:
+        return check_object(url)
+    except StateError:
+        return None  # the caller decodes the shard instead
+
+
+def check_object(url: str) -> int:
+    """The row count of a state object from its Parquet footer (the data pages are not
+    read); StateError if the object is empty, not Parquet, or lacks the state's columns."""
+    try:
+        with storage.open_file(url, "rb") as f:
+            pf = pq.ParquetFile(f)
+            names, rows = pf.schema_arrow.names, pf.metadata.num_rows
+    except Exception as e:
+        if _parquet_error(e):
+            raise StateError(url, _why(e)) from e
+        raise
+    missing = [c for c in SCHEMA.names if c not in names]
+    if missing:
+        raise StateError(url, f"no column '{missing[0]}'")
+    return rows
+
+
+def sweep(output: str, round_: int, shards: list[str], log=print, full: bool = False) -> list[str]:
+    """Remove the unreadable state objects of round ``round_`` among ``shards`` (names),
+    each named in one line, so that the run redoes them; returns the names removed. Zero
+    bytes are seen in the listing; other objects have their footer read (one small read),
+    or with ``full`` all of it, every page's checksum verified (the final round's: nothing
+    else in generate reads it whole)."""
+    folder = round_dir(output, round_)
+    sizes = storage.sizes(folder) if round_ >= 1 else {}
+    removed = []
+    for name in shards:
+        size = sizes.get(f"{name}.parquet")
+        if size is None:
+            continue
+        url = state_url(output, round_, name)
+        try:
+            if size == 0:
+                raise StateError(url, "zero bytes")
+            read_state(url) if full else check_object(url)
+        except StateError as e:
+            storage.remove(url)
+            removed.append(name)
+            log(f"mem-dist: warning: {str(e).split('; ')[0]}; removed, and redone by this run")
+    return removed
 
 
 def summary(url: str) -> dict:

@@ -4,7 +4,10 @@ Local paths, ``file://``, ``s3://`` (endpoint from ``AWS_ENDPOINT_URL_S3`` /
 ``AWS_ENDPOINT_URL``, credentials from the AWS chain, as botocore reads them) and any other
 fsspec URL behave the same. Never ``pathlib`` on a URL. Every write that other stages rely
 on is atomic: the object exists whole or not at all (local: temp file + ``os.replace``;
-object stores: one PUT or a completed multipart upload).
+object stores: one PUT or a completed multipart upload), and local ones reach the disk
+(fsync) before the rename, so a crash cannot leave a whole-looking but empty file. A PUT that
+fails with a storage error is sent again (WRITE_ATTEMPTS in all): it is atomic, so a retry
+never leaves half an object.
 """
 
 from __future__ import annotations
@@ -13,10 +16,14 @@ import json
 import os
 import posixpath
 import tempfile
+import time
 import uuid
 from typing import Any
 
 import fsspec
+
+WRITE_ATTEMPTS = 3  # PUTs of one object before a storage error is raised
+WRITE_BACKOFF_S = 1.0  # seconds before the second PUT, doubled before each next one
 
 
 def access_problem(e: BaseException) -> str | None:
@@ -70,6 +77,17 @@ def listdir(url: str) -> list[str]:
     return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
 
 
+def sizes(url: str) -> dict[str, int]:
+    """{name: size in bytes} of the files directly under ``url`` (one listing); empty if it
+    does not exist."""
+    fs, path = url_to_fs(url)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0) for e in entries if e.get("type") != "directory"}
+
+
 def makedirs(url: str) -> None:
     fs, path = url_to_fs(url)
     fs.makedirs(path, exist_ok=True)
@@ -96,7 +114,7 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
     if is_local(url):
         _local_replace(path, lambda f: f.write(data))
     else:
-        fs.pipe_file(path, data)
+        _retrying(url, lambda: fs.pipe_file(path, data))
 
 
 def write_json(url: str, obj: Any) -> None:
@@ -108,9 +126,11 @@ def put_file_atomic(local_path: str, url: str) -> None:
     fs, path = url_to_fs(url)
     if is_local(url):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        _fsync_file(local_path)
         os.replace(local_path, path)
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
     else:
-        fs.put_file(local_path, path)
+        _retrying(url, lambda: fs.put_file(local_path, path))
         os.remove(local_path)
 
 
@@ -141,7 +161,49 @@ def _local_replace(path: str, write) -> None:
     try:
         with open(tmp, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(folder)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: str) -> None:
+    """Make a rename in ``folder`` durable (not every file system can open a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _retrying(url: str, put) -> None:
+    """``put()``, sent again after a storage error (not a refusal: no access, no bucket)."""
+    delay = WRITE_BACKOFF_S
+    for attempt in range(1, WRITE_ATTEMPTS + 1):
+        try:
+            return put()
+        except (PermissionError, FileNotFoundError):
+            raise
+        except OSError as e:
+            if attempt == WRITE_ATTEMPTS:
+                raise
+            print(f"mem-dist: warning: writing {url} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                  f"sending it again in {delay:g} s (try {attempt + 1} of {WRITE_ATTEMPTS})", flush=True)
+            time.sleep(delay)
+            delay *= 2

@@ -80,9 +80,12 @@ def create_surrogate(model: str, pretrained: str | None = None, device: str | to
         raise ConfigError(f"config key '{pretrained_key}': checkpoint not found: {pretrained} (weights are never downloaded)")
     try:
         if pretrained is not None and os.path.isdir(pretrained):
-            clip = open_clip.create_model(f"local-dir:{pretrained}", device=device)
+            clip = open_clip.create_model(f"local-dir:{pretrained}", device=device, load_weights=False)
+            load_weights(clip, checkpoint_in(pretrained))
         else:
-            clip = open_clip.create_model(name, pretrained=pretrained, device=device)
+            clip = open_clip.create_model(name, device=device)
+            if pretrained is not None:
+                load_weights(clip, pretrained)
     except torch.OutOfMemoryError:
         raise
     except Exception as e:  # a checkpoint of another model, not a checkpoint at all, or a tower needing transformers
@@ -102,6 +105,60 @@ def create_surrogate(model: str, pretrained: str | None = None, device: str | to
     towers.use_first_query_pool(clip)
     towers.use_channels_last(clip)
     return clip, tokenizer, PixelSpec(int(size), mean, std)
+
+
+def checkpoint_in(folder: str) -> str:
+    """The weights file of an open_clip folder checkpoint (open_clip_config.json beside it),
+    safetensors first, as open_clip picks it."""
+    names = sorted(n for n in os.listdir(folder) if n.endswith((".safetensors", ".bin", ".pth", ".pt")))
+    if not names:
+        raise FileNotFoundError(f"no weights file (.safetensors, .bin, .pth) in {folder}")
+    preferred = ["open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "model.safetensors",
+                 "open_clip_pytorch_model.bin", "open_clip_pytorch_model.pth", "pytorch_model.bin", "model.pth"]
+    names.sort(key=lambda n: (preferred.index(n) if n in preferred else len(preferred), not n.endswith(".safetensors")))
+    return os.path.join(folder, names[0])
+
+
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """A checkpoint's state dict, never unpickling code: safetensors, or torch.load with
+    weights_only=True (open_clip's own loader calls torch.load without it in older versions).
+    Accepts open_clip_train's checkpoints ({"state_dict": ..., "module." prefixes})."""
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd = load_file(path, device="cpu")
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError("not a state dict of tensors")
+    if all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    return sd
+
+
+def load_weights(clip: nn.Module, path: str) -> None:
+    """Load a checkpoint into an open_clip model the way open_clip.load_checkpoint does (its
+    format conversions, position embeddings resized), from :func:`read_weights`."""
+    from open_clip import factory, model as oc_model
+
+    sd = read_weights(path)
+    if hasattr(factory, "convert_state_dict"):
+        sd = factory.convert_state_dict(clip, sd)
+    if "positional_embedding" in sd and not hasattr(clip, "positional_embedding"):
+        sd = oc_model.convert_to_custom_text_state_dict(sd)
+    for key in ("logit_scale", "logit_bias"):
+        mine = getattr(clip, key, None)
+        if key in sd and mine is not None and sd[key].ndim != mine.ndim:
+            sd[key] = sd[key].reshape(mine.shape)
+    if "logit_bias" not in sd and getattr(clip, "logit_bias", None) is not None and "logit_scale" in sd:
+        sd["logit_bias"] = torch.zeros_like(sd["logit_scale"])
+    sd.pop("text.transformer.embeddings.position_ids", None)
+    oc_model.resize_pos_embed(sd, clip)
+    if hasattr(oc_model, "resize_text_pos_embed"):
+        oc_model.resize_text_pos_embed(sd, clip)
+    clip.load_state_dict(sd, strict=True)
 
 
 def _first_line(e: Exception, limit: int = 160) -> str:
