@@ -215,8 +215,9 @@ def shard_stats(source: dict | None, table: pa.Table, start: float, end: float) 
     status_dict = collections.Counter("success" if s == "success" else (m or s) for s, m in zip(status, messages))
     recount = {"count": len(status), "successes": counts["success"], "failed_to_download": counts["failed_to_download"],
                "failed_to_resize": counts["failed_to_resize"], "status_dict": dict(status_dict)}
-    if source is None:
-        return {**recount, "duration": end - start, "start_time": start, "end_time": end}
+    if source is None:  # img2dataset's fields in its order (logger.write_stats)
+        return {**{k: recount[k] for k in ("count", "successes", "failed_to_download", "failed_to_resize")},
+                "duration": end - start, "start_time": start, "end_time": end, "status_dict": recount["status_dict"]}
     return {**source, **recount}
 
 

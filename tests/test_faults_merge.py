@@ -186,12 +186,13 @@ def test_merge_rerun_with_changed_settings_redoes_the_shards(finished_run, tmp_p
 
 
 def test_merge_during_an_unfinished_generate(src, tmp_path, capsys):
-    """generate (3 rounds) killed with SIGKILL once round 1 is recorded: merge refuses the run
-    with one line; merge.allow_unfinished=true publishes the newest complete round and the
-    manifest says so; once generate is resumed to the end, merge redoes every shard from round 3.
+    """merge while generate (3 rounds) is in round 2, then after generate is killed: refused with
+    one line; merge.allow_unfinished=true publishes the newest complete round and the manifest
+    says so; once generate is resumed to the end, merge redoes every shard from round 3.
 
     generate runs in a forked process (its imports already made: a fresh interpreter spends
-    about 10 s importing accelerate and torch on this machine), killed like any other."""
+    about 10 s importing accelerate and torch on this machine); it is paused (SIGSTOP) while the
+    merges run, so that it cannot prune the round they read, then killed with SIGKILL."""
     out = str(tmp_path / "run")
     args = tiny_overrides(f"{src}/00000.tar", out, **{"mem.rounds": 3})
     proc = multiprocessing.get_context("fork").Process(target=generate.main, args=(args,))
@@ -199,20 +200,25 @@ def test_merge_during_an_unfinished_generate(src, tmp_path, capsys):
     run_json = f"{out}/run.json"
     while proc.is_alive() and not (os.path.exists(run_json) and storage.read_json(run_json)["rounds_done"] >= 1):
         time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.join()
-    done = storage.read_json(run_json)["rounds_done"]
-    assert proc.exitcode == -signal.SIGKILL and 1 <= done < 3
-
-    assert merge.main([out]) == 2
-    assert f"unfinished: {done} of 3 rounds done" in one_line_error(capsys)
-    assert not os.path.exists(f"{out}/protected") and not os.path.exists(f"{out}/manifest")
-    assert merge.main([out, "merge.allow_unfinished=true"]) == 0
-    assert "the run is unfinished" in capsys.readouterr().out
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        done = storage.read_json(run_json)["rounds_done"]
+        assert proc.is_alive() and 1 <= done < 3
+        assert merge.main([out]) == 2
+        assert f"unfinished: {done} of 3 rounds done" in one_line_error(capsys)
+        assert public_files(f"{out}/protected") == [] and not os.path.exists(f"{out}/manifest")
+        assert merge.main([out, "merge.allow_unfinished=true"]) == 0
+        assert "the run is unfinished" in capsys.readouterr().out
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+    assert proc.exitcode == -signal.SIGKILL
     made = manifest.read_stats(out, "00000")["made_from"]
     assert made["unfinished"] is True and made["round"] in (done, done + 1) and made["rounds"] == 3
     assert verify.verify(out)["unfinished_rounds"] == [made["round"]]
     assert account(out) == {"protected": 80}
+    assert merge.main([out]) == 2  # the dead run is still unfinished
+    assert "unfinished" in one_line_error(capsys)
 
     assert generate.main(args) == 0  # resumed to the end
     capsys.readouterr()

@@ -274,6 +274,8 @@ def test_samples_without_state_are_dropped_or_copied(demo, tokenizer, vocab, tmp
     assert rows[0]["width"] is None and rows[0]["caption"] == load_shard(f"{demo}/train/00000.tar", cfg.data).captions[0]
     # a shard from another producer (no parquet, no stats): img2dataset's minimal ones
     stats = json.load(open(f"{cfg.output}/protected/00003_stats.json"))
+    assert list(stats) == ["count", "successes", "failed_to_download", "failed_to_resize", "duration", "start_time",
+                           "end_time", "status_dict"]  # img2dataset's logger.write_stats, in its order
     assert (stats["count"], stats["successes"], stats["failed_to_resize"]) == (3, 2, 1)
     assert stats["status_dict"] == {"success": 2, "Image decoding error": 1}
     assert verify.verify(cfg.output)["mismatches"] == 0
