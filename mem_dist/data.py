@@ -198,9 +198,15 @@ def iter_samples(url: str, skipped: collections.Counter, size: int | None = None
     def reraise(exn: Exception) -> bool:
         raise exn
 
-    complete = tar_is_complete(url, size)
+    try:
+        complete = tar_is_complete(url, size)
+        stream = storage.open_file(url, "rb")
+    except (FileNotFoundError, PermissionError):
+        raise
+    except OSError as e:  # the tail check or the open met a storage error
+        raise ReadFault(url, e) from e
     previous, broken = None, False
-    with storage.open_file(url, "rb") as stream:
+    with stream:
         try:
             for sample in group_members(url, tar_file_iterator(stream, handler=reraise)):
                 if previous is not None:

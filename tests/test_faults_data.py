@@ -322,3 +322,7 @@ def test_accelerate_launch_prints_a_bad_key_once_from_rank_0_last(demo_dir, tmp_
                           *tiny_overrides(f"{demo_dir}/train/{{00000..00009}}.tar", str(tmp_path / "run"))],
                          capture_output=True, text=True, timeout=120, env=dict(os.environ, PYTHONPATH=ROOT))
     assert one.returncode == 2 and one.stderr.count("mem-dist: error:") == 1 and "shard not found" in one.stderr
+    script = subprocess.run(["bash", os.path.join(ROOT, "launch", "cpu-multiprocess.sh"), "2", *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, env=dict(os.environ, PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"))
+    assert script.returncode == 2 and script.stderr.strip().splitlines() == [
+        line for line in out.splitlines() if "mem-dist: error:" in line][0].split("traceback : ")[1:], script.stderr
