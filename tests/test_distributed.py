@@ -173,11 +173,18 @@ def test_two_processes_keep_every_ensemble_member_in_step(s3):
     assert len(ck["ensemble"]) == 1
 
 
-def test_resume_refuses_another_world_size(s3, reference, capsys):
+def test_resume_accepts_another_world_size_and_memory_knobs_only(s3, reference, capsys):
+    """One process may continue a two-process run (tests/test_elastic.py checks the bytes), with
+    another data.cache_shards; a key that decides the state is still refused."""
     from mem_dist.generate import main
 
-    assert main(tiny_overrides(SHARDS, "s3://out/ref", **ARGS)) == 2
-    assert "started with 2 processes" in capsys.readouterr().err
+    fs, _ = s3
+    assert main(tiny_overrides(SHARDS, "s3://out/ref", **{**ARGS, "data.cache_shards": 4})) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    run = __import__("json").loads(fs.cat_file("out/ref/run.json"))
+    assert run["world_sizes"] == [2, 1] and run["surrogate_ranks"] == 2
+    assert main(tiny_overrides(SHARDS, "s3://out/ref", **{**ARGS, "mem.epsilon": 4})) == 2
+    assert "different configuration" in capsys.readouterr().err
 
 
 def test_a_lone_process_of_several_stops(demo_dir, tmp_path):
