@@ -50,10 +50,15 @@ def run_on(processes: int, out: str, demo_dir: str, **extra) -> str:
     return ""
 
 
-def stopped_after_round_1(src: str, dst: str) -> str:
+def stopped_after_round_1(src: str, dst: str, keep: tuple[str, ...] = ()) -> str:
+    """``keep``: shards whose round-2 state stays, with round 2's checkpoint (stopped mid round 2)."""
     shutil.copytree(src, dst)
-    shutil.rmtree(os.path.join(dst, "state", "round-002"))
-    os.remove(os.path.join(dst, "checkpoints", "round-002.pt"))
+    for name in NAMES:
+        if name not in keep:
+            os.remove(state.state_url(dst, 2, name))
+    if not keep:
+        os.rmdir(os.path.join(dst, "state", "round-002"))
+        os.remove(os.path.join(dst, "checkpoints", "round-002.pt"))
     with open(os.path.join(dst, "metrics.jsonl")) as f:
         first = f.readline()
     with open(os.path.join(dst, "metrics.jsonl"), "w") as f:
@@ -127,3 +132,36 @@ def test_resume_of_a_three_process_run_stays_within_the_bound(refs, demo_dir):
         assert np.abs(a.loss - b.loss).max() <= 1e-3
     run = json.load(open(os.path.join(out, "run.json")))
     assert run["world_sizes"] == [3, 1] and run["surrogate_ranks"] == 3
+
+
+def test_resume_mid_round_on_another_world_size_redoes_only_the_missing_shards(refs, demo_dir):
+    """Stopped in round 2's sample phase on 2 processes (checkpoint 2 and one shard's state
+    written), resumed on 1: the other two shards are written, the third is left as it was."""
+    base, ref = refs
+    out = stopped_after_round_1(ref[2], str(base / "mid2to1"), keep=("00001",))
+    kept = os.stat(state.state_url(out, 2, "00001")).st_mtime_ns
+    run_on(1, out, demo_dir)
+    assert os.stat(state.state_url(out, 2, "00001")).st_mtime_ns == kept
+    assert_every_sample_once(out, demo_dir)
+    assert final(out) == final(ref[2]) and checksums(out) == checksums(ref[2])
+    assert json.loads(open(os.path.join(out, "metrics.jsonl")).readlines()[-1])["samples"] == 120
+
+
+def test_a_run_json_hashed_with_cache_shards_still_resumes(tmp_path):
+    """run.json written before data.cache_shards left the fingerprint: its recorded config is
+    hashed again, so the run resumes; another generation key is still refused."""
+    import dataclasses
+
+    from mem_dist import rundir, storage
+    from mem_dist.config import RunConfig, config_hash
+    from mem_dist.config_io import load_config, to_dict
+
+    cfg = load_config(RunConfig, None, tiny_overrides("x/{00000..00002}.tar", str(tmp_path), **ARGS))
+    old_print = {**cfg.fingerprint(), "data": dataclasses.asdict(cfg.data)}  # cache_shards in it
+    storage.write_json(os.path.join(tmp_path, "run.json"), {"config": to_dict(cfg), "config_hash": config_hash(old_print),
+                                                            "world_size": 2})
+    assert config_hash(old_print) != cfg.config_hash()
+    assert rundir.check_resume(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_shards=5)), 1)
+    assert rundir.surrogate_ranks(storage.read_json(os.path.join(tmp_path, "run.json")), 1) == 2
+    with pytest.raises(rundir.ResumeError, match="different configuration"):
+        rundir.check_resume(dataclasses.replace(cfg, seed=1), 1)
