@@ -22,22 +22,25 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from mem_dist import defences, surrogate
+from mem_dist import cifar_nets, defences, surrogate
 from mem_dist.augment import crop_flip
 from mem_dist.config import seed_of
 from mem_dist.config_io import ConfigError
 from mem_dist.eval_config import ClassifierConfig, Condition, EvalConfig, resolve_device
 from mem_dist.pairs import Pairs, load_condition
 from mem_dist.schedule import cosine_lr
-from mem_dist.scores import match_clusters, top1
+from mem_dist.scores import match_clusters, pack_correct, top1
 
 Log = Callable[[str], None]
 MEAN, STD = 0.5, 0.25
 
 
 def create_classifier(cfg: ClassifierConfig, n_classes: int, device: torch.device, seed: int) -> torch.nn.Module:
-    """A torchvision classifier by name, random init seeded from (seed, "classifier")."""
+    """A CIFAR-style victim (:mod:`mem_dist.cifar_nets`) or a torchvision classifier by name,
+    random init seeded from (seed, "classifier")."""
     torch.manual_seed(seed_of(seed, "classifier"))
+    if cfg.model in cifar_nets.MODELS:  # channels-last: the layout oneDNN prefers (1.2x here), the same values
+        return cifar_nets.build(cfg.model, n_classes, cfg.width).to(device, memory_format=torch.channels_last)
     try:
         model = torchvision.models.get_model(cfg.model, weights=None, num_classes=n_classes)
     except (ValueError, KeyError, TypeError) as e:
@@ -74,12 +77,15 @@ def class_count(train: Pairs, val: Pairs) -> int:
 
 
 def train_classifier(cond: Condition, val: Pairs, cfg: EvalConfig, name: str, log: Log = print,
-                     save_to: str | None = None) -> dict:
-    """Train a classifier victim on a condition, scoring top-1 on ``val`` after every epoch.
+                     save_to: str | None = None, select: Pairs | None = None) -> dict:
+    """Train a classifier victim on a condition, scoring top-1 on ``val`` (and on the
+    attacker's ``select`` images, when given) after every epoch.
 
     Returns:
         History: {"n_train", "n_protected", "n_val", "labels" (json | kmeans), "epochs":
-        [{"epoch", "train_loss", "lr", "seconds", "top1"}], "final", "leakage": None}.
+        [{"epoch", "train_loss", "lr", "seconds", "top1", "correct" (which val images were
+        right: :func:`mem_dist.scores.pack_correct`), "select_top1" (with ``select``)}],
+        "final", "leakage": None}.
     """
     ccfg, vcfg = cfg.classifier, cfg.victim
     device = resolve_device(cfg.device)
@@ -108,10 +114,15 @@ def train_classifier(cond: Condition, val: Pairs, cfg: EvalConfig, name: str, lo
     total = vcfg.epochs * steps_per_epoch
 
     def validate(epoch: int, loss: float | None, lr: float | None, seconds: float) -> dict:
-        acc = top1(to_class[predict(model, val.canvases, vcfg.batch_size, device)], val.labels)
+        pred = to_class[predict(model, val.canvases, vcfg.batch_size, device)]
+        record = {"epoch": epoch, "train_loss": loss, "lr": lr, "seconds": round(seconds, 3), "top1": top1(pred, val.labels),
+                  "correct": pack_correct(pred == val.labels)}
+        if select is not None:
+            record["select_top1"] = top1(to_class[predict(model, select.canvases, vcfg.batch_size, device)], select.labels)
         log(f"mem-dist: evaluate: epoch {epoch}/{vcfg.epochs}" + (f" loss {loss:.4f}" if loss is not None else "")
-            + f" | top-1 {acc:.3f} ({seconds:.1f} s)")
-        return {"epoch": epoch, "train_loss": loss, "lr": lr, "seconds": round(seconds, 3), "top1": acc}
+            + f" | top-1 {record['top1']:.3f}" + (f" (select {record['select_top1']:.3f})" if select is not None else "")
+            + f" ({seconds:.1f} s)")
+        return record
 
     mix = f" ({train.protected} from the protected shards)" if train.protected is not None else ""
     log(f"mem-dist: evaluate: {len(train)} train images{mix}, {len(val)} val images, {k} classes, classifier "

@@ -7,6 +7,8 @@
     mem-dist merge OUTPUT [merge.k=v ...]        protected shards (public) + manifest (private)
     mem-dist verify OUTPUT                       re-check every protected sample
     mem-dist evaluate --config E [k=v ...]       train victims (CLIP or classifier), score them on clean data
+    mem-dist baseline KIND SRC OUT               a published class-keyed attack (block, lsp, ar, em) on labelled
+                                                   shards: the victims' calibration points
     mem-dist bench merge --config C              merge throughput vs a bare loop
     mem-dist bench generate --config C           generation cost per phase, FLOP/s, memory, run estimates
     mem-dist bench scale                         a round's cost against the number of shards (moto S3)
@@ -42,7 +44,7 @@ def demo_data(argv: list[str]) -> int:
 
 def import_data(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="mem-dist import",
-                                description="Write labelled image data as shards: OUT/train, OUT/public, OUT/val.")
+                                description="Write labelled image data as shards: OUT/train, OUT/public, OUT/val, OUT/select.")
     sub = p.add_subparsers(dest="source", required=True, metavar="{fashion-mnist,folder}")
     fm = sub.add_parser("fashion-mnist", help="Fashion-MNIST's idx files (train+public from its train set, val from its test set)")
     fm.add_argument("out", metavar="OUT", help="output folder (any fsspec URL)")
@@ -55,14 +57,38 @@ def import_data(argv: list[str]) -> int:
         q.add_argument("--train", type=int, default=4000, help="training pairs (default 4000)")
         q.add_argument("--val", type=int, default=1000, help="validation pairs (default 1000)")
         q.add_argument("--public", type=int, default=4000, help="public pairs, disjoint from train (default 4000)")
+        q.add_argument("--select", type=int, default=1000 if q is fm else 0,
+                       help="clean images disjoint from val on which the attacker picks its best epoch "
+                            f"(default {1000 if q is fm else 0})")
         q.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
         q.add_argument("--per-shard", type=int, default=500, help="samples per shard (default 500)")
         q.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     from mem_dist import importers
 
-    flags = dict(train=a.train, val=a.val, public=a.public, size=a.size, seed=a.seed, per_shard=a.per_shard)
+    flags = dict(train=a.train, val=a.val, public=a.public, select=a.select, size=a.size, seed=a.seed, per_shard=a.per_shard)
     return one_line_errors(lambda: importers.run(a.source, a.src, a.out, **flags))
+
+
+def baseline(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="mem-dist baseline",
+                                description="Perturb labelled shards with a published class-keyed availability attack "
+                                            "(calibration points for the victims; docs/efficacy.md).")
+    p.add_argument("kind", choices=("block", "lsp", "ar", "em"),
+                   help="block: class-wise +-eps block code; lsp: Yu et al. synthetic noise; ar: Sandoval-Segura et al. "
+                        "autoregressive; em: Huang et al. sample-wise error-minimising noise")
+    p.add_argument("src", help="labelled source shards (brace-expanded; mem-dist import writes them)")
+    p.add_argument("out", help="output folder (any fsspec URL): one PNG tar per source shard, same keys, captions, json")
+    p.add_argument("--epsilon", type=int, default=8, help="L-inf bound in 1/255 units (default 8)")
+    p.add_argument("--size", type=int, default=32, help="canvas side the source decodes to (default 32)")
+    p.add_argument("--grid", type=int, default=8, help="block: blocks per side (default 8: 4-px blocks at 32 px)")
+    p.add_argument("--em-width", type=int, default=16, help="em: width of the CIFAR ResNet-18 it minimises against (default 16)")
+    p.add_argument("--em-rounds", type=int, default=30, help="em: at most this many train + PGD rounds (default 30)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    from mem_dist import baselines
+
+    return one_line_errors(lambda: baselines.run(a.kind, a.src, a.out, a.epsilon, a.size, a.seed, a.grid, a.em_width, a.em_rounds))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         "verify": lambda a: __import__("mem_dist.verify", fromlist=["main"]).main(a),
         "evaluate": lambda a: __import__("mem_dist.evaluate", fromlist=["main"]).main(a),
         "bench": lambda a: __import__("mem_dist.bench", fromlist=["main"]).main(a),
+        "baseline": baseline,
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__.strip())

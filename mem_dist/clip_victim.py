@@ -27,7 +27,7 @@ from mem_dist.config_io import ConfigError
 from mem_dist.eval_config import Condition, EvalConfig, VictimConfig, resolve_device
 from mem_dist.pairs import Pairs, load_condition
 from mem_dist.schedule import cosine_lr
-from mem_dist.scores import class_embeddings, retrieval_metrics, zero_shot_top1
+from mem_dist.scores import class_embeddings, pack_correct, retrieval_metrics, zero_shot_predictions, zero_shot_top1
 
 Log = Callable[[str], None]
 
@@ -112,15 +112,21 @@ def owner_leakage(model, spec: surrogate.PixelSpec, tokenizer, train: Pairs, bat
 
 
 def epoch_record(model, spec: surrogate.PixelSpec, tokenizer, val: ValSet, batch_size: int,
-                 epoch: int, loss: float | None, lr: float | None, seconds: float) -> dict:
+                 epoch: int, loss: float | None, lr: float | None, seconds: float, select: ValSet | None = None) -> dict:
     """One entry of a history's "epochs": the epoch's training numbers, val retrieval and,
-    when the val samples carry labels, zero-shot top-1 (``zero_shot_top1``)."""
+    when the val samples carry labels, zero-shot top-1 (``zero_shot_top1``), which val images
+    it got right (``correct``) and, given the attacker's ``select`` images, zero-shot top-1
+    on them (``select_zero_shot_top1``)."""
     record = {"epoch": epoch, "train_loss": loss, "lr": lr, "seconds": round(seconds, 3)}
     images, texts = encode_pairs(model, spec, val.canvases, val.tokens, batch_size)
     record.update(retrieval_metrics(images, texts))
     if val.labels is not None:
         order, classes = class_embeddings(model.encode_text, tokenizer, val.classes, val.templates, images.device)
         record["zero_shot_top1"] = zero_shot_top1(images, classes, order, val.labels)
+        record["correct"] = pack_correct(zero_shot_predictions(images, classes, order) == val.labels)
+        if select is not None and select.labels is not None:
+            select_images, _ = encode_pairs(model, spec, select.canvases, select.tokens, batch_size)
+            record["select_zero_shot_top1"] = zero_shot_top1(select_images, classes, order, select.labels)
     return record
 
 
@@ -130,7 +136,7 @@ def victim_autocast(device: torch.device, vcfg: VictimConfig):
 
 
 def train_victim(train_shards: str | Condition, val: Pairs, cfg: EvalConfig, log: Log = print,
-                 save_to: str | None = None) -> dict:
+                 save_to: str | None = None, select: Pairs | None = None) -> dict:
     """Train a victim CLIP on ``train_shards``, evaluating on ``val`` every epoch.
 
     Args:
@@ -139,6 +145,8 @@ def train_victim(train_shards: str | Condition, val: Pairs, cfg: EvalConfig, log
         cfg: the evaluation config (``victim``, ``defence``, ``reencode_jpeg``, data keys).
         log: where progress lines go.
         save_to: if given, the URL the trained victim's state dict is written to.
+        select: the attacker's clean images, disjoint from ``val``, on which it picks its best
+            epoch (zero-shot top-1 on them in each record, when both carry labels).
 
     Returns:
         History: {"n_train", "n_protected" (mixes; else None), "n_val", "epochs": [{"epoch" (0 = before
@@ -164,13 +172,14 @@ def train_victim(train_shards: str | Condition, val: Pairs, cfg: EvalConfig, log
     canvases_NHWC = torch.from_numpy(train.canvases).to(device)
     tokens_NL = tokenizer(train.captions)  # once; re-tokenised per batch only under a text defence
     val_set = ValSet.of(val, tokenizer, cfg)
+    select_set = ValSet.of(select, tokenizer, cfg) if select is not None else None
     batch = min(vcfg.batch_size, len(train))
     steps_per_epoch = len(train) // batch  # drop_last, as open_clip's trainer
     total_steps = vcfg.epochs * steps_per_epoch
 
     def validate(epoch: int, loss: float | None, lr: float | None, seconds: float) -> dict:
         with autocast:
-            record = epoch_record(model, spec, tokenizer, val_set, vcfg.batch_size, epoch, loss, lr, seconds)
+            record = epoch_record(model, spec, tokenizer, val_set, vcfg.batch_size, epoch, loss, lr, seconds, select_set)
         log(f"mem-dist: evaluate: epoch {epoch}/{vcfg.epochs}" + (f" loss {loss:.4f}" if loss is not None else "")
             + f" | {_brief(record)} ({seconds:.1f} s)")
         return record

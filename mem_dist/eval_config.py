@@ -55,9 +55,15 @@ class VictimConfig:
 
 @dataclass(frozen=True)
 class ClassifierConfig:
-    model: str = "resnet18"
-    """Any torchvision classification model by name (resnet18, vgg11_bn, mobilenet_v3_small,
-    efficientnet_b0, ...), from its own random init, with as many outputs as labels."""
+    model: str = "cifar_resnet18"
+    """cifar_resnet18 | cifar_vgg11 (:mod:`mem_dist.cifar_nets`: 3x3 stride-1 stem, no
+    max-pool, so a 32-px image keeps its resolution, as the unlearnable-examples papers train
+    them), or any torchvision classification model by name (resnet18, vgg11_bn,
+    mobilenet_v3_small, ...: ImageNet stems, which reduce 32 px to 8x8 before the first
+    block); from its own random init, with as many outputs as labels."""
+    width: int = 64
+    """Channels of the CIFAR-style victims' first stage (64 = the papers'; 16 costs about
+    what torchvision's resnet18 does at 32 px). Ignored by torchvision models."""
     lr: float = 0.1
     """SGD learning rate, cosine-annealed to 0 over the epochs (the unlearnable-examples papers)."""
     momentum: float = 0.9
@@ -76,6 +82,7 @@ class ClassifierConfig:
         check(self.lr > 0, "classifier.lr", "must be positive")
         check(0 <= self.momentum < 1, "classifier.momentum", "must be in [0, 1)")
         check(self.crop_padding >= 0, "classifier.crop_padding", "must be 0 or more")
+        check(self.width >= 1, "classifier.width", "must be at least 1")
 
 
 @dataclass(frozen=True)
@@ -89,6 +96,11 @@ class Condition:
     keys is taken from ``shards`` (the protected version), the rest stays clean."""
     fraction: float = 1.0
     """Protected fraction p of a mix (needs ``clean_shards`` when below 1)."""
+    control: Optional[str] = None
+    """The name of the condition this one is judged against (its control: random noise of the
+    same budget, a random trigger of the same length, ...). The report's first line gives
+    each condition with a control beside it, so a method that does no better than its control
+    says so."""
     checkpoint: Optional[str] = None
     """A victim trained elsewhere, by any pipeline (a local checkpoint of ``victim.model``:
     open_clip_train's ``checkpoints/epoch_N.pt`` or a state dict). It is evaluated on the
@@ -109,7 +121,14 @@ class EvalConfig:
     Becomes a dict of :class:`Condition`; the one named "clean" (or else the first) is
     the reference of the image grid."""
     val_shards: str = ""
-    """Clean validation shards (one caption per image)."""
+    """Clean validation shards (one caption per image): the test images every score is read on."""
+    select_shards: Optional[str] = None
+    """Clean shards disjoint from ``val_shards`` (``mem-dist import``'s ``select`` split) on
+    which the attacker chooses its best epoch; the report gives the val score at that epoch
+    beside the final one. null: only the final epoch and the (optimistic) peak on val."""
+    seeds: tuple[int, ...] = ()
+    """Victim seeds: every condition is trained once per seed, and the report gives their mean
+    with a 95% interval (bootstrap over the val images). Empty: ``seed`` alone."""
     image_size: int = 64
     """Canvas side the shards are decoded to (protected shards: their own size, so
     decoding is lossless); the victim then resizes to its model's input size."""
@@ -143,6 +162,13 @@ class EvalConfig:
         check(self.image_size >= 8, "image_size", "must be at least 8")
         check(self.reencode_jpeg is None or 1 <= self.reencode_jpeg <= 95, "reencode_jpeg", "must be null or a JPEG quality between 1 and 95")
         check(self.num_threads >= 0, "num_threads", "must be 0 or more")
+        for name, cond in self.conditions.items():
+            check(cond.control is None or cond.control in self.conditions, f"conditions.{name}.control",
+                  f"names no condition (have: {', '.join(self.conditions)})")
+
+    @property
+    def victim_seeds(self) -> tuple[int, ...]:
+        return tuple(self.seeds) or (self.seed,)
 
 
 def parse_conditions(raw: Any) -> dict[str, Condition]:
@@ -157,7 +183,7 @@ def parse_conditions(raw: Any) -> dict[str, Condition]:
         elif isinstance(value, dict):
             value = build(Condition, value, key + ".")
         elif not isinstance(value, Condition):
-            raise ConfigError(f"config key '{key}' must be a shard spec or a mapping with shards / clean_shards / fraction / checkpoint")
+            raise ConfigError(f"config key '{key}' must be a shard spec or a mapping with shards / clean_shards / fraction / control / checkpoint")
         check(bool(value.shards) or value.checkpoint is not None, f"{key}.shards", "is required (or a checkpoint to evaluate)")
         check(value.checkpoint is None or (value.clean_shards is None and value.fraction == 1), f"{key}.checkpoint",
               "is a victim trained elsewhere: clean_shards and fraction do not apply to it")

@@ -59,6 +59,8 @@ def run(cfg: EvalConfig, log: Log = print) -> dict:
         if cond.clean_shards:
             check_shards(cond.clean_shards, f"conditions.{name}.clean_shards")
     check_shards(cfg.val_shards, "val_shards")
+    if cfg.select_shards:
+        check_shards(cfg.select_shards, "select_shards")
     resolve_device(cfg.device)
 
     if cfg.victim.kind == "classifier":
@@ -72,20 +74,25 @@ def run(cfg: EvalConfig, log: Log = print) -> dict:
     torch.set_num_threads(cfg.num_threads or threads)
     try:
         val = load_pairs(cfg.val_shards, cfg)
+        select = load_pairs(cfg.select_shards, cfg) if cfg.select_shards else None
         # victims trained elsewhere first: quick, and a checkpoint that does not load fails before any training
         evaluated = {name: evaluate_checkpoint(name, cond.checkpoint, val, cfg, log)
                      for name, cond in cfg.conditions.items() if cond.checkpoint is not None}
         for name, cond in cfg.conditions.items():
-            history = evaluated.get(name)
-            if history is None:
-                log(f"mem-dist: evaluate: condition '{name}'")
-                save_to = storage.join(cfg.output, "victims", f"{name}.pt") if cfg.save_victims else None
+            runs = [evaluated[name]] if name in evaluated else []
+            for seed in ([] if runs else cfg.victim_seeds):
+                log(f"mem-dist: evaluate: condition '{name}'" + (f", victim seed {seed}" if len(cfg.victim_seeds) > 1 else ""))
+                seeded = dataclasses.replace(cfg, seed=seed)
+                suffix = f"-seed{seed}" if len(cfg.victim_seeds) > 1 else ""
+                save_to = storage.join(cfg.output, "victims", f"{name}{suffix}.pt") if cfg.save_victims else None
                 if cfg.victim.kind == "classifier":
-                    history = train_classifier(cond, val, cfg, name, log, save_to)
+                    history = train_classifier(cond, val, seeded, name, log, save_to, select)
                 else:
-                    history = train_victim(cond, val, cfg, log, save_to)
-            metrics["conditions"][name] = {"condition": dataclasses.asdict(cond), **history}
-            metrics["chance"] = chance_metrics(history["n_val"])
+                    history = train_victim(cond, val, seeded, log, save_to, select)
+                runs.append({"seed": seed, **history})
+            # the first seed's history at the top (what single-seed readers use), every seed's under "runs"
+            metrics["conditions"][name] = {"condition": dataclasses.asdict(cond), **runs[0], "runs": runs}
+            metrics["chance"] = chance_metrics(runs[0]["n_val"])
             if val.labels is not None:
                 metrics["chance"]["top1"] = 1 / max(1, len(set(val.labels[val.labels >= 0].tolist())))
             storage.write_json(storage.join(cfg.output, "metrics.json"), metrics)  # progress after each condition
@@ -109,15 +116,20 @@ def describe_settings(cfg: EvalConfig) -> str:
         return (f"classifier victim {c.model} from scratch on {'the json labels' if c.labels == 'json' else 'k-means labels of its own'}, "
                 f"{v.epochs} epoch{'s' if v.epochs != 1 else ''}, batch {v.batch_size}, SGD lr {c.lr:g} momentum {c.momentum:g} "
                 f"weight decay {c.weight_decay:g} + cosine, random crop (padding {c.crop_padding}){' + flip' if c.flip else ''}; "
-                f"image defence: {cfg.defence.describe().split(';')[0].split(': ', 1)[1]}; {jpeg}; seed {cfg.seed}")
+                f"image defence: {cfg.defence.describe().split(';')[0].split(': ', 1)[1]}; {jpeg}; {_seeds(cfg)}")
     elsewhere = [name for name, cond in cfg.conditions.items() if cond.checkpoint is not None]
     if len(elsewhere) == len(cfg.conditions):
         return f"victims {v.model} trained elsewhere (each condition's checkpoint), evaluated as they are"
     start = f"fine-tuned from {v.pretrained}" if v.pretrained else "from scratch"
     crop = f"random resized crop {v.crop_scale[0]:g}-{v.crop_scale[1]:g}" if v.crop else "no crop"
     line = (f"victim {v.model} {start}, {v.epochs} epoch{'s' if v.epochs != 1 else ''}, batch {v.batch_size}, lr {v.lr:g}, "
-            f"warm-up {v.warmup_steps} steps + cosine, {crop}; {cfg.defence.describe()}; {jpeg}; seed {cfg.seed}")
+            f"warm-up {v.warmup_steps} steps + cosine, {crop}; {cfg.defence.describe()}; {jpeg}; {_seeds(cfg)}")
     return line + (f"; trained elsewhere and evaluated as they are: {', '.join(elsewhere)}" if elsewhere else "")
+
+
+def _seeds(cfg: EvalConfig) -> str:
+    seeds = cfg.victim_seeds
+    return f"victim seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
 
 
 def grid_samples(cfg: EvalConfig, rows: int = 4) -> list[tuple[str, list[tuple[np.ndarray, str]]]]:

@@ -5,15 +5,18 @@ Two sources:
   fashion-mnist  Fashion-MNIST's idx files (Debian's ``dataset-fashion-mnist`` puts them in
                  /usr/share/datasets/fashion-mnist, gzipped; plain files work too): 28x28
                  greyscale, 10 classes (:data:`FASHION_MNIST_CLASSES`). ``train`` and
-                 ``public`` come from the 60,000 training images, ``val`` from the 10,000 test ones.
+                 ``public`` come from the 60,000 training images, ``val`` and ``select`` from the 10,000 test ones. Without the
+                 package and without root, the package is fetched (``apt-get download``)
+                 and unpacked into ~/.cache/mem-dist (:func:`fashion_mnist_dir`).
   folder         torchvision's ImageFolder layout, ``DIR/<class name>/**/<image>``; class
                  index = position in the sorted class-folder names, as torchvision. All
                  three splits come from the folder's images.
 
 Each image becomes an RGB square of ``size`` pixels (shorter side to ``size``, bicubic,
 centre crop: :func:`mem_dist.data.to_canvas`), stored as JPEG 95 by
-:func:`mem_dist.shards.write_shards` under ``OUT/train``, ``OUT/public`` and ``OUT/val`` (a
-split of 0 samples is not written). Splits are seeded and disjoint; the same seed gives
+:func:`mem_dist.shards.write_shards` under ``OUT/train``, ``OUT/public``, ``OUT/val`` and ``OUT/select`` (a
+split of 0 samples is not written; select: clean images disjoint from val, for the attacker's
+choice of its best epoch). Splits are seeded and disjoint; the same seed gives
 byte-identical shards. The caption names the class through a template of
 :data:`CAPTION_TEMPLATES` chosen per sample by a seeded RNG. Each sample's json holds
 img2dataset's fields (``url`` is a made-up ``https://import.mem-dist.invalid/...`` naming
@@ -26,8 +29,12 @@ from __future__ import annotations
 import gzip
 import io
 import math
+import os
 import posixpath
 import re
+import shutil
+import subprocess
+import tempfile
 import urllib.parse
 from typing import Iterator
 
@@ -61,7 +68,10 @@ CAPTION_TEMPLATES = (
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 """Image file extensions the folder import reads (torchvision's, any case)."""
 
-SPLITS = ("train", "public", "val")
+SPLITS = ("train", "public", "val", "select")
+"""The splits, disjoint: train (to protect), public (stand-in public checkpoints), val (the
+test images victims are scored on), select (clean images disjoint from val, on which the
+attacker picks its best epoch)."""
 URL_BASE = "https://import.mem-dist.invalid"
 
 
@@ -85,6 +95,38 @@ def read_idx(url: str) -> np.ndarray:
     if data.size != math.prod(dims):
         raise ConfigError(f"{url}: idx header says {dims} but holds {data.size} values")
     return data.reshape(dims)
+
+
+def fetch_debian_package(package: str = "dataset-fashion-mnist", cache: str | None = None) -> str:
+    """Debian's package unpacked without root (``apt-get download`` + ``dpkg -x``) into a cache
+    folder, once; returns the folder it was unpacked into (its ``/`` )."""
+    cache = cache or os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mem-dist", package)
+    if os.path.isfile(os.path.join(cache, ".unpacked")):
+        return cache
+    if not (shutil.which("apt-get") and shutil.which("dpkg")):
+        raise ConfigError(f"{package} is not installed and this machine has no apt-get / dpkg to fetch it: install it "
+                          f"or pass --src a folder with Fashion-MNIST's four idx files")
+    os.makedirs(cache, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        got = subprocess.run(["apt-get", "download", package], cwd=tmp, capture_output=True, text=True)
+        debs = [f for f in os.listdir(tmp) if f.endswith(".deb")]
+        if got.returncode or not debs:
+            why = (got.stderr.strip().splitlines() or ["no .deb written"])[-1]
+            raise ConfigError(f"{package} is not installed and 'apt-get download {package}' failed ({why}); install it "
+                              f"(apt-get install {package}) or pass --src DIR")
+        subprocess.run(["dpkg", "-x", os.path.join(tmp, debs[0]), cache], check=True, capture_output=True)
+    open(os.path.join(cache, ".unpacked"), "w").close()
+    return cache
+
+
+def fashion_mnist_dir(src: str | None = None) -> str:
+    """``src``, or Debian's folder when its package is installed, or else the package fetched
+    and unpacked into a cache folder without root (:func:`fetch_debian_package`)."""
+    if src is not None and src != FASHION_MNIST_DIR:
+        return src
+    if os.path.isdir(FASHION_MNIST_DIR):
+        return FASHION_MNIST_DIR
+    return fetch_debian_package().rstrip("/") + FASHION_MNIST_DIR
 
 
 def load_fashion_mnist(src: str, part: str) -> tuple[np.ndarray, np.ndarray]:
@@ -121,8 +163,8 @@ def scan_folder(src: str) -> tuple[list[str], list[tuple[str, int]]]:
     return classes, files
 
 
-def _check(train: int, val: int, public: int, size: int, per_shard: int) -> None:
-    for flag, value, least in (("--train", train, 0), ("--val", val, 0), ("--public", public, 0),
+def _check(train: int, val: int, public: int, size: int, per_shard: int, select: int = 0) -> None:
+    for flag, value, least in (("--train", train, 0), ("--val", val, 0), ("--public", public, 0), ("--select", select, 0),
                                ("--size", size, 1), ("--per-shard", per_shard, 1)):
         if value < least:
             raise ConfigError(f"{flag} must be at least {least}, not {value}")
@@ -145,20 +187,23 @@ def _write(out: str, splits: dict[str, Iterator], per_shard: int, seed: int, cou
     return urls
 
 
-def import_fashion_mnist(out: str, src: str = FASHION_MNIST_DIR, train: int = 4000, val: int = 1000,
-                         public: int = 4000, size: int = 32, seed: int = 0, per_shard: int = 500) -> dict[str, list[str]]:
-    """Fashion-MNIST as shards under ``out``; returns the tar URLs per split written."""
-    _check(train, val, public, size, per_shard)
+def import_fashion_mnist(out: str, src: str | None = None, train: int = 4000, val: int = 1000,
+                         public: int = 4000, size: int = 32, seed: int = 0, per_shard: int = 500,
+                         select: int = 0) -> dict[str, list[str]]:
+    """Fashion-MNIST as shards under ``out``; returns the tar URLs per split written. ``src``
+    None: Debian's folder, fetched without root when the package is not installed."""
+    _check(train, val, public, size, per_shard, select)
+    src = fashion_mnist_dir(src)
     tr_images, tr_labels = load_fashion_mnist(src, "train")
     te_images, te_labels = load_fashion_mnist(src, "t10k")
     if train + public > len(tr_images):
         raise ConfigError(f"--train {train} + --public {public} = {train + public} exceeds Fashion-MNIST's {len(tr_images)} training images")
-    if val > len(te_images):
-        raise ConfigError(f"--val {val} exceeds Fashion-MNIST's {len(te_images)} test images")
+    if val + select > len(te_images):
+        raise ConfigError(f"--val {val} + --select {select} exceeds Fashion-MNIST's {len(te_images)} test images")
     tr_order = np.random.default_rng([seed, 0]).permutation(len(tr_images))
     te_order = np.random.default_rng([seed, 1]).permutation(len(te_images))
     picks = {"train": ("train", tr_order[:train]), "public": ("train", tr_order[train:train + public]),
-             "val": ("t10k", te_order[:val])}
+             "val": ("t10k", te_order[:val]), "select": ("t10k", te_order[val:val + select])}
 
     def samples(part: str, indices: np.ndarray):
         images, labels = (tr_images, tr_labels) if part == "train" else (te_images, te_labels)
@@ -170,22 +215,22 @@ def import_fashion_mnist(out: str, src: str = FASHION_MNIST_DIR, train: int = 40
                 "label": label, "class": FASHION_MNIST_CLASSES[label], "source_index": int(i)}
 
     return _write(out, {s: samples(*picks[s]) for s in SPLITS}, per_shard, seed,
-                  {"train": train, "public": public, "val": val})
+                  {"train": train, "public": public, "val": val, "select": select})
 
 
 def import_folder(src: str, out: str, train: int = 4000, val: int = 1000, public: int = 4000, size: int = 32,
-                  seed: int = 0, per_shard: int = 500) -> dict[str, list[str]]:
+                  seed: int = 0, per_shard: int = 500, select: int = 0) -> dict[str, list[str]]:
     """An ImageFolder tree as shards under ``out``; returns the tar URLs per split written.
 
     Images are taken in a seeded random order (train, then public, then val); an image
     that does not decode is skipped (one warning line at the end, with the count) and the
     next one taken."""
-    _check(train, val, public, size, per_shard)
+    _check(train, val, public, size, per_shard, select)
     classes, files = scan_folder(src)
-    need = train + public + val
+    need = train + public + val + select
     if need > len(files):
         raise ConfigError(f"{src} holds {len(files)} images ({', '.join(IMAGE_EXTENSIONS)}) in {len(classes)} class folders, "
-                          f"fewer than --train + --public + --val = {need}")
+                          f"fewer than --train + --public + --val + --select = {need}")
     order = iter(np.random.default_rng([seed, 0]).permutation(len(files)))
     skipped: list[str] = []
 
@@ -195,7 +240,7 @@ def import_folder(src: str, out: str, train: int = 4000, val: int = 1000, public
             i = next(order, None)
             if i is None:
                 raise ConfigError(f"{src}: only {len(files) - len(skipped)} of its {len(files)} images decode, "
-                                  f"fewer than --train + --public + --val = {need} (splits written so far are incomplete)")
+                                  f"fewer than --train + --public + --val + --select = {need} (splits written so far are incomplete)")
             rel, label = files[i]
             try:
                 with Image.open(io.BytesIO(storage.read_bytes(storage.join(src, rel)))) as img:
@@ -211,8 +256,9 @@ def import_folder(src: str, out: str, train: int = 4000, val: int = 1000, public
                 "original_height": original[1], "label": label, "class": classes[label], "source_path": rel}
 
     try:
-        return _write(out, {"train": samples(train), "public": samples(public), "val": samples(val)}, per_shard, seed,
-                      {"train": train, "public": public, "val": val})
+        return _write(out, {"train": samples(train), "public": samples(public), "val": samples(val),
+                            "select": samples(select)}, per_shard, seed,
+                      {"train": train, "public": public, "val": val, "select": select})
     finally:
         if skipped:
             print(f"mem-dist: warning: skipped {len(skipped)} unreadable image(s) under {src}, first: {skipped[0]}", flush=True)
@@ -221,7 +267,7 @@ def import_folder(src: str, out: str, train: int = 4000, val: int = 1000, public
 def run(source: str, src: str | None, out: str, **flags: int) -> int:
     """The body of ``mem-dist import SOURCE``: write the shards, print one summary line."""
     if source == "fashion-mnist":
-        urls = import_fashion_mnist(out, src or FASHION_MNIST_DIR, **flags)
+        urls = import_fashion_mnist(out, src, **flags)
     else:
         urls = import_folder(src, out, **flags)
     written = ", ".join(f"{flags[s]} {s} ({len(urls[s])} shard{'s' * (len(urls[s]) != 1)})" for s in SPLITS if s in urls) or "nothing"

@@ -26,14 +26,15 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from mem_dist import storage
+from mem_dist.scores import attacker_epoch, bootstrap_interval, unpack_correct
 
 _COLUMNS = [("i2t", "r1", "i2t R@1"), ("i2t", "r5", "i2t R@5"), ("i2t", "r10", "i2t R@10"), ("i2t", "median_rank", "i2t medR"),
             ("t2i", "r1", "t2i R@1"), ("t2i", "r5", "t2i R@5"), ("t2i", "r10", "t2i R@10"), ("t2i", "median_rank", "t2i medR")]
 
 
 def _cell(key: str, value: float) -> str:
-    """A table cell: median ranks as they are, R@K and top-1 in %."""
-    return f"{value:g}" if key == "median_rank" else f"{100 * value:.1f}"
+    """A table cell: median ranks as they are, R@K and top-1 as fractions (one unit everywhere)."""
+    return f"{value:g}" if key == "median_rank" else f"{value:.3f}"
 
 
 def headline(metrics: dict[str, Any]) -> tuple[str, Any]:
@@ -94,6 +95,91 @@ def results_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _keys(metrics: dict[str, Any]) -> tuple[str, str] | None:
+    """(val key, select key) of the accuracy the hygiene summary reads, or None (retrieval only)."""
+    if metrics.get("kind") == "classifier":
+        return "top1", "select_top1"
+    if all("zero_shot_top1" in h["final"] for h in metrics["conditions"].values()):
+        return "zero_shot_top1", "select_zero_shot_top1"
+    return None
+
+
+def summarise(hist: dict[str, Any], key: str, select_key: str) -> dict[str, Any]:
+    """One condition over its victim seeds: the final epoch's and the attacker's epoch's val
+    accuracy (mean over seeds, with a 95% bootstrap interval over the val images), the epochs
+    chosen on the select images, the (optimistic) peak on val and the last training loss."""
+    runs = hist.get("runs") or [hist]
+    n = hist["n_val"]
+    chosen = [attacker_epoch(r["epochs"], select_key) if any(select_key in e for e in r["epochs"]) else None for r in runs]
+
+    def side(records: list[dict]) -> dict[str, Any]:
+        values = [e[key] for e in records]
+        out = {"mean": float(np.mean(values)), "values": values, "interval": None}
+        if all("correct" in e for e in records):
+            out["interval"] = bootstrap_interval(np.stack([unpack_correct(e["correct"], n) for e in records]))
+        return out
+
+    peaks = [max(r["epochs"], key=lambda e: e[key]) for r in runs]
+    losses = [r["final"]["train_loss"] for r in runs if r["final"].get("train_loss") is not None]
+    return {"seeds": [r.get("seed") for r in runs], "final": side([r["final"] for r in runs]),
+            "attacker": side(chosen) if all(chosen) else None, "attacker_epochs": [e["epoch"] for e in chosen if e],
+            "peak": float(np.mean([e[key] for e in peaks])), "peak_epochs": [e["epoch"] for e in peaks],
+            "loss": float(np.mean(losses)) if losses else None}
+
+
+def _score(side: dict[str, Any] | None) -> str:
+    if side is None:
+        return "-"
+    interval = f" [{side['interval'][0]:.3f}, {side['interval'][1]:.3f}]" if side["interval"] else ""
+    each = f" ({' / '.join(f'{v:.3f}' for v in side['values'])})" if len(side["values"]) > 1 else ""
+    return f"{side['mean']:.3f}{interval}{each}"
+
+
+def summary_table(metrics: dict[str, Any]) -> str | None:
+    """Markdown table of every condition over its seeds: final and attacker's-epoch accuracy
+    with 95% intervals, the chosen epochs, the peak on val, the last training loss."""
+    keys = _keys(metrics)
+    if keys is None:
+        return None
+    head = ["condition", "its control", "victim seeds", "final [95% interval] (per seed)",
+            "at the attacker's epoch, chosen on the select images [95% interval]", "epochs chosen",
+            "peak on val (epochs)", "final training loss"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, hist in metrics["conditions"].items():
+        s = summarise(hist, *keys)
+        control = hist.get("condition", {}).get("control") or "-"
+        loss = "-" if s["loss"] is None else f"{s['loss']:.3f}"
+        lines.append(f"| {name} | {control} | {', '.join(str(x) for x in s['seeds'])} | {_score(s['final'])} | "
+                     f"{_score(s['attacker'])} | {', '.join(map(str, s['attacker_epochs'])) or '-'} | "
+                     f"{s['peak']:.3f} ({', '.join(map(str, s['peak_epochs']))}) | "
+                     f"{loss} |")
+    return "\n".join(lines)
+
+
+def versus_controls(metrics: dict[str, Any]) -> str | None:
+    """One line: each condition that names a control against it, at the attacker's epoch
+    (else the final one); None when no condition names a control."""
+    keys = _keys(metrics)
+    pairs = [(n, h["condition"]["control"]) for n, h in metrics["conditions"].items()
+             if keys and h.get("condition", {}).get("control")]
+    if not pairs:
+        return None
+    parts, where = [], "final"
+    for name, control in pairs:
+        a, b = summarise(metrics["conditions"][name], *keys), summarise(metrics["conditions"][control], *keys)
+        where = "attacker" if a["attacker"] and b["attacker"] else "final"
+        x, y = a[where], b[where]
+        verdict = "no better than its control"
+        if x["interval"] and y["interval"] and x["interval"][1] < y["interval"][0]:
+            verdict = f"{y['mean'] - x['mean']:.3f} below its control"
+        elif not x["interval"] and x["mean"] < y["mean"]:
+            verdict = f"{y['mean'] - x['mean']:.3f} below its control (no interval)"
+        parts.append(f"{name} {_score(x)} against {control} {_score(y)}: {verdict}")
+    label = "top-1" if keys[0] == "top1" else "zero-shot top-1"
+    at = "at the attacker's epoch (chosen on the select images)" if where == "attacker" else "after the last epoch"
+    return f"**Against the controls** ({label} on the clean val images {at}; 95% intervals): " + "; ".join(parts) + "."
+
+
 def conclusion(metrics: dict[str, Any]) -> str | None:
     """One line: the protected victims' best peak against the clean victim's (None without a
     condition named "clean" and another)."""
@@ -130,16 +216,18 @@ def markdown_report(metrics: dict[str, Any], table: str, with_grid: bool) -> str
     epochs = sorted({hist["final"]["epoch"] for hist in metrics["conditions"].values()})
     after = f"after epoch {epochs[0]}" if len(epochs) == 1 else "after each victim's last epoch (0: a checkpoint trained elsewhere, evaluated as it is)"
     if metrics.get("kind") == "classifier":
-        what = (f"Top-1 on {n_val} clean validation images {after} (in %); chance is one over the classes. The last "
+        what = (f"Top-1 on {n_val} clean validation images {after} (fractions); chance is one over the classes. The last "
                 f"column is each victim's best epoch: what an attacker who stops when clean validation accuracy peaks would keep.")
     else:
-        what = (f"Retrieval on {n_val} clean validation pairs {after} (R@K in %, medR = median rank, 1-based). "
-                f"Random guessing gives R@10 = 10/{n_val} = {100 * metrics['chance']['r10']:.1f}%. The peak columns are each "
+        what = (f"Retrieval on {n_val} clean validation pairs {after} (R@K as fractions, medR = median rank, 1-based). "
+                f"Random guessing gives R@10 = 10/{n_val} = {metrics['chance']['r10']:.3f}. The peak columns are each "
                 f"victim's best epoch: what an attacker who stops when the clean validation score peaks would keep."
                 + (" Zero-shot top-1: each val image assigned the class whose prompts (zero_shot_templates) are closest."
                    if "zero-shot" in table else ""))
     line = conclusion(metrics)
-    parts = ["# mem-dist evaluation", ""] + ([line, ""] if line else []) + [
+    controls = versus_controls(metrics)
+    summary = summary_table(metrics)
+    parts = ["# mem-dist evaluation", ""] + ([controls, ""] if controls else []) + ([line, ""] if line else []) + [
         f"Settings: {metrics['settings']}.",
         "",
         what,
@@ -148,6 +236,12 @@ def markdown_report(metrics: dict[str, Any], table: str, with_grid: bool) -> str
         "",
         " ".join(f"![{name[:-4].replace('_', ' ')} per epoch]({name})" for name in plots(metrics)),
     ]
+    if summary:
+        parts[parts.index(table):parts.index(table)] = [
+            "Every condition over its victim seeds (mean; 95% interval by resampling the val images): after the last "
+            "epoch, and at the epoch an attacker keeps, chosen on clean images disjoint from val (`select_shards`). The "
+            "peak on val is the optimistic upper bound (chosen on the test images themselves). A shortcut shows in "
+            "loss.png as a training loss that falls faster than clean data's.", "", summary, ""]
     leakage = leakage_table(metrics)
     if leakage:
         parts += ["", "Per-owner leakage in mixes: retrieval among the clean versions of the victim's own training "

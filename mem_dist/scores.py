@@ -80,12 +80,15 @@ def class_embeddings(encode_text, tokenizer, classes: dict[int, str], templates,
     return labels, torch.stack(out)
 
 
+def zero_shot_predictions(image_NE: torch.Tensor, class_KE: torch.Tensor, order: list[int]) -> np.ndarray:
+    """Each image's class: the one whose embedding is closest."""
+    return np.asarray(order)[(F.normalize(image_NE.float(), dim=-1) @ class_KE.t()).argmax(1).cpu().numpy()]
+
+
 def zero_shot_top1(image_NE: torch.Tensor, class_KE: torch.Tensor, order: list[int], labels_N: np.ndarray) -> float:
     """Top-1 of assigning each image the class whose embedding is closest (samples without a
     label, -1, are left out)."""
-    known = labels_N >= 0
-    pred = (F.normalize(image_NE.float(), dim=-1) @ class_KE.t()).argmax(1).cpu().numpy()
-    return float((np.asarray(order)[pred][known] == labels_N[known]).mean()) if known.any() else float("nan")
+    return top1(zero_shot_predictions(image_NE, class_KE, order), labels_N)
 
 
 def top1(pred_N: np.ndarray, labels_N: np.ndarray) -> float:
@@ -104,3 +107,36 @@ def match_clusters(clusters_N: np.ndarray, labels_N: np.ndarray, k: int) -> np.n
     mapping = np.arange(k)
     mapping[rows] = cols
     return mapping
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation hygiene: per-image correctness, bootstrap intervals, the attacker's epoch
+# --------------------------------------------------------------------------------------
+
+
+def pack_correct(correct_N: np.ndarray) -> str:
+    """Which val images were classified right, as a compact string (hex of the packed bits)
+    that an epoch record can carry, so that intervals can be computed after the run."""
+    return np.packbits(np.asarray(correct_N, bool)).tobytes().hex()
+
+
+def unpack_correct(packed: str, n: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(bytes.fromhex(packed), np.uint8))[:n].astype(bool)
+
+
+def bootstrap_interval(correct_SN: np.ndarray, level: float = 0.95, draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the mean accuracy over S victim seeds, by resampling the N val images
+    (the same resample for every seed: the seeds' mean is one number per image)."""
+    per_image = np.asarray(correct_SN, np.float64).reshape(-1, np.shape(correct_SN)[-1]).mean(0)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(per_image), (draws, len(per_image)))
+    means = per_image[idx].mean(1)
+    tail = (1 - level) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
+def attacker_epoch(epochs: list[dict], select_key: str) -> dict:
+    """The epoch record an attacker keeps: the best ``select_key`` (its score on clean images
+    disjoint from val), the earliest on ties; epoch 0 (nothing trained) is not a choice."""
+    trained = [e for e in epochs if e["epoch"] > 0 and select_key in e] or epochs
+    return max(trained, key=lambda e: (e.get(select_key, float("-inf")), -e["epoch"]))

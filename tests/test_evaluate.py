@@ -296,7 +296,7 @@ def test_tiny_victim_learns_clean_retrieval_and_writes_the_report(tmp_path):
     assert saved["config"]["victim"]["epochs"] == 2 and saved["chance"]["r10"] == pytest.approx(0.1)
     row = next(line for line in open(os.path.join(out, "report.md")) if line.startswith("| clean | 400 |"))
     best = max(hist["epochs"], key=lambda e: e["i2t"]["r10"])  # the last column: the peak epoch
-    assert row.rstrip().endswith(f"| {100 * best['i2t']['r10']:.1f} ({best['epoch']}) |")
+    assert row.rstrip().endswith(f"| {best['i2t']['r10']:.3f} ({best['epoch']}) |")
     # the saved victim loads as a checkpoint (to fine-tune, or as a surrogate) and scores as it did
     model, tokenizer, spec = create_victim(VictimConfig(model=TINY_VIT, pretrained=os.path.join(out, "victims", "clean.pt")),
                                            torch.device("cpu"), seed=123)

@@ -1,0 +1,138 @@
+"""The calibrated victims and their calibration points (docs/efficacy.md, "Calibrated victims").
+
+The victims that keep a 32-px image's resolution (mem_dist.cifar_nets), the literature's
+class-keyed attacks that calibrate them (mem_dist.baselines, ``mem-dist baseline``), the
+evaluation's hygiene (the attacker's epoch chosen on a select split, bootstrap intervals,
+victim seeds, each condition against its control), and a calibration test that fails if the
+calibrated victim stops reading a class-wise block code.
+"""
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from mem_dist import baselines, cifar_nets, evaluate, report
+from mem_dist.cli import main as cli
+from mem_dist.config_io import load_config
+from mem_dist.eval_config import EvalConfig
+from mem_dist.importers import import_fashion_mnist
+from mem_dist.scores import attacker_epoch, bootstrap_interval, pack_correct, unpack_correct
+from tests.conftest import ROOT
+
+CALIBRATE = os.path.join(ROOT, "configs", "eval-calibrate.yaml")
+
+
+@pytest.fixture(scope="module")
+def fm(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("calib") / "fm")
+    import_fashion_mnist(out, train=1000, val=300, public=0, select=200, per_shard=500)
+    return out
+
+
+def test_cifar_victims_keep_the_resolution():
+    x = torch.randn(2, 3, 32, 32)
+    net = cifar_nets.build("cifar_resnet18", 10, 64)
+    assert 11.1e6 < sum(p.numel() for p in net.parameters()) < 11.3e6  # the papers' ResNet-18
+    assert net.conv1.stride == (1, 1) and net.conv1.kernel_size == (3, 3)
+    assert net.layers[0](torch.relu(net.bn1(net.conv1(x)))).shape[-1] == 32  # the first block sees 32 x 32
+    for name in cifar_nets.MODELS:
+        assert cifar_nets.build(name, 7, 8)(x).shape == (2, 7)
+
+
+@pytest.mark.parametrize("kind", ["block", "lsp", "ar"])
+def test_baselines_are_bounded_and_keyed_on_the_class(kind):
+    labels = np.repeat(np.arange(4), 25)
+    fn = {"block": baselines.block_code, "lsp": baselines.lsp, "ar": baselines.ar}[kind]
+    delta = fn(labels, 32, 8, 0).astype(np.float64)
+    assert delta.shape == (100, 32, 32, 3) and np.abs(delta).max() <= 8 and np.abs(delta).mean() > 0.5
+    again = fn(labels, 32, 8, 0)
+    assert np.array_equal(delta, again)  # seeded
+    flat = delta.reshape(100, -1)
+    flat = flat - flat.mean(1, keepdims=True)
+    flat /= np.linalg.norm(flat, axis=1, keepdims=True)
+    if kind == "ar":  # a fresh random start per sample: the class shows in the filter, not the pixels
+        gen = torch.Generator().manual_seed(0)
+        coeffs = baselines.ar_coefficients(4, 32, 4, gen)
+        filt = coeffs.clone()
+        filt[:, :, 2, 2] = -1  # the residual of each class's process
+        d = torch.from_numpy(delta).permute(0, 3, 1, 2).float()
+        energy = torch.stack([torch.nn.functional.conv2d(d, filt[c].unsqueeze(1).float(), groups=3).pow(2).mean((1, 2, 3))
+                              for c in range(4)], 1)
+        assert (energy.argmin(1).numpy() == labels).mean() > 0.95  # each sample is annihilated by its class's filter
+        return
+    sim = flat @ flat.T
+    same = labels[:, None] == labels[None, :]
+    assert sim[same].mean() > sim[~same].mean() + 0.3
+
+
+def test_baseline_command_keeps_keys_captions_and_labels(fm, tmp_path, capsys):
+    out = str(tmp_path / "block")
+    assert cli(["baseline", "block", f"{fm}/train/{{00000..00001}}.tar", out]) == 0
+    assert "1000 samples" in capsys.readouterr().out
+    src = list(wds.WebDataset(f"{fm}/train/00000.tar", shardshuffle=False))
+    got = list(wds.WebDataset(f"{out}/00000.tar", shardshuffle=False))
+    assert [s["__key__"] for s in got] == [s["__key__"] for s in src]
+    assert all(a["txt"] == b["txt"] and json.loads(a["json"])["label"] == json.loads(b["json"])["label"] for a, b in zip(got, src))
+    assert "png" in got[0]  # lossless: the victim reads canvas + delta exactly
+    assert cli(["baseline", "block", f"{fm}/train/00000.tar", out, "--epsilon", "0"]) == 2
+    assert capsys.readouterr().err.strip().count("\n") == 0  # one line
+
+
+def test_em_baseline_minimises_the_error_of_its_own_model(fm):
+    from mem_dist.pairs import load_pairs
+
+    cfg = load_config(EvalConfig, CALIBRATE, [f"val_shards={fm}/val/00000.tar"])
+    pairs = load_pairs(f"{fm}/train/00000.tar", cfg)
+    x, y = pairs.canvases[:128], pairs.labels[:128]
+    lines = []
+    delta = baselines.em(x, y, 8, 0, width=4, rounds=3, train_steps=5, pgd_steps=5, batch=64, log=lines.append)
+    assert np.abs(delta).max() <= 8 and np.abs(delta).mean() > 1
+    accs = [float(line.split("data ")[1].split()[0]) for line in lines]
+    assert accs[-1] > accs[0] or accs[-1] >= 0.99, accs  # the noise makes the data easier for the model
+
+
+def test_select_split_is_disjoint_from_val(fm):
+    def indices(split):
+        return {json.loads(s["json"])["source_index"] for s in wds.WebDataset(f"{fm}/{split}/00000.tar", shardshuffle=False)}
+    assert len(indices("select")) == 200 and not indices("select") & indices("val")
+
+
+def test_bootstrap_interval_and_attacker_epoch():
+    correct = np.zeros((2, 1000), bool)
+    correct[:, :300] = True
+    lo, hi = bootstrap_interval(correct)
+    assert lo < 0.3 < hi and hi - lo < 0.07  # about +-1.96 sqrt(0.21 / 1000)
+    assert np.array_equal(unpack_correct(pack_correct(correct[0]), 1000), correct[0])
+    epochs = [{"epoch": 0, "select_top1": 0.9}, {"epoch": 1, "select_top1": 0.5}, {"epoch": 2, "select_top1": 0.7},
+              {"epoch": 3, "select_top1": 0.7}]
+    assert attacker_epoch(epochs, "select_top1")["epoch"] == 2  # never epoch 0; the earliest of ties
+
+
+def test_report_names_each_condition_against_its_control():
+    def run(seed, accs, right):
+        bits = np.zeros(100, bool)
+        bits[:right] = True
+        epochs = [{"epoch": i, "top1": a, "select_top1": a, "train_loss": 1.0, "correct": pack_correct(bits)}
+                  for i, a in enumerate(accs)]
+        return {"seed": seed, "epochs": epochs, "final": epochs[-1], "n_val": 100}
+
+    def cond(control, *runs):
+        return {**runs[0], "condition": {"control": control}, "runs": list(runs), "n_train": 10, "n_protected": None}
+
+    metrics = {"kind": "classifier", "chance": {"top1": 0.1}, "settings": "s", "conditions": {
+        "clean": cond(None, run(0, [0.1, 0.8], 80), run(1, [0.1, 0.82], 82)),
+        "noise": cond("clean", run(0, [0.1, 0.79], 79), run(1, [0.1, 0.8], 80)),
+        "code": cond("noise", run(0, [0.1, 0.3, 0.2], 20), run(1, [0.1, 0.25, 0.22], 22))}}
+    line = report.versus_controls(metrics)
+    assert line.startswith("**Against the controls**") and "noise 0.795" in line and "no better than its control" in line
+    assert "code 0.275" in line and "below its control" in line  # the attacker keeps epoch 1 (0.3 / 0.25)
+    table = report.summary_table(metrics)
+    assert "| code | noise | 0, 1 | 0.210 [" in table and "(0.200 / 0.220)" in table
+    text = report.markdown_report(metrics, report.results_table(metrics), False)
+    assert text.split("\n")[2].startswith("**Against the controls**")
+    assert not re.search(r"\d%", text.replace("95%", ""))  # one unit: fractions
