@@ -34,8 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def repair(cfg: RunConfig, dist, urls: list[str], log=print) -> None:
-    """Before a run resumes: unreadable state objects (zero bytes, not Parquet) of the round
-    it continues are removed, each named in one line, so that it redoes them. If one of
+    """Before a run resumes: unreadable state objects (zero bytes, not Parquet, a damaged page
+    in the final round's) of the round it continues are removed, each named in one line, so that it redoes them. If one of
     them was the input of a shard the round has still to do (the previous round's state),
     the latest surrogate checkpoint goes too: the run goes back one round, redoes those
     shards from the checkpoint before, and recomputes the same surrogate. Each rank checks
@@ -58,8 +58,8 @@ def repair(cfg: RunConfig, dist, urls: list[str], log=print) -> None:
     if dist.sum([holes])[0]:
         if not storage.exists(rundir.checkpoint_url(cfg.output, ck - 1)):
             raise state.StateError(state.round_dir(cfg.output, ck - 1),
-                                   f"shards of round {ck} need it, and no checkpoint of round {ck - 1} is left to redo them "
-                                   f"(state.checkpoint_keep); start a new run")
+                                   f"shards of round {ck} need it, and no checkpoint of round {ck - 1} is left to redo it",
+                                   "start a new run (state.checkpoint_keep of 2 or more keeps what this needs)")
         dist.barrier()  # every rank has looked at the checkpoints before one goes
         if dist.is_main:
             storage.remove(rundir.checkpoint_url(cfg.output, ck))

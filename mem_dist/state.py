@@ -36,8 +36,8 @@ class StateError(RuntimeError):
 
     one_line = True  # mem_dist.errors: one line, exit 1
 
-    def __init__(self, url: str, why: str):
-        super().__init__(f"state object {url} is unreadable ({why}); run the same generate command again to redo it")
+    def __init__(self, url: str, why: str, advice: str = "run the same generate command again to redo it"):
+        super().__init__(f"state object {url} is unreadable ({why}); {advice}")
         self.url = url
 
 
