@@ -135,7 +135,9 @@ def test_kill9_mid_shard_then_rerun(finished_run, tmp_path):
         proc = subprocess.Popen([sys.executable, "-m", "mem_dist.merge", out, "progress=false"], cwd=ROOT,
                                 env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while proc.poll() is None and not (os.path.exists(staged) and os.path.exists(f"{out}/manifest/00000_stats.json")):
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline and not (
+                os.path.exists(staged) and os.path.exists(f"{out}/manifest/00000_stats.json")):
             time.sleep(0.001)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -185,6 +187,13 @@ def test_merge_rerun_with_changed_settings_redoes_the_shards(finished_run, tmp_p
         assert account(out, public) == {"protected": 160}
 
 
+def generate_in_child(args: list[str]) -> int:
+    import torch
+
+    torch.set_num_threads(1)  # a forked child must not reuse the parent's OpenMP pool
+    return generate.main(args)
+
+
 def test_merge_during_an_unfinished_generate(src, tmp_path, capsys):
     """merge while generate (3 rounds) is in round 2, then after generate is killed: refused with
     one line; merge.allow_unfinished=true publishes the newest complete round and the manifest
@@ -195,10 +204,11 @@ def test_merge_during_an_unfinished_generate(src, tmp_path, capsys):
     merges run, so that it cannot prune the round they read, then killed with SIGKILL."""
     out = str(tmp_path / "run")
     args = tiny_overrides(f"{src}/00000.tar", out, **{"mem.rounds": 3})
-    proc = multiprocessing.get_context("fork").Process(target=generate.main, args=(args,))
+    proc = multiprocessing.get_context("fork").Process(target=generate_in_child, args=(args,))
     proc.start()
-    run_json = f"{out}/run.json"
-    while proc.is_alive() and not (os.path.exists(run_json) and storage.read_json(run_json)["rounds_done"] >= 1):
+    run_json, deadline = f"{out}/run.json", time.time() + 300
+    while proc.is_alive() and time.time() < deadline and not (
+            os.path.exists(run_json) and storage.read_json(run_json)["rounds_done"] >= 1):
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGSTOP)
     try:
