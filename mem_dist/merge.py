@@ -56,7 +56,7 @@ from mem_dist.errors import one_line_errors
 from mem_dist.merge_config import publish_source, resolve_config
 
 # Reasons data.load_shard counts per shard rather than per sample.
-SHARD_LEVEL_SKIPS = ("truncated_tar", "missing_shard", "empty_shard")
+SHARD_LEVEL_SKIPS = ("truncated_tar", "corrupt_tar", "missing_shard", "empty_shard")
 
 
 def publish_dir(cfg: RunConfig) -> str:
