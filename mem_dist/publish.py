@@ -14,8 +14,8 @@ mem-dist knows about each sample goes to the run's private side (:mod:`mem_dist.
                     caption, width, height and hashes made true of what is written; a sample
                     img2dataset downloaded that is not published (undecodable, no state, ...)
                     becomes a failed row the way img2dataset writes one: status
-                    ``failed_to_resize``, img2dataset's "Image decoding error", no size and no
-                    hash (the true reason is in the private manifest)
+                    ``failed_to_resize``, img2dataset's own message (:data:`NOT_PUBLISHED`), no
+                    size and no hash (the true reason is in the private manifest)
   {shard}_stats.json  the source stats, with count, successes, failed_to_download,
                     failed_to_resize and status_dict recounted from that parquet
 
@@ -49,10 +49,13 @@ IMG2DATASET_FIELDS = ("caption", "url", "key", "status", "error_message", "width
 """The fields img2dataset itself writes in each json and parquet row (its downloader's meta);
 any other source field is one of its ``save_additional_columns`` or another producer's."""
 
-NOT_PUBLISHED = "Image decoding error"
-"""The error message of a parquet row whose sample is not published, whatever the reason: one
-img2dataset writes itself (resizer.py), so the row says nothing of mem-dist; the reason
-(no_state, duplicate_key, ...) is in the private manifest."""
+NOT_PUBLISHED = {"image_too_large": "image area too large"}
+"""The error message of a parquet row whose sample is not published, by reason: one img2dataset
+writes itself (resizer.py) for the same failure, and its "Image decoding error" for any other
+reason (:data:`NOT_PUBLISHED_OTHER`), so the row says nothing of mem-dist; the reason (no_state,
+duplicate_key, ...) is in the private manifest."""
+
+NOT_PUBLISHED_OTHER = "Image decoding error"
 
 
 class CaptionLeak(ValueError):
@@ -187,7 +190,8 @@ def shard_parquet(source: pa.Table | None, written: list[Written], not_published
             row.update({"status": "success", "error_message": None, "caption": w.caption, "width": w.width, "height": w.height,
                         **{h: w.hashes[h] for h in IMAGE_HASHES if h in names}})
         elif row.get("status", "success") == "success":  # img2dataset wrote it, mem-dist does not publish it
-            row.update({"status": "failed_to_resize", "error_message": NOT_PUBLISHED})
+            row.update({"status": "failed_to_resize",
+                        "error_message": NOT_PUBLISHED.get(not_published.get(key, ""), NOT_PUBLISHED_OTHER)})
             row.update({c: None for c in FAILED_EMPTY if c in names})
     for w in written:  # a published sample the source parquet does not list
         if w.key not in seen:

@@ -452,6 +452,11 @@ def test_the_allowlist_and_the_caption_check():
     assert table.column_names == ["key", "caption", "status"]  # "alt" is not img2dataset's
     with pytest.raises(publish.CaptionLeak, match="parquet column 'alt' of sample k1"):
         publish.shard_parquet(source, written, {}, keep_fields=("alt",), captions={"k1": "a cat", "k2": "a dog"})
+    # a sample not published reads as img2dataset would write its failure
+    source = source.append_column("error_message", pa.array([None, None], pa.string()))
+    rows = publish.shard_parquet(source, [], {"k1": "image_too_large", "k2": "no_state"}).to_pylist()
+    assert [(r["status"], r["error_message"]) for r in rows] == [("failed_to_resize", "image area too large"),
+                                                                  ("failed_to_resize", "Image decoding error")]
     # a marker matches only what would be published now, field by field
     now = {"format": manifest.MARKER_FORMAT, "round": 3, "rounds": 3, "drop_fields": []}
     assert manifest.changed({"made_from": dict(now)}, now) is None
