@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from mem_dist import generate, manifest, merge, storage, verify
+from mem_dist import generate, manifest, merge, publish, storage, verify
 from mem_dist.verify import protected_samples
 from tests.conftest import ROOT, tiny_overrides
 
@@ -151,6 +151,20 @@ def test_kill9_mid_shard_then_rerun(finished_run, tmp_path):
     summary = merge.merge(merge.resolve_config(out, None, []))
     assert (summary["shards"], summary["already_done"]) == (1, 1)
     assert os.listdir(f"{out}/tmp/merge") == []  # swept, and the new one moved into place
+    assert account(out) == {"protected": 160}
+
+
+def test_killed_before_the_marker_redoes_only_that_shard(finished_run, tmp_path):
+    """A merge that died after moving a shard's files but before writing its marker (taken away
+    here): the re-run redoes that shard only and leaves the finished ones as they were."""
+    out = copy_of(finished_run, tmp_path)
+    assert merge.merge(merge.resolve_config(out, None, []))["shards"] == 2
+    before = {n: os.stat(f"{out}/protected/{n}.tar").st_mtime_ns for n in NAMES}
+    os.remove(f"{out}/manifest/00001_stats.json")
+    summary = merge.merge(merge.resolve_config(out, None, []))
+    assert (summary["shards"], summary["redone"], summary["already_done"]) == (1, 0, 1)
+    assert os.stat(f"{out}/protected/00000.tar").st_mtime_ns == before["00000"]
+    assert os.stat(f"{out}/protected/00001.tar").st_mtime_ns != before["00001"]
     assert account(out) == {"protected": 160}
 
 
@@ -284,6 +298,51 @@ def test_source_caption_fields_are_not_published(finished_run, tmp_path, capsys)
     assert "json field 'TEXT'" in one_line_error(capsys)
     assert account(out) == {"protected": 160}
 
+
+def test_publish_to_another_device_stages_in_a_hidden_folder(finished_run, tmp_path):
+    """A local publish_to on another device than the run folder (a rename cannot cross it):
+    the files are built in a hidden folder inside the destination, never under a listed name."""
+    shm = "/dev/shm"
+    if not os.path.isdir(shm) or os.stat(shm).st_dev == os.stat(str(tmp_path)).st_dev:
+        pytest.skip("no second local device")
+    copy = copy_of(finished_run, tmp_path)
+    public = f"{shm}/mem-dist-test-{os.getpid()}"
+    try:
+        assert merge.main([copy, f"merge.publish_to={public}"]) == 0
+        assert sorted(os.listdir(public)) == [".mem-dist-staging", *sorted(
+            f"{n}{s}" for n in NAMES for s in (".parquet", ".tar", "_stats.json"))]
+        assert os.listdir(f"{public}/.mem-dist-staging") == []
+        assert verify.verify(copy)["mismatches"] == 0
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
+
+
+def test_the_allowlist_and_the_caption_check():
+    """Which source fields are published, and a parquet cell holding its row's protected source
+    caption stops the shard (the json is checked the same way, tests/test_faults_merge.py)."""
+    assert publish.published("url") and publish.published("sha512") and not publish.published("TEXT")
+    assert publish.published("TEXT", keep=("TEXT",)) and not publish.published("url", drop=("url",))
+    assert publish.leaked_field({"a": 1, "b": ["x", {"c": " a cat "}]}, "a cat") == "b"
+    assert publish.leaked_field({"caption": ""}, "") is None
+    source = pa.table({"key": ["k1", "k2"], "caption": ["a cat", "a dog"], "status": ["success"] * 2,
+                       "alt": ["a cat", "a dog"]})
+    written = [publish.Written.of("k1", "w1 w2 a cat", b"img", 8, 8), publish.Written.of("k2", "w3 a dog", b"img", 8, 8)]
+    table = publish.shard_parquet(source, written, {}, captions={"k1": "a cat", "k2": "a dog"})
+    assert table.column_names == ["key", "caption", "status"]  # "alt" is not img2dataset's
+    with pytest.raises(publish.CaptionLeak, match="parquet column 'alt' of sample k1"):
+        publish.shard_parquet(source, written, {}, keep_fields=("alt",), captions={"k1": "a cat", "k2": "a dog"})
+    # a sample not published reads as img2dataset would write its failure
+    source = source.append_column("error_message", pa.array([None, None], pa.string()))
+    rows = publish.shard_parquet(source, [], {"k1": "image_too_large", "k2": "no_state"}).to_pylist()
+    assert [(r["status"], r["error_message"]) for r in rows] == [("failed_to_resize", "image area too large"),
+                                                                  ("failed_to_resize", "Image decoding error")]
+    # a marker matches only what would be published now, field by field
+    now = {"format": manifest.MARKER_FORMAT, "round": 3, "rounds": 3, "drop_fields": []}
+    assert manifest.changed({"made_from": dict(now)}, now) is None
+    assert manifest.changed({"made_from": dict(now, round=2)}, now) == "round 2 -> 3"
+    assert manifest.changed({"made_from": dict(now, unfinished=True)}, now) == "unfinished True -> None"
+    assert manifest.changed({"round": 3}, now).startswith("format None")  # a marker of a merge before made_from
+    assert manifest.changed(None, now) == "no marker" and manifest.changed({"missing": True}, now) == "missing at the source"
 
 # --------------------------------------------------------------------------------------
 

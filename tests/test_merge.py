@@ -14,11 +14,9 @@ import json
 import os
 import shutil
 import tarfile
-import time
 
 import numpy as np
 import open_clip
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
@@ -81,8 +79,7 @@ def run(demo, tokenizer, vocab, tmp_path_factory) -> RunConfig:
     return cfg
 
 
-def tar_members(path: str) -> list[tuple[str, bytes, float]]:
-    """(name, bytes, mtime) of each member of a tar, in order."""
+def tar_members(path: str) -> list[tuple[str, bytes, float]]:  # (name, bytes, mtime), in order
     with tarfile.open(path) as tf:
         return [(m.name, tf.extractfile(m).read(), m.mtime) for m in tf.getmembers()]
 
@@ -296,20 +293,6 @@ def test_samples_without_state_are_dropped_or_copied(demo, tokenizer, vocab, tmp
     assert verify.verify(cfg.output)["mismatches"] == 0
 
 
-def test_rerun_skips_finished_shards(demo, tokenizer, vocab, tmp_path):
-    cfg = make_run(str(tmp_path / "run"), f"{demo}/train/{{00000..00002}}.tar", tokenizer, vocab)
-    assert merge.merge(cfg)["shards"] == 3
-    tars = {n: f"{cfg.output}/protected/{n}.tar" for n in NAMES}
-    before = {n: os.stat(p).st_mtime_ns for n, p in tars.items()}
-    os.remove(f"{cfg.output}/manifest/00001_stats.json")  # as if the job died before the marker
-    summary = merge.merge(cfg)
-    assert summary["shards"] == 1 and summary["already_done"] == 2
-    assert os.stat(tars["00000"]).st_mtime_ns == before["00000"] and os.stat(tars["00002"]).st_mtime_ns == before["00002"]
-    assert os.stat(tars["00001"]).st_mtime_ns != before["00001"]
-    assert os.path.exists(f"{cfg.output}/manifest/00001_stats.json")
-    assert not [f for f in os.listdir(f"{cfg.output}/protected") if f.startswith(".tmp")]
-
-
 def test_ranks_and_processes_give_the_same_bytes(run, demo, tokenizer, vocab, tmp_path, monkeypatch):
     cfg = make_run(str(tmp_path / "run"), f"{demo}/train/{{00000..00002}}.tar", tokenizer, vocab,
                    extra=("merge.processes=2",))
@@ -414,53 +397,3 @@ def test_merge_and_verify_on_a_remote_filesystem(demo, tokenizer, vocab):
     assert storage.listdir(f"{output}/manifest") == sorted(f"{n}{s}" for n in NAMES[:2] for s in (".parquet", "_stats.json"))
     assert verify.verify(output)["checked"] == 50 and verify.main([output]) == 0
     storage.remove(output, recursive=True)
-
-
-def test_publish_to_another_device_stages_in_a_hidden_folder(run, tmp_path):
-    """A local publish_to on another device than the run folder (a rename cannot cross it):
-    the files are built in a hidden folder inside the destination, never under a listed name."""
-    shm = "/dev/shm"
-    if not os.path.isdir(shm) or os.stat(shm).st_dev == os.stat(str(tmp_path)).st_dev:
-        pytest.skip("no second local device")
-    copy = str(tmp_path / "run")
-    shutil.copytree(run.output, copy)
-    shutil.rmtree(f"{copy}/manifest")
-    public = f"{shm}/mem-dist-test-{os.getpid()}"
-    try:
-        assert merge.main([copy, f"merge.publish_to={public}"]) == 0
-        assert sorted(os.listdir(public)) == [".mem-dist-staging", *sorted(
-            f"{n}{s}" for n in NAMES for s in (".parquet", ".tar", "_stats.json"))]
-        assert os.listdir(f"{public}/.mem-dist-staging") == []
-        assert verify.verify(copy)["mismatches"] == 0
-    finally:
-        shutil.rmtree(public, ignore_errors=True)
-
-
-def test_the_allowlist_and_the_caption_check():
-    """Which source fields are published, and a parquet cell holding its row's protected source
-    caption stops the shard (the json is checked the same way, tests/test_faults_merge.py)."""
-    from mem_dist import publish
-
-    assert publish.published("url") and publish.published("sha512") and not publish.published("TEXT")
-    assert publish.published("TEXT", keep=("TEXT",)) and not publish.published("url", drop=("url",))
-    assert publish.leaked_field({"a": 1, "b": ["x", {"c": " a cat "}]}, "a cat") == "b"
-    assert publish.leaked_field({"caption": ""}, "") is None
-    source = pa.table({"key": ["k1", "k2"], "caption": ["a cat", "a dog"], "status": ["success"] * 2,
-                       "alt": ["a cat", "a dog"]})
-    written = [publish.Written.of("k1", "w1 w2 a cat", b"img", 8, 8), publish.Written.of("k2", "w3 a dog", b"img", 8, 8)]
-    table = publish.shard_parquet(source, written, {}, captions={"k1": "a cat", "k2": "a dog"})
-    assert table.column_names == ["key", "caption", "status"]  # "alt" is not img2dataset's
-    with pytest.raises(publish.CaptionLeak, match="parquet column 'alt' of sample k1"):
-        publish.shard_parquet(source, written, {}, keep_fields=("alt",), captions={"k1": "a cat", "k2": "a dog"})
-    # a sample not published reads as img2dataset would write its failure
-    source = source.append_column("error_message", pa.array([None, None], pa.string()))
-    rows = publish.shard_parquet(source, [], {"k1": "image_too_large", "k2": "no_state"}).to_pylist()
-    assert [(r["status"], r["error_message"]) for r in rows] == [("failed_to_resize", "image area too large"),
-                                                                  ("failed_to_resize", "Image decoding error")]
-    # a marker matches only what would be published now, field by field
-    now = {"format": manifest.MARKER_FORMAT, "round": 3, "rounds": 3, "drop_fields": []}
-    assert manifest.changed({"made_from": dict(now)}, now) is None
-    assert manifest.changed({"made_from": dict(now, round=2)}, now) == "round 2 -> 3"
-    assert manifest.changed({"made_from": dict(now, unfinished=True)}, now) == "unfinished True -> None"
-    assert manifest.changed({"round": 3}, now).startswith("format None")  # a marker of a merge before made_from
-    assert manifest.changed(None, now) == "no marker" and manifest.changed({"missing": True}, now) == "missing at the source"
