@@ -8,7 +8,7 @@ minimises a classifier's loss, with the classifier trained on the noisy data at 
 per cluster within +-epsilon, and it is optimised through the victim's crop and flip.
 
 Copies a finished UC run's private side (run.json, state) to a new run directory and replaces
-its perturbations (state/uc/perturbations.npy); the clusters stay. Then ``mem-dist merge DST``.
+its perturbations (state/uc/perturbations.npy); the clusters stay. Then ``mem-dist merge DST 'merge.keep_fields=[label, class]'``.
 
     python experiments/em_clusters.py runs/fm-uc-captions-published runs/fm-uc-captions-em [--iterations 60]
 

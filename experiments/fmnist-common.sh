@@ -8,7 +8,7 @@ generate_with() {  # config name overrides...  -> runs/fm-NAME, generated on the
   local config=$1 name=$2; shift 2
   [ -f "$R-$name/manifest/00007_stats.json" ] && return
   python mem_dist/generate.py --config "$config" "data.shards=$SHARDS" output=$R-$name progress=false "$@"
-  mem-dist merge $R-$name progress=false
+  mem-dist merge $R-$name progress=false 'merge.keep_fields=[label, class]'  # the classifier victim reads the labels
 }
 evaluate() {  # output conditions overrides...
   local out=$1 conds=$2; shift 2

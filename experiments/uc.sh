@@ -14,7 +14,7 @@ gen() { generate_with configs/uc-demo.yaml "$@"; }  # name overrides...  (UC: co
 UCCLIP="$R-uc/protected/$P"
 random16() { generate_with configs/demo.yaml random16 mem.method=random mem.trigger_len=0 mem.epsilon=16; }  # control: random noise per image at eps 16
 rewrite() {  # script src dst: a copy of the UC run src rewritten by experiments/SCRIPT into dst, merged (skipped when done)
-  [ -f "$3/manifest/00007_stats.json" ] || { python experiments/$1 $2 $3 && mem-dist merge $3 progress=false; }
+  [ -f "$3/manifest/00007_stats.json" ] || { python experiments/$1 $2 $3 && mem-dist merge $3 progress=false 'merge.keep_fields=[label, class]'; }
 }
 oracle() { rewrite uc_oracle.py $R-$1 $R-$1-oracle; }  # name: runs/fm-NAME's perturbations handed out by true class
 for step in $STEPS; do

@@ -10,7 +10,7 @@ on the merge of that run sees a class-wise code made of UC's optimised perturbat
 perfect label predictor. If it still learns the content, better clusters cannot save UC
 against this victim.
 
-    python experiments/uc_oracle.py runs/fm-uc runs/fm-uc-oracle && mem-dist merge runs/fm-uc-oracle
+    python experiments/uc_oracle.py runs/fm-uc runs/fm-uc-oracle && mem-dist merge runs/fm-uc-oracle 'merge.keep_fields=[label, class]'
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ its pixels): there only the garment carries the code. With |delta| every pixel d
 clusters and who gets which perturbation are the run's own; only the signs change.
 
     python experiments/uc_positive.py runs/fm-uc-captions-tint-random runs/fm-uc-captions-tint-positive
-    mem-dist merge runs/fm-uc-captions-tint-positive
+    mem-dist merge runs/fm-uc-captions-tint-positive 'merge.keep_fields=[label, class]'
 """
 
 from __future__ import annotations

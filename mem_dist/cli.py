@@ -57,9 +57,9 @@ def import_data(argv: list[str]) -> int:
         q.add_argument("--train", type=int, default=4000, help="training pairs (default 4000)")
         q.add_argument("--val", type=int, default=1000, help="validation pairs (default 1000)")
         q.add_argument("--public", type=int, default=4000, help="public pairs, disjoint from train (default 4000)")
-        q.add_argument("--select", type=int, default=1000 if q is fm else 0,
-                       help="clean images disjoint from val on which the attacker picks its best epoch "
-                            f"(default {1000 if q is fm else 0})")
+        q.add_argument("--select", type=int, default=None if q is fm else 0,
+                       help="clean images disjoint from val on which the attacker picks its best epoch (default "
+                            + ("1000, or as many test images as --val leaves)" if q is fm else "0)"))
         q.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
         q.add_argument("--per-shard", type=int, default=500, help="samples per shard (default 500)")
         q.add_argument("--seed", type=int, default=0)

@@ -189,13 +189,16 @@ def _write(out: str, splits: dict[str, Iterator], per_shard: int, seed: int, cou
 
 def import_fashion_mnist(out: str, src: str | None = None, train: int = 4000, val: int = 1000,
                          public: int = 4000, size: int = 32, seed: int = 0, per_shard: int = 500,
-                         select: int = 0) -> dict[str, list[str]]:
+                         select: int | None = 0) -> dict[str, list[str]]:
     """Fashion-MNIST as shards under ``out``; returns the tar URLs per split written. ``src``
-    None: Debian's folder, fetched without root when the package is not installed."""
-    _check(train, val, public, size, per_shard, select)
+    None: Debian's folder, fetched without root when the package is not installed. ``select``
+    None: 1000, or as many test images as ``val`` leaves."""
     src = fashion_mnist_dir(src)
     tr_images, tr_labels = load_fashion_mnist(src, "train")
     te_images, te_labels = load_fashion_mnist(src, "t10k")
+    if select is None:
+        select = max(0, min(1000, len(te_images) - val))
+    _check(train, val, public, size, per_shard, select)
     if train + public > len(tr_images):
         raise ConfigError(f"--train {train} + --public {public} = {train + public} exceeds Fashion-MNIST's {len(tr_images)} training images")
     if val + select > len(te_images):
@@ -270,6 +273,7 @@ def run(source: str, src: str | None, out: str, **flags: int) -> int:
         urls = import_fashion_mnist(out, src, **flags)
     else:
         urls = import_folder(src, out, **flags)
-    written = ", ".join(f"{flags[s]} {s} ({len(urls[s])} shard{'s' * (len(urls[s]) != 1)})" for s in SPLITS if s in urls) or "nothing"
+    count = lambda s: f"{flags[s]} {s}" if flags.get(s) is not None else s  # noqa: E731 (select: its default)
+    written = ", ".join(f"{count(s)} ({len(urls[s])} shard{'s' * (len(urls[s]) != 1)})" for s in SPLITS if s in urls) or "nothing"
     print(f"mem-dist: wrote {written} under {out}")
     return 0

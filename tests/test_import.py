@@ -110,7 +110,7 @@ def test_fashion_mnist_src_with_plain_idx_files_and_errors(tmp_path, capsys):
         write_idx(src / f"{part}-labels-idx1-ubyte", np.arange(n) % 10)
     out = str(tmp_path / "out")
     assert main(["import", "fashion-mnist", out, "--src", str(src), "--train", "20", "--public", "10",
-                 "--val", "0", "--size", "28", "--per-shard", "8"]) == 0
+                 "--val", "0", "--select", "0", "--size", "28", "--per-shard", "8"]) == 0
     assert sorted(os.listdir(out)) == ["public", "train"]  # a split of 0 samples is not written
     got = samples(f"{out}/train") + samples(f"{out}/public")
     assert sorted(json.loads(s["json"])["source_index"] for s in got) == list(range(30))
