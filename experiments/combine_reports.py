@@ -1,6 +1,6 @@
 """Combine `mem-dist evaluate` outputs made one (condition, seed) at a time into one report.
 
-    python experiments/combine_reports.py OUT RUN_DIR [RUN_DIR ...]
+    python experiments/combine_reports.py OUT [--control COND=CONTROL ...] RUN_DIR [RUN_DIR ...]
 
 Each RUN_DIR holds a metrics.json; conditions of the same name are joined (their victim seeds'
 runs side by side), in the order first seen. OUT gets metrics.json, report.md and the plots, as
@@ -35,11 +35,18 @@ def combine(dirs: list[str]) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    target, dirs = argv[0], argv[1:]
+    target, rest, controls = argv[0], argv[1:], {}
+    while rest and rest[0] == "--control":
+        cond, control = rest[1].split("=", 1)
+        controls[cond], rest = control, rest[2:]
+    dirs = sorted(rest, key=lambda d: (not os.path.basename(d).startswith("clean"), d))  # clean first
     metrics = combine(dirs)
     if not metrics:
         print("combine_reports: nothing to combine", file=sys.stderr)
         return 1
+    for name, hist in metrics.get("conditions", {}).items():  # a control counts only when it was measured too
+        if controls.get(name) in metrics["conditions"]:
+            hist["condition"]["control"] = controls[name]
     seeds = sorted({r.get("seed") for h in metrics["conditions"].values() for r in h["runs"]}, key=str)
     metrics["settings"] = metrics["settings"].rsplit("; victim seed", 1)[0] + f"; victim seeds {', '.join(map(str, seeds))}"
     storage.write_json(storage.join(target, "metrics.json"), metrics)

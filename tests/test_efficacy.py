@@ -13,7 +13,8 @@ Fine-tuning (demo scenes): victims fine-tuned from a "public checkpoint" that ME
 started from (surrogate lr 1e-5, so it stays near it) must gain much less from MEM-5 data than
 from clean data, and much less than from random noise with a random trigger: this is the
 regime where the optimisation itself counts (docs/efficacy.md). Measured: the checkpoint's
-R@10 0.180; gains clean +0.295, random3 +0.160, MEM-5 -0.005.
+R@10 0.180; gains clean +0.295, random3 +0.160, MEM-5 -0.005 (MEM-5's own control, noise + a
+random trigger of the same length: see the test).
 
 Several checkpoints: an ensemble of surrogates from checkpoints A and B must protect victims
 fine-tuned from B, which a surrogate from A alone does not (numbers in the test's docstring)."""
@@ -140,11 +141,11 @@ def mem5_from_a(demo, public_checkpoint, tmp_path_factory) -> str:
 
 def test_fine_tuned_victim_gains_little_from_protected_data(demo, public_checkpoint, mem5_from_a, tmp_path):
     data, shards = demo
-    random3 = protect(shards, f"{tmp_path}/random3", "mem.method=random")
-    gain = fine_tune_gains(data, tmp_path, public_checkpoint(2), {"clean": shards, "random3": random3, "mem5": mem5_from_a})
+    random5 = protect(shards, f"{tmp_path}/random5", "mem.method=random", "mem.trigger_len=5")  # MEM-5's control
+    gain = fine_tune_gains(data, tmp_path, public_checkpoint(2), {"clean": shards, "random5": random5, "mem5": mem5_from_a})
     assert gain["clean"] > 0.2, gain  # fine-tuning on clean data teaches the victim a lot
     assert gain["mem5"] < 0.5 * gain["clean"], gain  # MEM-5 data much less
-    assert gain["mem5"] < 0.5 * gain["random3"], gain  # and much less than an unoptimised trigger + noise
+    assert gain["mem5"] < 0.5 * gain["random5"], gain  # and much less than its control: noise + a random 5-word trigger
 
 
 def test_an_ensemble_protects_every_checkpoint_in_it(demo, public_checkpoint, mem5_from_a, tmp_path):

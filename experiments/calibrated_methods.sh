@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# The project's methods re-measured with the calibrated victims (docs/efficacy.md, "Calibrated
+# victims"): Fashion-MNIST (4,000 train, 1,000 val, 1,000 select at 32 px), every condition of the
+# real-photo table (clean, random noise, random trigger, fixed prefix, EM, MEM-3, MEM-5 with the
+# trigger kept and cut, UC on image and on caption clusters, their random controls), judged by
+#   cls   the CIFAR-style ResNet-18 (width 16, 15 epochs; configs/eval-calibrate.yaml)
+#   clip  a CLIP from scratch whose image tower keeps 32 px (configs/models/tiny-vit32.json, 4-px
+#         patches), zero-shot top-1
+# two victim seeds each, the attacker's epoch chosen on the select split. Every (victim,
+# condition, seed) is its own evaluate into runs/calm/VICTIM/COND-sSEED (skipped when done), then
+# experiments/combine_reports.py joins them into runs/calm/VICTIM/report.md.
+#   bash experiments/calibrated_methods.sh [STEP ...]     steps: public generate cls clip
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. experiments/fmnist-common.sh
+STEPS=${*:-public generate cls clip}
+CKPT=$R-public/victims/public.pt
+P="{00000..00007}.tar"
+declare -A SRC=(
+  [clean]="$D/train/$P" [random]="$R-random/protected/$P" [random3]="$R-random3/protected/$P"
+  [prefix3]="$R-prefix3/protected/$P" [em]="$R-em/protected/$P" [mem3]="$R-mem3/protected/$P"
+  [mem5]="$R-mem5/protected/$P" [random16]="$R-random16/protected/$P" [uc]="$R-uc-pub/protected/$P"
+  [uc-captions]="$R-uc-captions-pub/protected/$P" [uc-captions-random]="$R-uc-captions-random/protected/$P")
+declare -A CONTROL=([random]=clean [random3]=random [prefix3]=random [em]=random [mem3]=random3 [mem5]=random3
+  [random16]=clean [uc]=random16 [uc-captions]=uc-captions-random [uc-captions-random]=random16)
+ORDER="clean random random3 prefix3 em mem3 mem5 random16 uc uc-captions-random uc-captions"
+one() {  # victim cond src seed overrides...  -> runs/calm/VICTIM/COND-sSEED
+  local victim=$1 cond=$2 src=$3 seed=$4; shift 4
+  local out=runs/calm/$victim/$cond-s$seed
+  [ -f $out/report.md ] && return
+  mem-dist evaluate --config configs/eval-calibrate.yaml "conditions={$cond: '$src'}" "seeds=[$seed]" output=$out "$@"
+}
+combine() {  # victim: every finished run joined, each condition with its control
+  local dirs=() controls=() c
+  for c in "${!CONTROL[@]}"; do controls+=(--control "$c=${CONTROL[$c]}" --control "$c-cut=${CONTROL[$c]}-cut"); done
+  for d in runs/calm/$1/*-s[0-9]; do [ -f $d/metrics.json ] && dirs+=("$d"); done
+  python experiments/combine_reports.py runs/calm/$1 "${controls[@]}" "${dirs[@]}" > /dev/null
+}
+CLIP_ARGS="victim.kind=clip victim.model=configs/models/tiny-vit32.json victim.epochs=15 victim.batch_size=128 victim.lr=5e-4 victim.weight_decay=0.2 victim.warmup_steps=50 victim.crop=true"
+for step in $STEPS; do
+  case $step in
+    public)  # the stand-in public checkpoint (UC-CLIP's surrogate): a CLIP trained on the disjoint public split
+      evaluate $R-public "{public: '$D/public/$P'}" save_victims=true seed=7 ;;
+    generate)
+      generate_with configs/demo.yaml random mem.method=random mem.trigger_len=0
+      generate_with configs/demo.yaml random3 mem.method=random
+      generate_with configs/demo.yaml prefix3 mem.method=prefix
+      generate_with configs/demo.yaml em mem.trigger_len=0
+      generate_with configs/demo.yaml mem3
+      generate_with configs/demo.yaml mem5 mem.trigger_len=5
+      generate_with configs/demo.yaml random16 mem.method=random mem.trigger_len=0 mem.epsilon=16
+      generate_with configs/uc-demo.yaml uc-pub uc.augment=published
+      generate_with configs/uc-demo.yaml uc-captions-pub uc.cluster_on=caption uc.augment=published
+      generate_with configs/uc-demo.yaml uc-captions-random uc.cluster_on=caption uc.grid=1 uc.perturbation=random ;;
+    cls)
+      for s in 0 1; do for c in $ORDER; do  # a classifier reads no caption: random3 and prefix3 are random's images
+        case $c in random3|prefix3) continue ;; esac
+        one cls $c "${SRC[$c]}" $s; combine cls
+      done; done ;;
+    clip)
+      for s in 0 1; do for c in $ORDER; do
+        # shellcheck disable=SC2086
+        one clip $c "${SRC[$c]}" $s $CLIP_ARGS
+        case $c in random|random3|prefix3|mem3) one clip $c-cut "${SRC[$c]}" $s $CLIP_ARGS defence.text=drop_prefix defence.prefix_words=3 ;;
+                   mem5) one clip $c-cut "${SRC[$c]}" $s $CLIP_ARGS defence.text=drop_prefix defence.prefix_words=5 ;; esac
+        combine clip
+      done; done ;;
+  esac
+done
