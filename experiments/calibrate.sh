@@ -6,15 +6,17 @@
 # ResNet-18, two victim seeds, 15 epochs. Every (victim, condition, seed) is its own evaluate
 # (about 10-20 minutes each on 2 busy cores) into runs/calib/VICTIM/COND-sSEED, skipped when done;
 # then experiments/combine_reports.py joins them into runs/calib/VICTIM/report.md.
-#   bash experiments/calibrate.sh [JOB ...]     a job is VICTIM:COND:SEED (default: all, in order)
+#   bash experiments/calibrate.sh [JOB ...]     a job is VICTIM:COND:SEED (default: all, in order);
+# COND is clean or KIND[EPS] (block, lsp, ar, em; lsp16 = lsp at eps 16/255, default 8)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONWARNINGS=ignore
 D=data/fmnist
 [ -f $D/select/00001.tar ] || mem-dist import fashion-mnist $D --train 4000 --public 4000 --val 1000 --select 1000 --size 32
-for k in block lsp ar; do
-  [ -f data/fm-$k/00007.tar ] || mem-dist baseline $k "$D/train/{00000..00007}.tar" data/fm-$k
-done
+baseline() {  # cond -> data/fm-COND, made once
+  local kind=${1%%[0-9]*} eps=${1#"${1%%[0-9]*}"}
+  [ -f data/fm-$1/00007.tar ] || mem-dist baseline $kind "$D/train/{00000..00007}.tar" data/fm-$1 --epsilon ${eps:-8}
+}
 victim_args() {  # victim name -> overrides
   case $1 in
     cifar16) echo "classifier.model=cifar_resnet18 classifier.width=16" ;;
@@ -24,14 +26,13 @@ victim_args() {  # victim name -> overrides
 }
 shards() { [ "$1" = clean ] && echo "$D/train/{00000..00007}.tar" || echo "data/fm-$1/{00000..00007}.tar"; }
 JOBS=${*:-cifar16:clean:0 cifar16:block:0 cifar16:lsp:0 cifar16:ar:0 rn18:clean:0 rn18:block:0 rn18:lsp:0 rn18:ar:0
-  cifar16:em:0 cifar16:clean:1 cifar16:block:1 cifar16:lsp:1 cifar16:ar:1 cifar16:em:1 rn18:em:0 vgg16:clean:0 vgg16:block:0 vgg16:lsp:0 vgg16:ar:0}
+  cifar16:em:0 cifar16:clean:1 cifar16:block:1 cifar16:lsp:1 cifar16:ar:1 cifar16:em:1 rn18:em:0 vgg16:clean:0 vgg16:block:0 vgg16:lsp:0 vgg16:ar:0
+  cifar16:block16:0 cifar16:lsp16:0 cifar16:ar16:0 cifar16:block16:1 cifar16:lsp16:1 cifar16:ar16:1 rn18:lsp16:0 rn18:ar16:0}
 for job in $JOBS; do
   IFS=: read -r victim cond seed <<< "$job"
   out=runs/calib/$victim/$cond-s$seed
   [ -f $out/report.md ] && continue
-  if [ "$cond" = em ] && [ ! -f data/fm-em/00007.tar ]; then
-    mem-dist baseline em "$D/train/{00000..00007}.tar" data/fm-em
-  fi
+  [ "$cond" = clean ] || baseline $cond
   # shellcheck disable=SC2046
   mem-dist evaluate --config configs/eval-calibrate.yaml "conditions={$cond: '$(shards $cond)'}" "seeds=[$seed]" \
     output=$out $(victim_args $victim)

@@ -110,7 +110,7 @@ def ar(labels_N: np.ndarray, side: int, eps: int, seed: int, crop: int = 4) -> n
     return torch.round(sig * eps).permute(0, 2, 3, 1).numpy().astype(np.int16)
 
 
-def em(canvases_NHWC: np.ndarray, labels_N: np.ndarray, eps: int, seed: int, width: int = 16, rounds: int = 30,
+def em(canvases_NHWC: np.ndarray, labels_N: np.ndarray, eps: int, seed: int, width: int = 16, rounds: int = 15,
        train_steps: int = 10, pgd_steps: int = 20, batch: int = 128, log: Log = print) -> np.ndarray:
     """Huang et al.'s sample-wise error-minimising noise, int16 [N, H, W, 3] (module docstring)."""
     torch.manual_seed(seed)
@@ -171,7 +171,7 @@ def write_perturbed(shards, delta_NHWC: np.ndarray, out: str) -> int:
 
 
 def run(kind: str, src: str, out: str, epsilon: int = 8, size: int = 32, seed: int = 0, grid: int = 8,
-        em_width: int = 16, em_rounds: int = 30, log: Log = print) -> int:
+        em_width: int = 16, em_rounds: int = 15, log: Log = print) -> int:
     """The body of ``mem-dist baseline``: perturb every sample of ``src``, write ``out``."""
     if kind not in KINDS:
         raise ConfigError(f"baseline kind '{kind}' is not one of {', '.join(KINDS)}")

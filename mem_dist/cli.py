@@ -83,7 +83,7 @@ def baseline(argv: list[str]) -> int:
     p.add_argument("--size", type=int, default=32, help="canvas side the source decodes to (default 32)")
     p.add_argument("--grid", type=int, default=8, help="block: blocks per side (default 8: 4-px blocks at 32 px)")
     p.add_argument("--em-width", type=int, default=16, help="em: width of the CIFAR ResNet-18 it minimises against (default 16)")
-    p.add_argument("--em-rounds", type=int, default=30, help="em: at most this many train + PGD rounds (default 30)")
+    p.add_argument("--em-rounds", type=int, default=15, help="em: at most this many train + PGD rounds (default 15)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     from mem_dist import baselines

@@ -14,7 +14,8 @@ from PIL import Image
 from mem_dist.cli import main
 from mem_dist.config import DataConfig
 from mem_dist.data import load_shard
-from mem_dist.importers import (CAPTION_TEMPLATES, FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, fill_template)
+from mem_dist.importers import (CAPTION_TEMPLATES, FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, fashion_mnist_dir,
+                                fetch_debian_package, fill_template)
 
 
 
@@ -56,8 +57,9 @@ def test_fashion_mnist_from_debian_files(tmp_path, capsys):
     for split, shards in (("train", 2), ("public", 1), ("val", 1)):
         assert sorted(os.listdir(f"{out}/{split}")) == sorted(
             f"{i:05d}{ext}" for i in range(shards) for ext in (".tar", ".parquet", "_stats.json"))
-    label_files = {part: idx(f"{FASHION_MNIST_DIR}/{part}-labels-idx1-ubyte.gz") for part in ("train", "t10k")}
-    image_files = {part: idx(f"{FASHION_MNIST_DIR}/{part}-images-idx3-ubyte.gz") for part in ("train", "t10k")}
+    src = fashion_mnist_dir()  # Debian's folder, or the package fetched without root
+    label_files = {part: idx(f"{src}/{part}-labels-idx1-ubyte.gz") for part in ("train", "t10k")}
+    image_files = {part: idx(f"{src}/{part}-images-idx3-ubyte.gz") for part in ("train", "t10k")}
     sources = {}
     for split, n, part in (("train", 40, "train"), ("public", 20, "train"), ("val", 20, "t10k")):
         got = samples(f"{out}/{split}")
@@ -99,6 +101,18 @@ def write_idx(path, array):
     header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
     with open(path, "wb") as f:
         f.write(header + np.ascontiguousarray(array, np.uint8).tobytes())
+
+
+def test_fashion_mnist_is_fetched_without_root_when_not_installed(tmp_path):
+    """README's set-up and test commands on a fresh machine: without the package (and without
+    root) the importer unpacks Debian's package into a cache folder with apt-get download + dpkg -x."""
+    cache = str(tmp_path / "cache")
+    root = fetch_debian_package(cache=cache)
+    data = root + FASHION_MNIST_DIR
+    assert sorted(os.listdir(data)) == sorted(f"{p}-{k}-idx{d}-ubyte.gz" for p in ("train", "t10k")
+                                              for k, d in (("images", 3), ("labels", 1)))
+    assert idx(f"{data}/t10k-labels-idx1-ubyte.gz").shape == (10000,)
+    assert fetch_debian_package(cache=cache) == root and not any(f.endswith(".deb") for f in os.listdir(cache))  # once
 
 
 def test_fashion_mnist_src_with_plain_idx_files_and_errors(tmp_path, capsys):
