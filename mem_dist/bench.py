@@ -31,14 +31,14 @@ import time
 
 import numpy as np
 import webdataset as wds
-from PIL import Image
 
 from mem_dist import distributed, state, text
+from mem_dist.canvas import decode
 from mem_dist.bench_generate import bench_generate, print_generate
 from mem_dist.errors import one_line_errors
 from mem_dist.config import RunConfig
 from mem_dist.config_io import ConfigError, load_config
-from mem_dist.data import check_shards, iter_samples, shard_name, to_canvas
+from mem_dist.data import check_shards, iter_samples, shard_name
 from mem_dist.merge import encode_image, merge_shard
 
 
@@ -53,8 +53,9 @@ def bare_loop(cfg: RunConfig, url: str, round_: int) -> int:
             raw = next((s[k] for k in cfg.data.image_keys if k in s), None)
             if j is None or raw is None:
                 continue
-            with Image.open(io.BytesIO(raw)) as img:
-                canvas = to_canvas(img, cfg.data.image_size, cfg.data.resize_mode)
+            canvas, _ = decode(raw, cfg.data)  # the formats and pixel limit generation uses
+            if canvas is None:
+                continue
             pixels = (canvas.astype(np.int16) + st.delta[j]).astype(np.uint8)
             caption = text.protected_caption(st.trigger_text[j], s[cfg.data.caption_key].decode().strip())
             tw.write({"__key__": s["__key__"], cfg.merge.image_format: encode_image(pixels, cfg.merge), "txt": caption})

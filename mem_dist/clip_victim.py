@@ -27,7 +27,8 @@ from mem_dist.config_io import ConfigError
 from mem_dist.eval_config import Condition, EvalConfig, VictimConfig, resolve_device
 from mem_dist.pairs import Pairs, load_condition
 from mem_dist.schedule import cosine_lr
-from mem_dist.scores import class_embeddings, pack_correct, retrieval_metrics, zero_shot_predictions, zero_shot_top1
+from mem_dist.scores import (class_embeddings, pack_correct, retrieval_hits, retrieval_metrics, zero_shot_predictions,
+                             zero_shot_top1)
 
 Log = Callable[[str], None]
 
@@ -120,12 +121,15 @@ def epoch_record(model, spec: surrogate.PixelSpec, tokenizer, val: ValSet, batch
     record = {"epoch": epoch, "train_loss": loss, "lr": lr, "seconds": round(seconds, 3)}
     images, texts = encode_pairs(model, spec, val.canvases, val.tokens, batch_size)
     record.update(retrieval_metrics(images, texts))
+    record["i2t_r10"], record["i2t_hits"] = record["i2t"]["r10"], pack_correct(retrieval_hits(images, texts))
+    if select is not None:  # the attacker's own clean pairs: retrieval among them
+        select_images, select_texts = encode_pairs(model, spec, select.canvases, select.tokens, batch_size)
+        record["select_i2t_r10"] = float(retrieval_hits(select_images, select_texts).mean())
     if val.labels is not None:
         order, classes = class_embeddings(model.encode_text, tokenizer, val.classes, val.templates, images.device)
         record["zero_shot_top1"] = zero_shot_top1(images, classes, order, val.labels)
         record["correct"] = pack_correct(zero_shot_predictions(images, classes, order) == val.labels)
         if select is not None and select.labels is not None:
-            select_images, _ = encode_pairs(model, spec, select.canvases, select.tokens, batch_size)
             record["select_zero_shot_top1"] = zero_shot_top1(select_images, classes, order, select.labels)
     return record
 

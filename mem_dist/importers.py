@@ -42,6 +42,7 @@ import numpy as np
 from PIL import Image
 
 from mem_dist import storage
+from mem_dist.config import MAX_PIXELS
 from mem_dist.config_io import ConfigError
 from mem_dist.data import to_canvas
 from mem_dist.shards import write_shards
@@ -67,6 +68,10 @@ CAPTION_TEMPLATES = (
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 """Image file extensions the folder import reads (torchvision's, any case)."""
+FOLDER_FORMATS = ["JPEG", "PNG", "PPM", "BMP", "TIFF", "WEBP"]
+"""The only Pillow decoders the folder import tries (those extensions' formats: never EPS and the like)."""
+FOLDER_MAX_PIXELS = MAX_PIXELS
+"""A larger image is skipped from its header (``data.max_pixels``' default)."""
 
 SPLITS = ("train", "public", "val", "select")
 """The splits, disjoint: train (to protect), public (stand-in public checkpoints), val (the
@@ -246,7 +251,9 @@ def import_folder(src: str, out: str, train: int = 4000, val: int = 1000, public
                                   f"fewer than --train + --public + --val + --select = {need} (splits written so far are incomplete)")
             rel, label = files[i]
             try:
-                with Image.open(io.BytesIO(storage.read_bytes(storage.join(src, rel)))) as img:
+                with Image.open(io.BytesIO(storage.read_bytes(storage.join(src, rel))), formats=FOLDER_FORMATS) as img:
+                    if img.width * img.height > FOLDER_MAX_PIXELS:  # refused from the header, before decoding
+                        raise ValueError(f"{img.width} x {img.height} pixels, over {FOLDER_MAX_PIXELS:,}")
                     img.load()
                     original = img.size
                     canvas = to_canvas(img, size, "center_crop")

@@ -95,16 +95,24 @@ def results_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _keys(metrics: dict[str, Any]) -> tuple[str, str] | None:
-    """(val key, select key) of the accuracy the hygiene summary reads, or None (retrieval only)."""
+def _keys(metrics: dict[str, Any]) -> tuple[str, str, str] | None:
+    """(val key, select key, per-image bits key) of the score the hygiene summary reads: top-1,
+    zero-shot top-1, else image->text R@10; None for records without them (older metrics)."""
     if metrics.get("kind") == "classifier":
-        return "top1", "select_top1"
-    if all("zero_shot_top1" in h["final"] for h in metrics["conditions"].values()):
-        return "zero_shot_top1", "select_zero_shot_top1"
+        return "top1", "select_top1", "correct"
+    finals = [h["final"] for h in metrics["conditions"].values()]
+    if all("zero_shot_top1" in f for f in finals):
+        return "zero_shot_top1", "select_zero_shot_top1", "correct"
+    if all("i2t_r10" in f for f in finals):
+        return "i2t_r10", "select_i2t_r10", "i2t_hits"
     return None
 
 
-def summarise(hist: dict[str, Any], key: str, select_key: str) -> dict[str, Any]:
+def _label(keys: tuple[str, str, str]) -> str:
+    return {"top1": "top-1", "zero_shot_top1": "zero-shot top-1", "i2t_r10": "image->text R@10"}[keys[0]]
+
+
+def summarise(hist: dict[str, Any], key: str, select_key: str, bits: str = "correct") -> dict[str, Any]:
     """One condition over its victim seeds: the final epoch's and the attacker's epoch's val
     accuracy (mean over seeds, with a 95% bootstrap interval over the val images), the epochs
     chosen on the select images, the (optimistic) peak on val and the last training loss."""
@@ -115,8 +123,8 @@ def summarise(hist: dict[str, Any], key: str, select_key: str) -> dict[str, Any]
     def side(records: list[dict]) -> dict[str, Any]:
         values = [e[key] for e in records]
         out = {"mean": float(np.mean(values)), "values": values, "interval": None}
-        if all("correct" in e for e in records):
-            out["interval"] = bootstrap_interval(np.stack([unpack_correct(e["correct"], n) for e in records]))
+        if all(bits in e for e in records):
+            out["interval"] = bootstrap_interval(np.stack([unpack_correct(e[bits], n) for e in records]))
         return out
 
     peaks = [max(r["epochs"], key=lambda e: e[key]) for r in runs]
@@ -175,9 +183,9 @@ def versus_controls(metrics: dict[str, Any]) -> str | None:
         elif not x["interval"] and x["mean"] < y["mean"]:
             verdict = f"{y['mean'] - x['mean']:.3f} below its control (no interval)"
         parts.append(f"{name} {_score(x)} against {control} {_score(y)}: {verdict}")
-    label = "top-1" if keys[0] == "top1" else "zero-shot top-1"
+    label = _label(keys)
     at = "at the attacker's epoch (chosen on the select images)" if where == "attacker" else "after the last epoch"
-    return f"**Against the controls** ({label} on the clean val images {at}; 95% intervals): " + "; ".join(parts) + "."
+    return f"**Against the controls** ({label} on the clean val data {at}; 95% intervals): " + "; ".join(parts) + "."
 
 
 def conclusion(metrics: dict[str, Any]) -> str | None:

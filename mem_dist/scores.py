@@ -35,6 +35,11 @@ def retrieval_metrics(image_NE: torch.Tensor, text_NE: torch.Tensor) -> dict[str
     return {"i2t": _rank_summary(_true_ranks(image_NE, text_NE)), "t2i": _rank_summary(_true_ranks(text_NE, image_NE))}
 
 
+def retrieval_hits(image_NE: torch.Tensor, text_NE: torch.Tensor, k: int = 10) -> np.ndarray:
+    """Which pairs' image finds its caption among the first ``k`` (image->text R@k per pair)."""
+    return _true_ranks(F.normalize(image_NE.float(), dim=-1), F.normalize(text_NE.float(), dim=-1)) <= k
+
+
 def _true_ranks(query_NE: torch.Tensor, target_NE: torch.Tensor, chunk: int = 1024) -> np.ndarray:
     """1-based rank of target i among all targets for query i (mean rank over ties)."""
     ranks = []

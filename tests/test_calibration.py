@@ -178,3 +178,18 @@ def test_the_calibrated_victim_reads_a_class_wise_block_code(keyed_only, tmp_pat
     print(f"top-1 on the code's labels: CIFAR-style {cifar:.3f}, ImageNet-stem {imagenet:.3f} (chance 0.1)")
     assert cifar > 0.8, cifar
     assert imagenet < 0.3, imagenet
+
+
+def test_retrieval_victims_are_judged_against_their_controls_too():
+    """CLIP victims on unlabelled val pairs (the demo): image->text R@10, per pair hits packed."""
+    def cond(control, r10, hits):
+        bits = np.zeros(50, bool)
+        bits[:hits] = True
+        epochs = [{"epoch": 0, "i2t_r10": 0.2, "i2t_hits": pack_correct(bits), "train_loss": None, "i2t": {"r10": 0.2}},
+                  {"epoch": 1, "i2t_r10": r10, "i2t_hits": pack_correct(bits), "train_loss": 1.0, "i2t": {"r10": r10}}]
+        return {"epochs": epochs, "final": epochs[-1], "n_val": 50, "condition": {"control": control}}
+
+    metrics = {"kind": "clip", "chance": {"r10": 0.2}, "conditions": {
+        "random3": cond(None, 0.54, 27), "mem3": cond("random3", 0.55, 27)}}
+    line = report.versus_controls(metrics)
+    assert "image->text R@10" in line and "mem3 0.550" in line and "no better than its control" in line

@@ -395,11 +395,11 @@ def test_sbatch_syntax():
 
 def test_sbatch_without_image_runs_on_the_host(tmp_path):
     argv = _sbatch_srun_argv(tmp_path)
-    assert argv[:3] == ["--kill-on-bad-exit=1", "bash", "-c"] and len(argv) == 4, argv
-    cmd = argv[3].split()
-    assert cmd[:3] == ["accelerate", "launch", "--multi_gpu"]
-    assert cmd[cmd.index("--num_processes") + 1] == "16" and cmd[cmd.index("--main_process_ip") + 1] == "node01"
-    assert cmd[-4:] == ["mem_dist/generate.py", "--config", "configs/laion.yaml", "output=s3://bucket/run"]
+    # bash -c SCRIPT NAME nodes processes head ARGS...: the user's arguments after the script, quoted, never spliced in
+    assert argv[:3] == ["--kill-on-bad-exit=1", "bash", "-c"], argv
+    script, positional = argv[3].split(), argv[4:]
+    assert script[:4] == ["exec", "accelerate", "launch", "--multi_gpu"] and script[-2:] == ["mem_dist/generate.py", '"${@:4}"']
+    assert positional == ["mem-dist-node", "2", "16", "node01", "--config", "configs/laion.yaml", "output=s3://bucket/run"]
 
 
 def test_sbatch_with_image_runs_the_same_command_in_it(tmp_path, image):
