@@ -5,7 +5,7 @@
 # trigger kept and cut, UC on image and on caption clusters, their random controls), judged by
 #   cls   the CIFAR-style ResNet-18 (width 16, 15 epochs; configs/eval-calibrate.yaml)
 #   clip  a CLIP from scratch whose image tower keeps 32 px (configs/models/tiny-vit32.json, 4-px
-#         patches), zero-shot top-1
+#         patches), zero-shot top-1; first on two of the class-keyed calibration points (block, lsp)
 # two victim seeds each, the attacker's epoch chosen on the select split. Every (victim,
 # condition, seed) is its own evaluate into runs/calm/VICTIM/COND-sSEED (skipped when done), then
 # experiments/combine_reports.py joins them into runs/calm/VICTIM/report.md.
@@ -20,7 +20,8 @@ declare -A SRC=(
   [clean]="$D/train/$P" [random]="$R-random/protected/$P" [random3]="$R-random3/protected/$P"
   [prefix3]="$R-prefix3/protected/$P" [em]="$R-em/protected/$P" [mem3]="$R-mem3/protected/$P"
   [mem5]="$R-mem5/protected/$P" [random16]="$R-random16/protected/$P" [uc]="$R-uc-pub/protected/$P"
-  [uc-captions]="$R-uc-captions-pub/protected/$P" [uc-captions-random]="$R-uc-captions-random/protected/$P")
+  [uc-captions]="$R-uc-captions-pub/protected/$P" [uc-captions-random]="$R-uc-captions-random/protected/$P"
+  [block]="data/fm-block/$P" [lsp]="data/fm-lsp/$P")  # the calibration points (experiments/calibrate.sh), for the CLIP victim
 declare -A CONTROL=([random]=clean [random3]=random [prefix3]=random [em]=random [mem3]=random3 [mem5]=random3
   [random16]=clean [uc]=random16 [uc-captions]=uc-captions-random [uc-captions-random]=random16)
 ORDER="clean random random3 prefix3 em mem3 mem5 random16 uc uc-captions-random uc-captions"
@@ -58,7 +59,7 @@ for step in $STEPS; do
         one cls $c "${SRC[$c]}" $s; combine cls
       done; done ;;
     clip)
-      for s in 0 1; do for c in $ORDER; do
+      for s in 0 1; do for c in block lsp $ORDER; do
         # shellcheck disable=SC2086
         one clip $c "${SRC[$c]}" $s $CLIP_ARGS
         case $c in random|random3|prefix3|mem3) one clip $c-cut "${SRC[$c]}" $s $CLIP_ARGS defence.text=drop_prefix defence.prefix_words=3 ;;
