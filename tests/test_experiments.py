@@ -177,3 +177,29 @@ def test_caption_noise_names_another_class_for_a_share_of_the_samples(tmp_path):
                 assert named[0] != meta["class"] and same[0] == same[1], (caption, b["txt"])
     assert 0.2 < changed / 400 < 0.4
     assert f"{changed} captions name another class" in done.stdout
+
+
+def test_combine_reports_joins_seeds_and_sets_controls(tmp_path):
+    """experiments/combine_reports.py: runs made one (condition, seed) at a time become one report,
+    each condition's seeds side by side and its control named."""
+    import json
+
+    from mem_dist.scores import pack_correct
+
+    def write(d, name, seed, acc):
+        bits = np.arange(100) < acc * 100
+        epochs = [{"epoch": 1, "top1": acc, "select_top1": acc, "train_loss": 0.5, "correct": pack_correct(bits)}]
+        hist = {"epochs": epochs, "final": epochs[0], "n_val": 100, "n_train": 10, "n_protected": None,
+                "condition": {"shards": "x", "control": None}}
+        os.makedirs(d)
+        json.dump({"kind": "classifier", "chance": {"top1": 0.1, "median_rank": 50.0}, "settings": f"s; victim seed {seed}",
+                   "conditions": {name: {**hist, "runs": [{"seed": seed, **hist}]}}}, open(f"{d}/metrics.json", "w"))
+
+    for name, acc in (("clean", 0.8), ("code", 0.3)):
+        for seed in (0, 1):
+            write(tmp_path / f"{name}-s{seed}", name, seed, acc + 0.02 * seed)
+    out = tmp_path / "all"
+    subprocess.run(python_cmd(os.path.join(ROOT, "experiments", "combine_reports.py"), str(out), "--control", "code=clean",
+                              *sorted(str(p) for p in tmp_path.glob("*-s*"))), check=True, cwd=ROOT, capture_output=True)
+    text = open(out / "report.md").read()
+    assert "code 0.310" in text and "against clean 0.810" in text and "| code | clean | 0, 1 |" in text
