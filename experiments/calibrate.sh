@@ -7,15 +7,21 @@
 # (about 10-20 minutes each on 2 busy cores) into runs/calib/VICTIM/COND-sSEED, skipped when done;
 # then experiments/combine_reports.py joins them into runs/calib/VICTIM/report.md.
 #   bash experiments/calibrate.sh [JOB ...]     a job is VICTIM:COND:SEED (default: all, in order);
+#   CALIB_DATA=bg bash experiments/calibrate.sh ...   the same on harder content: the garments tinted
+#     over random backgrounds (experiments/fmnist_backgrounds.py -> data/fmnist-bg, runs/calib/VICTIM-bg)
 # COND is clean or KIND[EPS] (block, lsp, ar, em; lsp16 = lsp at eps 16/255, default 8)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONWARNINGS=ignore
-D=data/fmnist
+D=data/fmnist TAG=
 [ -f $D/select/00001.tar ] || mem-dist import fashion-mnist $D --train 4000 --public 4000 --val 1000 --select 1000 --size 32
+if [ "${CALIB_DATA:-}" = bg ]; then
+  [ -f data/fmnist-bg/select/00001.tar ] || python experiments/fmnist_backgrounds.py $D data/fmnist-bg
+  D=data/fmnist-bg TAG=-bg
+fi
 baseline() {  # cond -> data/fm-COND, made once
   local kind=${1%%[0-9]*} eps=${1#"${1%%[0-9]*}"}
-  [ -f data/fm-$1/00007.tar ] || mem-dist baseline $kind "$D/train/{00000..00007}.tar" data/fm-$1 --epsilon ${eps:-8}
+  [ -f data/fm$TAG-$1/00007.tar ] || mem-dist baseline $kind "$D/train/{00000..00007}.tar" data/fm$TAG-$1 --epsilon ${eps:-8}
 }
 victim_args() {  # victim name -> overrides
   case $1 in
@@ -24,17 +30,17 @@ victim_args() {  # victim name -> overrides
     rn18) echo "classifier.model=resnet18" ;;
   esac
 }
-shards() { [ "$1" = clean ] && echo "$D/train/{00000..00007}.tar" || echo "data/fm-$1/{00000..00007}.tar"; }
+shards() { [ "$1" = clean ] && echo "$D/train/{00000..00007}.tar" || echo "data/fm$TAG-$1/{00000..00007}.tar"; }
 JOBS=${*:-cifar16:clean:0 cifar16:block:0 cifar16:lsp:0 cifar16:ar:0 rn18:clean:0 rn18:block:0 rn18:lsp:0 rn18:ar:0
   cifar16:em:0 cifar16:clean:1 cifar16:block:1 cifar16:lsp:1 cifar16:ar:1 cifar16:em:1 rn18:em:0 vgg16:clean:0 vgg16:block:0 vgg16:lsp:0 vgg16:ar:0
   cifar16:block16:0 cifar16:lsp16:0 cifar16:ar16:0 cifar16:block16:1 cifar16:lsp16:1 cifar16:ar16:1 rn18:lsp16:0 rn18:ar16:0}
 for job in $JOBS; do
   IFS=: read -r victim cond seed <<< "$job"
-  out=runs/calib/$victim/$cond-s$seed
+  out=runs/calib/$victim$TAG/$cond-s$seed
   [ -f $out/report.md ] && continue
   [ "$cond" = clean ] || baseline $cond
   # shellcheck disable=SC2046
   mem-dist evaluate --config configs/eval-calibrate.yaml "conditions={$cond: '$(shards $cond)'}" "seeds=[$seed]" \
-    output=$out $(victim_args $victim)
-  python experiments/combine_reports.py runs/calib/$victim runs/calib/$victim/*-s* > /dev/null
+    output=$out $(victim_args $victim) val_shards="$D/val/{00000..00001}.tar" select_shards="$D/select/{00000..00001}.tar"
+  python experiments/combine_reports.py runs/calib/$victim$TAG runs/calib/$victim$TAG/*-s* > /dev/null
 done

@@ -9,11 +9,11 @@
 # two victim seeds each, the attacker's epoch chosen on the select split. Every (victim,
 # condition, seed) is its own evaluate into runs/calm/VICTIM/COND-sSEED (skipped when done), then
 # experiments/combine_reports.py joins them into runs/calm/VICTIM/report.md.
-#   bash experiments/calibrated_methods.sh [STEP ...]     steps: public generate cls clip
+#   bash experiments/calibrated_methods.sh [STEP ...]     steps: public generate (or gen:NAME ...) cls:0 clip:0 cls:1 clip:1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . experiments/fmnist-common.sh
-STEPS=${*:-public generate cls clip}
+STEPS=${*:-public generate cls:0 clip:0 cls:1 clip:1}
 CKPT=$R-public/victims/public.pt
 P="{00000..00007}.tar"
 declare -A SRC=(
@@ -24,7 +24,6 @@ declare -A SRC=(
   [block]="data/fm-block/$P" [lsp]="data/fm-lsp/$P")  # the calibration points (experiments/calibrate.sh), for the CLIP victim
 declare -A CONTROL=([random]=clean [random3]=random [prefix3]=random [em]=random [mem3]=random3 [mem5]=random3
   [random16]=clean [uc]=random16 [uc-captions]=uc-captions-random [uc-captions-random]=random16)
-ORDER="clean random random3 prefix3 em mem3 mem5 random16 uc uc-captions-random uc-captions"
 one() {  # victim cond src seed overrides...  -> runs/calm/VICTIM/COND-sSEED
   local victim=$1 cond=$2 src=$3 seed=$4; shift 4
   local out=runs/calm/$victim/$cond-s$seed
@@ -37,34 +36,41 @@ combine() {  # victim: every finished run joined, each condition with its contro
   for d in runs/calm/$1/*-s[0-9]; do [ -f $d/metrics.json ] && dirs+=("$d"); done
   python experiments/combine_reports.py runs/calm/$1 "${controls[@]}" "${dirs[@]}" > /dev/null
 }
+gen() {  # name: one generation (+ merge) under runs/fm-NAME
+  case $1 in
+    random16) generate_with configs/demo.yaml random16 mem.method=random mem.trigger_len=0 mem.epsilon=16 ;;
+    uc-captions-pub) generate_with configs/uc-demo.yaml uc-captions-pub uc.cluster_on=caption uc.augment=published ;;
+    uc-captions-random) generate_with configs/uc-demo.yaml uc-captions-random uc.cluster_on=caption uc.grid=1 uc.perturbation=random ;;
+    random3) generate_with configs/demo.yaml random3 mem.method=random ;;
+    mem3) generate_with configs/demo.yaml mem3 ;;
+    random) generate_with configs/demo.yaml random mem.method=random mem.trigger_len=0 ;;
+    mem5) generate_with configs/demo.yaml mem5 mem.trigger_len=5 ;;
+    prefix3) generate_with configs/demo.yaml prefix3 mem.method=prefix ;;
+    em) generate_with configs/demo.yaml em mem.trigger_len=0 ;;
+    uc-pub) generate_with configs/uc-demo.yaml uc-pub uc.augment=published ;;
+  esac
+}
 CLIP_ARGS="victim.kind=clip victim.model=configs/models/tiny-vit32.json victim.epochs=15 victim.batch_size=128 victim.lr=5e-4 victim.weight_decay=0.2 victim.warmup_steps=50 victim.crop=true"
 for step in $STEPS; do
   case $step in
     public)  # the stand-in public checkpoint (UC-CLIP's surrogate): a CLIP trained on the disjoint public split
       evaluate $R-public "{public: '$D/public/$P'}" save_victims=true seed=7 ;;
-    generate)
-      generate_with configs/demo.yaml random mem.method=random mem.trigger_len=0
-      generate_with configs/demo.yaml random3 mem.method=random
-      generate_with configs/demo.yaml prefix3 mem.method=prefix
-      generate_with configs/demo.yaml em mem.trigger_len=0
-      generate_with configs/demo.yaml mem3
-      generate_with configs/demo.yaml mem5 mem.trigger_len=5
-      generate_with configs/demo.yaml random16 mem.method=random mem.trigger_len=0 mem.epsilon=16
-      generate_with configs/uc-demo.yaml uc-pub uc.augment=published
-      generate_with configs/uc-demo.yaml uc-captions-pub uc.cluster_on=caption uc.augment=published
-      generate_with configs/uc-demo.yaml uc-captions-random uc.cluster_on=caption uc.grid=1 uc.perturbation=random ;;
-    cls)
-      for s in 0 1; do for c in $ORDER; do  # a classifier reads no caption: random3 and prefix3 are random's images
-        case $c in random3|prefix3) continue ;; esac
-        one cls $c "${SRC[$c]}" $s; combine cls
-      done; done ;;
-    clip)
-      for s in 0 1; do for c in block lsp $ORDER; do
+    generate)  # every condition, README's table first
+      for g in random16 uc-captions-pub uc-captions-random random3 mem3 random mem5 prefix3 em uc-pub; do gen $g; done ;;
+    gen:*) gen ${step#gen:} ;;
+    cls:*)  # cls:SEED; a classifier reads no caption: random3 and prefix3 are random's images
+      for c in clean random16 uc-captions uc-captions-random random mem3 mem5 em uc; do
+        [ -f "${SRC[$c]%%\{*}00007.tar" ] || continue  # not generated (yet)
+        one cls $c "${SRC[$c]}" ${step#cls:}; combine cls
+      done ;;
+    clip:*)  # clip:SEED
+      for c in clean random3 mem3 uc-captions uc-captions-random random16 block lsp random mem5 prefix3 em uc; do
+        [ -f "${SRC[$c]%%\{*}00007.tar" ] || continue
         # shellcheck disable=SC2086
-        one clip $c "${SRC[$c]}" $s $CLIP_ARGS
-        case $c in random|random3|prefix3|mem3) one clip $c-cut "${SRC[$c]}" $s $CLIP_ARGS defence.text=drop_prefix defence.prefix_words=3 ;;
-                   mem5) one clip $c-cut "${SRC[$c]}" $s $CLIP_ARGS defence.text=drop_prefix defence.prefix_words=5 ;; esac
+        one clip $c "${SRC[$c]}" ${step#clip:} $CLIP_ARGS
+        case $c in random3|prefix3|mem3) one clip $c-cut "${SRC[$c]}" ${step#clip:} $CLIP_ARGS defence.text=drop_prefix defence.prefix_words=3 ;;
+                   mem5) one clip $c-cut "${SRC[$c]}" ${step#clip:} $CLIP_ARGS defence.text=drop_prefix defence.prefix_words=5 ;; esac
         combine clip
-      done; done ;;
+      done ;;
   esac
 done
