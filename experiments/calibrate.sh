@@ -21,7 +21,9 @@ if [ "${CALIB_DATA:-}" = bg ]; then
 fi
 baseline() {  # cond -> data/fm-COND, made once
   local kind=${1%%[0-9]*} eps=${1#"${1%%[0-9]*}"}
-  [ -f data/fm$TAG-$1/00007.tar ] || mem-dist baseline $kind "$D/train/{00000..00007}.tar" data/fm$TAG-$1 --epsilon ${eps:-8}
+  local extra=()
+  [ $kind = em ] && extra=(--em-width 8 --em-rounds 8)  # against a width-8 victim: 7 rounds of 100 s to 99.9%
+  [ -f data/fm$TAG-$1/00007.tar ] || mem-dist baseline $kind "$D/train/{00000..00007}.tar" data/fm$TAG-$1 --epsilon ${eps:-8} "${extra[@]}"
 }
 victim_args() {  # victim name -> overrides
   case $1 in
