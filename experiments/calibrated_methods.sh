@@ -9,11 +9,15 @@
 # two victim seeds each, the attacker's epoch chosen on the select split. Every (victim,
 # condition, seed) is its own evaluate into runs/calm/VICTIM/COND-sSEED (skipped when done), then
 # experiments/combine_reports.py joins them into runs/calm/VICTIM/report.md.
-#   bash experiments/calibrated_methods.sh [STEP ...]     steps: public generate (or gen:NAME ...) cls:0 clip:0 cls:1 clip:1
+#   bash experiments/calibrated_methods.sh [STEP ...]     steps: public, generate (or gen:NAME ...),
+#     cls:SEED:COND,COND... and clip:SEED:COND,COND... (default: every condition, seed 0 then 1);
+#     EVAL_EXTRA='num_threads=1' is added to every evaluate (two lanes side by side on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . experiments/fmnist-common.sh
-STEPS=${*:-public generate cls:0 clip:0 cls:1 clip:1}
+CLS=clean,random16,uc-captions,uc-captions-random,random,mem3,mem5,em,uc
+CLIP=clean,random3,mem3,mem3-cut,uc-captions,uc-captions-random,random16,block,lsp,random,mem5,mem5-cut,prefix3,prefix3-cut,em,uc
+STEPS=${*:-public generate cls:0:$CLS clip:0:$CLIP cls:1:$CLS clip:1:$CLIP}
 CKPT=$R-public/victims/public.pt
 P="{00000..00007}.tar"
 declare -A SRC=(
@@ -28,7 +32,8 @@ one() {  # victim cond src seed overrides...  -> runs/calm/VICTIM/COND-sSEED
   local victim=$1 cond=$2 src=$3 seed=$4; shift 4
   local out=runs/calm/$victim/$cond-s$seed
   [ -f $out/report.md ] && return
-  mem-dist evaluate --config configs/eval-calibrate.yaml "conditions={$cond: '$src'}" "seeds=[$seed]" output=$out "$@"
+  # shellcheck disable=SC2086
+  mem-dist evaluate --config configs/eval-calibrate.yaml "conditions={$cond: '$src'}" "seeds=[$seed]" output=$out "$@" ${EVAL_EXTRA:-}
 }
 combine() {  # victim: every finished run joined, each condition with its control
   local dirs=() controls=() c
@@ -58,18 +63,21 @@ for step in $STEPS; do
     generate)  # every condition, README's table first
       for g in random16 uc-captions-pub uc-captions-random random3 mem3 random mem5 prefix3 em uc-pub; do gen $g; done ;;
     gen:*) gen ${step#gen:} ;;
-    cls:*)  # cls:SEED; a classifier reads no caption: random3 and prefix3 are random's images
-      for c in clean random16 uc-captions uc-captions-random random mem3 mem5 em uc; do
+    cls:*)  # cls:SEED[:COND,COND]; a classifier reads no caption: random3 and prefix3 are random's images
+      IFS=: read -r _ seed only <<< "$step"
+      for c in ${only//,/ }; do
         [ -f "${SRC[$c]%%\{*}00007.tar" ] || continue  # not generated (yet)
-        one cls $c "${SRC[$c]}" ${step#cls:}; combine cls
+        one cls $c "${SRC[$c]}" $seed; combine cls
       done ;;
-    clip:*)  # clip:SEED
-      for c in clean random3 mem3 uc-captions uc-captions-random random16 block lsp random mem5 prefix3 em uc; do
-        [ -f "${SRC[$c]%%\{*}00007.tar" ] || continue
+    clip:*)  # clip:SEED[:COND,COND]; COND-cut: the same shards with the trigger's words cut
+      IFS=: read -r _ seed only <<< "$step"
+      for c in ${only//,/ }; do
+        base=${c%-cut}
+        [ -f "${SRC[$base]%%\{*}00007.tar" ] || continue
+        cut=()
+        case $c in *-cut) cut=(defence.text=drop_prefix "defence.prefix_words=$([ $base = mem5 ] && echo 5 || echo 3)") ;; esac
         # shellcheck disable=SC2086
-        one clip $c "${SRC[$c]}" ${step#clip:} $CLIP_ARGS
-        case $c in random3|prefix3|mem3) one clip $c-cut "${SRC[$c]}" ${step#clip:} $CLIP_ARGS defence.text=drop_prefix defence.prefix_words=3 ;;
-                   mem5) one clip $c-cut "${SRC[$c]}" ${step#clip:} $CLIP_ARGS defence.text=drop_prefix defence.prefix_words=5 ;; esac
+        one clip $c "${SRC[$base]}" $seed $CLIP_ARGS "${cut[@]}"
         combine clip
       done ;;
   esac
