@@ -240,9 +240,10 @@ def stats_bytes(stats: dict) -> bytes:
 # Staging: a published file is built where no reader lists it, then moved into place
 # --------------------------------------------------------------------------------------
 
-STAGING = ".mem-dist-staging"
+STAGING = ".staging"
 """The hidden staging folder inside a local destination, used only when the run folder is on
-another device (a rename cannot cross devices)."""
+another device (a rename cannot cross devices). Its name says nothing of the tool: the
+destination is public."""
 
 
 def staging_dir(output: str, folder: str) -> str:
@@ -250,7 +251,7 @@ def staging_dir(output: str, folder: str) -> str:
 
     - ``{output}/tmp/merge`` (private) when the run folder is local and, for a local
       destination, on the same device (so the move is one rename);
-    - a local destination on another device: ``{folder}/.mem-dist-staging`` (hidden, the same
+    - a local destination on another device: ``{folder}/.staging`` (hidden, the same
       device as the destination);
     - a remote destination with a remote run folder: a folder of the system's temp dir named
       after the run. The upload is one PUT or a completed multipart upload: nothing shows

@@ -309,9 +309,9 @@ def test_publish_to_another_device_stages_in_a_hidden_folder(finished_run, tmp_p
     public = f"{shm}/mem-dist-test-{os.getpid()}"
     try:
         assert merge.main([copy, f"merge.publish_to={public}"]) == 0
-        assert sorted(os.listdir(public)) == [".mem-dist-staging", *sorted(
+        assert sorted(os.listdir(public)) == [publish.STAGING, *sorted(
             f"{n}{s}" for n in NAMES for s in (".parquet", ".tar", "_stats.json"))]
-        assert os.listdir(f"{public}/.mem-dist-staging") == []
+        assert os.listdir(f"{public}/{publish.STAGING}") == [] and "mem" not in publish.STAGING
         assert verify.verify(copy)["mismatches"] == 0
     finally:
         shutil.rmtree(public, ignore_errors=True)
