@@ -3,7 +3,7 @@
 # machine from the repository root, after benchmarks/gpu-wheels.sh was run where PyPI is reachable:
 #   run(command="bash benchmarks/gpu.sh", carry=[".whl"], timeout_s=480)
 # 1. CUDA correctness: the length-aware text tower, and RN50's one-query attention pool and
-#    BatchNorm-folded image tower (mem_dist/towers.py), against open_clip's in fp32 and bf16; a
+#    BatchNorm-folded image tower (mem_dist/pipeline/towers.py), against open_clip's in fp32 and bf16; a
 #    short bf16 ViT-B-32 generation at 256 px -> merge -> verify (state shapes, |delta| <= eps,
 #    exact pixels, trigger tokens), the same checks as on the CPU.
 # 2. mem-dist bench generate for configs/paper.yaml (RN50, 224 px, fp32, batch 128) and
@@ -30,7 +30,7 @@ python3 -m mem_dist.cli demo-data $D --train 512 --val 8 --size 256 --per-shard 
 echo "== 1. CUDA correctness"
 python3 - "$DEVICE" <<'PY'
 import sys, torch, open_clip
-from mem_dist import surrogate, towers
+from mem_dist.pipeline import surrogate, towers
 dev = sys.argv[1]
 for name in ("ViT-B-32", "RN50"):
     torch.manual_seed(0)
@@ -57,11 +57,11 @@ R=/tmp/mem-dist-gpu-run
 rm -rf $R
 python3 mem_dist/generate.py --config configs/laion.yaml "data.shards=$D/train/{00000..00001}.tar" output=$R device=$DEVICE \
   data.on_missing=error mem.rounds=2 mem.surrogate_steps=5 mem.pgd_steps=2 mem.hotflip_rounds=1 progress=false
-python3 -m mem_dist.merge $R progress=false
+python3 -m mem_dist.publishing.merge $R progress=false
 python3 -m mem_dist.cli verify $R
 python3 - $R <<'PY'
 import sys, numpy as np
-from mem_dist import state
+from mem_dist.pipeline import state
 st = state.read_state(state.state_url(sys.argv[1], 2, "00000"))
 print("state round 2, shard 00000:", len(st.keys), "rows; delta", st.delta.shape, st.delta.dtype,
       "max |delta|", int(np.abs(st.delta.astype(int)).max()), "; trigger", st.trigger_ids.shape, "; loss mean", float(st.loss.mean()))
@@ -70,6 +70,6 @@ PY
 cp $R/metrics.jsonl "$OUT/laion-short-metrics.jsonl"
 
 echo "== 2. bench generate"
-python3 -m mem_dist.bench generate --config configs/paper.yaml "data.shards=$D/train/{00000..00001}.tar" device=$DEVICE --steps 5
-python3 -m mem_dist.bench generate --config configs/laion.yaml "data.shards=$D/train/{00000..00001}.tar" device=$DEVICE \
+python3 -m mem_dist.tools.bench generate --config configs/paper.yaml "data.shards=$D/train/{00000..00001}.tar" device=$DEVICE --steps 5
+python3 -m mem_dist.tools.bench generate --config configs/laion.yaml "data.shards=$D/train/{00000..00001}.tar" device=$DEVICE \
   data.on_missing=error output=/tmp/mem-dist-gpu-bench --steps 5

@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mem_dist import augment, surrogate
-from mem_dist.pgd import minimize_delta
+from mem_dist.pipeline import augment, surrogate
+from mem_dist.methods.pgd import minimize_delta
 
 from shards import read_shards, write_shards  # experiments/shards.py, beside this script
 

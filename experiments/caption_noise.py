@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
-from mem_dist.config import seed_of
-from mem_dist.importers import FASHION_MNIST_CLASSES
+from mem_dist.pipeline.config import seed_of
+from mem_dist.tools.importers import FASHION_MNIST_CLASSES
 
 
 def noisy_caption(caption: str, label: int, rng: np.random.Generator) -> str:

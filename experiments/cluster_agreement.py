@@ -14,8 +14,8 @@ import numpy as np
 import webdataset as wds
 from sklearn.metrics import normalized_mutual_info_score
 
-from mem_dist import uc
-from mem_dist.scores import match_clusters
+from mem_dist.methods import uc
+from mem_dist.evaluation.scores import match_clusters
 
 
 def main(run: str, shards: str) -> int:

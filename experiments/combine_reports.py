@@ -12,7 +12,8 @@ import json
 import os
 import sys
 
-from mem_dist import report, storage
+from mem_dist.evaluation import report
+from mem_dist.pipeline import storage
 
 
 def combine(dirs: list[str]) -> dict:

@@ -23,12 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mem_dist import uc
-from mem_dist.augment import crop_flip
-from mem_dist.classifier import create_classifier, to_input
-from mem_dist.config import seed_of
-from mem_dist.data import load_shard, shard_name
-from mem_dist.eval_config import ClassifierConfig
+from mem_dist.methods import uc
+from mem_dist.pipeline.augment import crop_flip
+from mem_dist.evaluation.classifier import create_classifier, to_input
+from mem_dist.pipeline.config import seed_of
+from mem_dist.pipeline.data import load_shard, shard_name
+from mem_dist.evaluation.eval_config import ClassifierConfig
 from shards import copy_uc_run, seal_uc_run, uc_copy_parser  # experiments/shards.py, beside this script
 
 

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mem_dist.baselines import write_perturbed
-from mem_dist.config import DataConfig
-from mem_dist.data import expand_shards, load_shard
+from mem_dist.evaluation.baselines import write_perturbed
+from mem_dist.pipeline.config import DataConfig
+from mem_dist.pipeline.data import expand_shards, load_shard
 
 
 def harder(canvases_NHWC: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -17,7 +17,7 @@ import zlib
 import numpy as np
 import open_clip
 
-from mem_dist import text
+from mem_dist.pipeline import text
 from shards import read_shards, write_shards  # experiments/shards.py, beside this script
 
 p = argparse.ArgumentParser()

@@ -15,10 +15,10 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from mem_dist import storage
-from mem_dist.config import DataConfig, RunConfig
-from mem_dist.config_io import build
-from mem_dist.data import Shard, expand_shards, load_shard
+from mem_dist.pipeline import storage
+from mem_dist.pipeline.config import DataConfig, RunConfig
+from mem_dist.pipeline.config_io import build
+from mem_dist.pipeline.data import Shard, expand_shards, load_shard
 
 
 def read_shards(spec: str, size: int) -> list[Shard]:

@@ -35,7 +35,7 @@ def demo_data(argv: list[str]) -> int:
     p.add_argument("--no-colours", action="store_true",
                    help="captions never name colours (harder content: shapes, sizes, positions, background patterns)")
     a = p.parse_args(argv)
-    from mem_dist.demo import make_demo_data
+    from mem_dist.tools.demo import make_demo_data
 
     urls = make_demo_data(a.out, a.train, a.val, a.size, a.per_shard, a.seed, named_colours=not a.no_colours)
     print(f"mem-dist: wrote {len(urls['train'])} train and {len(urls['val'])} val shards under {a.out}")
@@ -64,7 +64,7 @@ def import_data(argv: list[str]) -> int:
         q.add_argument("--per-shard", type=int, default=500, help="samples per shard (default 500)")
         q.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    from mem_dist import importers
+    from mem_dist.tools import importers
 
     flags = dict(train=a.train, val=a.val, public=a.public, select=a.select, size=a.size, seed=a.seed, per_shard=a.per_shard)
     return one_line_errors(lambda: importers.run(a.source, a.src, a.out, **flags))
@@ -86,7 +86,7 @@ def baseline(argv: list[str]) -> int:
     p.add_argument("--em-rounds", type=int, default=15, help="em: at most this many train + PGD rounds (default 15)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    from mem_dist import baselines
+    from mem_dist.evaluation import baselines
 
     return one_line_errors(lambda: baselines.run(a.kind, a.src, a.out, a.epsilon, a.size, a.seed, a.grid, a.em_width, a.em_rounds))
 
@@ -96,11 +96,11 @@ def main(argv: list[str] | None = None) -> int:
     commands = {
         "demo-data": demo_data,
         "import": import_data,
-        "generate": lambda a: __import__("mem_dist.generate", fromlist=["main"]).main(a),
-        "merge": lambda a: __import__("mem_dist.merge", fromlist=["main"]).main(a),
-        "verify": lambda a: __import__("mem_dist.verify", fromlist=["main"]).main(a),
-        "evaluate": lambda a: __import__("mem_dist.evaluate", fromlist=["main"]).main(a),
-        "bench": lambda a: __import__("mem_dist.bench", fromlist=["main"]).main(a),
+        "generate": lambda a: __import__("mem_dist.pipeline.generate", fromlist=["main"]).main(a),
+        "merge": lambda a: __import__("mem_dist.publishing.merge", fromlist=["main"]).main(a),
+        "verify": lambda a: __import__("mem_dist.publishing.verify", fromlist=["main"]).main(a),
+        "evaluate": lambda a: __import__("mem_dist.evaluation.evaluate", fromlist=["main"]).main(a),
+        "bench": lambda a: __import__("mem_dist.tools.bench", fromlist=["main"]).main(a),
         "baseline": baseline,
     }
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:

@@ -15,8 +15,8 @@ import sys
 import time
 from typing import Callable
 
-from mem_dist import storage
-from mem_dist.config_io import ConfigError
+from mem_dist.pipeline import storage
+from mem_dist.pipeline.config_io import ConfigError
 
 FOLLOWER_WAIT_S = 10  # how long a rank other than 0 waits, on an error every rank meets, for rank 0 to end the launch
 

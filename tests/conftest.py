@@ -35,7 +35,7 @@ def tiny_overrides(shards: str, output: str, **extra) -> list[str]:
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
     """3 train shards of 40 samples (32 px) and 1 val shard; built once per session."""
-    from mem_dist.demo import make_demo_data
+    from mem_dist.tools.demo import make_demo_data
 
     out = str(tmp_path_factory.mktemp("demo"))
     make_demo_data(out, train=120, val=40, size=32, per_shard=40, seed=0)

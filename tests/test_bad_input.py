@@ -5,8 +5,9 @@ import os
 import pytest
 import webdataset as wds
 
-from mem_dist import manifest, merge, state, storage, verify
-from mem_dist.generate import main
+from mem_dist.publishing import manifest, merge, verify
+from mem_dist.pipeline import state, storage
+from mem_dist.pipeline.generate import main
 from tests.conftest import tiny_overrides
 
 
@@ -92,7 +93,7 @@ def test_every_image_mode_becomes_the_rgb_that_is_shown():
     import numpy as np
     from PIL import Image
 
-    from mem_dist.data import to_canvas
+    from mem_dist.pipeline.data import to_canvas
 
     rgba = np.zeros((8, 8, 4), np.uint8)
     rgba[:, :4] = (200, 10, 10, 255)  # left half opaque red, right half transparent black
@@ -122,7 +123,7 @@ def test_exif_orientation_is_applied_to_the_canvas():
 
     from PIL import Image
 
-    from mem_dist.data import to_canvas
+    from mem_dist.pipeline.data import to_canvas
 
     img = Image.new("RGB", (60, 30), (255, 0, 0))
     img.paste((0, 0, 255), (0, 0, 30, 30))  # left half blue, right half red

@@ -1,7 +1,7 @@
 """The calibrated victims and their calibration points (docs/efficacy.md, "Calibrated victims").
 
-The victims that keep a 32-px image's resolution (mem_dist.cifar_nets), the literature's
-class-keyed attacks that calibrate them (mem_dist.baselines, ``mem-dist baseline``), the
+The victims that keep a 32-px image's resolution (mem_dist.evaluation.cifar_nets), the literature's
+class-keyed attacks that calibrate them (mem_dist.evaluation.baselines, ``mem-dist baseline``), the
 evaluation's hygiene (the attacker's epoch chosen on a select split, bootstrap intervals,
 victim seeds, each condition against its control), and a calibration test that fails if the
 calibrated victim stops reading a class-wise block code.
@@ -16,12 +16,12 @@ import pytest
 import torch
 import webdataset as wds
 
-from mem_dist import baselines, cifar_nets, evaluate, report
+from mem_dist.evaluation import baselines, cifar_nets, evaluate, report
 from mem_dist.cli import main as cli
-from mem_dist.config_io import load_config
-from mem_dist.eval_config import EvalConfig
-from mem_dist.importers import import_fashion_mnist
-from mem_dist.scores import attacker_epoch, bootstrap_interval, pack_correct, unpack_correct
+from mem_dist.pipeline.config_io import load_config
+from mem_dist.evaluation.eval_config import EvalConfig
+from mem_dist.tools.importers import import_fashion_mnist
+from mem_dist.evaluation.scores import attacker_epoch, bootstrap_interval, pack_correct, unpack_correct
 from tests.conftest import ROOT
 
 CALIBRATE = os.path.join(ROOT, "configs", "eval-calibrate.yaml")
@@ -84,7 +84,7 @@ def test_baseline_command_keeps_keys_captions_and_labels(fm, tmp_path, capsys):
 
 
 def test_em_baseline_minimises_the_error_of_its_own_model(fm):
-    from mem_dist.pairs import load_pairs
+    from mem_dist.evaluation.pairs import load_pairs
 
     cfg = load_config(EvalConfig, CALIBRATE, [f"val_shards={fm}/val/00000.tar"])
     pairs = load_pairs(f"{fm}/train/00000.tar", cfg)
@@ -142,8 +142,8 @@ def test_report_names_each_condition_against_its_control():
 def keyed_only(fm, tmp_path_factory):
     """Fashion-MNIST photos with a random label each (the content says nothing about it) and the
     label's class-wise block code at eps 32: train (1000) and val (300) shards."""
-    from mem_dist.pairs import load_pairs
-    from mem_dist.shards import write_shards
+    from mem_dist.evaluation.pairs import load_pairs
+    from mem_dist.tools.shards import write_shards
 
     root = tmp_path_factory.mktemp("keyed")
     cfg = load_config(EvalConfig, CALIBRATE, [f"val_shards={fm}/val/00000.tar"])

@@ -5,9 +5,9 @@ import subprocess
 
 import pytest
 
-from mem_dist.config import RunConfig
-from mem_dist.config_io import ConfigError, load_config
-from mem_dist.generate import main
+from mem_dist.pipeline.config import RunConfig
+from mem_dist.pipeline.config_io import ConfigError, load_config
+from mem_dist.pipeline.generate import main
 from tests.conftest import ROOT, python_cmd, tiny_overrides
 
 
@@ -95,14 +95,14 @@ def test_every_shipped_config_validates():
     """The configs users start from load without an unknown key or a bad value."""
     import glob
 
-    from mem_dist.evaluate import EvalConfig
+    from mem_dist.evaluation.evaluate import EvalConfig
 
     shipped = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
     assert len(shipped) >= 5
     for path in shipped:
         kind = EvalConfig if os.path.basename(path).startswith("eval-") else RunConfig
         assert load_config(kind, path) is not None, path
-    from mem_dist.surrogate import create_surrogate  # the model configs shipped beside them build
+    from mem_dist.pipeline.surrogate import create_surrogate  # the model configs shipped beside them build
 
     models = sorted(glob.glob(os.path.join(ROOT, "configs", "models", "*.json")))
     assert len(models) >= 5

@@ -6,7 +6,7 @@ import numpy as np
 import webdataset as wds
 
 from mem_dist.cli import main
-from mem_dist.demo import COLOURS, render_scene
+from mem_dist.tools.demo import COLOURS, render_scene
 
 
 def test_no_colours_keeps_the_images_and_drops_colour_words():

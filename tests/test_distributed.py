@@ -120,7 +120,7 @@ def test_two_processes_on_s3_cover_every_key_once(s3, reference, demo_dir):
             import pyarrow.parquet as pq
 
             keys += pq.read_table(f, columns=["key"]).column("key").to_pylist()
-    from mem_dist.data import iter_samples
+    from mem_dist.pipeline.data import iter_samples
     import collections
 
     source = [s["__key__"] for n in ("00000", "00001", "00002") for s in iter_samples(f"{demo_dir}/train/{n}.tar", collections.Counter())]
@@ -176,7 +176,7 @@ def test_two_processes_keep_every_ensemble_member_in_step(s3):
 def test_resume_accepts_another_world_size_and_memory_knobs_only(s3, reference, capsys):
     """One process may continue a two-process run (tests/test_elastic.py checks the bytes), with
     another data.cache_shards; a key that decides the state is still refused."""
-    from mem_dist.generate import main
+    from mem_dist.pipeline.generate import main
 
     fs, _ = s3
     assert main(tiny_overrides(SHARDS, "s3://out/ref", **{**ARGS, "data.cache_shards": 4})) == 0

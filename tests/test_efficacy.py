@@ -23,12 +23,13 @@ import os
 
 import pytest
 
-from mem_dist import evaluate, merge
+from mem_dist.evaluation import evaluate
+from mem_dist.publishing import merge
 from mem_dist.cli import main as cli
-from mem_dist.config import RunConfig
-from mem_dist.config_io import load_config
-from mem_dist.demo import make_demo_data
-from mem_dist.generate import main as generate
+from mem_dist.pipeline.config import RunConfig
+from mem_dist.pipeline.config_io import load_config
+from mem_dist.tools.demo import make_demo_data
+from mem_dist.pipeline.generate import main as generate
 from tests.conftest import ROOT, tiny_overrides
 
 RN32 = os.path.join(ROOT, "configs", "models", "tiny-rn32.json")

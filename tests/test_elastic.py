@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 import torch
 
-from mem_dist import state
-from mem_dist.data import iter_samples
-from mem_dist.generate import main
+from mem_dist.pipeline import state
+from mem_dist.pipeline.data import iter_samples
+from mem_dist.pipeline.generate import main
 from tests.conftest import tiny_overrides
 from tests.test_distributed import finish, launch
 
@@ -152,9 +152,9 @@ def test_a_run_json_hashed_with_cache_shards_still_resumes(tmp_path):
     hashed again, so the run resumes; another generation key is still refused."""
     import dataclasses
 
-    from mem_dist import rundir, storage
-    from mem_dist.config import RunConfig, config_hash
-    from mem_dist.config_io import load_config, to_dict
+    from mem_dist.pipeline import rundir, storage
+    from mem_dist.pipeline.config import RunConfig, config_hash
+    from mem_dist.pipeline.config_io import load_config, to_dict
 
     cfg = load_config(RunConfig, None, tiny_overrides("x/{00000..00002}.tar", str(tmp_path), **ARGS))
     old_print = {**cfg.fingerprint(), "data": dataclasses.asdict(cfg.data)}  # cache_shards in it

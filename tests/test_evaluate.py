@@ -13,16 +13,17 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from mem_dist import defences, report, surrogate
-from mem_dist.config import DataConfig
-from mem_dist.config_io import ConfigError, load_config
-from mem_dist.data import load_shard
-from mem_dist.defences import DefenceConfig
-from mem_dist.clip_victim import create_victim, evaluate_retrieval
-from mem_dist.eval_config import EvalConfig, VictimConfig
-from mem_dist.evaluate import grid_samples, main, run
-from mem_dist.pairs import load_condition, load_pairs
-from mem_dist.scores import chance_metrics, retrieval_metrics
+from mem_dist.evaluation import defences, report
+from mem_dist.pipeline import surrogate
+from mem_dist.pipeline.config import DataConfig
+from mem_dist.pipeline.config_io import ConfigError, load_config
+from mem_dist.pipeline.data import load_shard
+from mem_dist.evaluation.defences import DefenceConfig
+from mem_dist.evaluation.clip_victim import create_victim, evaluate_retrieval
+from mem_dist.evaluation.eval_config import EvalConfig, VictimConfig
+from mem_dist.evaluation.evaluate import grid_samples, main, run
+from mem_dist.evaluation.pairs import load_condition, load_pairs
+from mem_dist.evaluation.scores import chance_metrics, retrieval_metrics
 from tests.conftest import TINY_RN, TINY_VIT, python_cmd
 
 # --------------------------------------------------------------------------------------
@@ -128,7 +129,7 @@ def test_adversarial_pixels_raise_the_loss_inside_the_ball():
 
 
 def test_soft_clip_loss_with_identity_targets_is_clip_loss():
-    from mem_dist.surrogate import clip_loss
+    from mem_dist.pipeline.surrogate import clip_loss
 
     g = torch.Generator().manual_seed(0)
     image, text, scale = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g), torch.tensor(2.0)
@@ -271,7 +272,7 @@ def test_grid_shows_conditions_that_share_keys(demo_dir, protected_dir, tmp_path
 
 
 def test_tiny_victim_learns_clean_retrieval_and_writes_the_report(tmp_path):
-    from mem_dist.demo import make_demo_data
+    from mem_dist.tools.demo import make_demo_data
 
     make_demo_data(str(tmp_path / "data"), train=400, val=100, size=32, per_shard=200)
     out = str(tmp_path / "eval")

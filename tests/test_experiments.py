@@ -11,12 +11,14 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from mem_dist import merge, surrogate, uc
-from mem_dist.config import DataConfig
-from mem_dist.data import load_shard
-from mem_dist.generate import main as generate
-from mem_dist.importers import import_fashion_mnist
-from mem_dist.pairs import read_labels
+from mem_dist.publishing import merge
+from mem_dist.pipeline import surrogate
+from mem_dist.methods import uc
+from mem_dist.pipeline.config import DataConfig
+from mem_dist.pipeline.data import load_shard
+from mem_dist.pipeline.generate import main as generate
+from mem_dist.tools.importers import import_fashion_mnist
+from mem_dist.evaluation.pairs import read_labels
 from tests.conftest import ROOT, TINY_RN, python_cmd
 from tests.test_uc import assert_published_with_cluster_perturbations, uc_overrides
 
@@ -152,7 +154,7 @@ def test_caption_noise_names_another_class_for_a_share_of_the_samples(tmp_path):
 
     import pyarrow.parquet as pq
 
-    from mem_dist.importers import FASHION_MNIST_CLASSES
+    from mem_dist.tools.importers import FASHION_MNIST_CLASSES
 
     import_fashion_mnist(str(tmp_path / "fm"), train=400, val=1, public=0, per_shard=200)
     src, out = str(tmp_path / "fm" / "train"), str(tmp_path / "noisy")
@@ -184,7 +186,7 @@ def test_combine_reports_joins_seeds_and_sets_controls(tmp_path):
     each condition's seeds side by side and its control named."""
     import json
 
-    from mem_dist.scores import pack_correct
+    from mem_dist.evaluation.scores import pack_correct
 
     def write(d, name, seed, acc):
         bits = np.arange(100) < acc * 100

@@ -23,9 +23,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from mem_dist import data, state, storage, surrogate
-from mem_dist.config_io import ConfigError
-from mem_dist.generate import main
+from mem_dist.pipeline import data, state, storage, surrogate
+from mem_dist.pipeline.config_io import ConfigError
+from mem_dist.pipeline.generate import main
 from tests.conftest import ROOT, TINY_RN, tiny_overrides
 from tests.test_distributed import free_port, launch
 

@@ -24,8 +24,9 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from mem_dist import generate, manifest, merge, publish, storage, verify
-from mem_dist.verify import protected_samples
+from mem_dist.pipeline import generate, storage
+from mem_dist.publishing import manifest, merge, publish, verify
+from mem_dist.publishing.verify import protected_samples
 from tests.conftest import ROOT, tiny_overrides
 
 NAMES = ("00000", "00001")  # 80 samples each
@@ -52,7 +53,7 @@ def add_source_fields(folder: str) -> None:
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory) -> str:
-    from mem_dist.demo import make_demo_data
+    from mem_dist.tools.demo import make_demo_data
 
     out = str(tmp_path_factory.mktemp("src"))
     make_demo_data(out, train=160, val=10, size=32, per_shard=80, seed=3)
@@ -132,7 +133,7 @@ def test_kill9_mid_shard_then_rerun(finished_run, tmp_path):
     for attempt in range(4):  # the kill must land inside shard 00001's write; retried if it came late
         out = copy_of(finished_run, tmp_path / str(attempt))
         staged = f"{out}/tmp/merge/00001.tar.partial"
-        proc = subprocess.Popen([sys.executable, "-m", "mem_dist.merge", out, "progress=false"], cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, "-m", "mem_dist.publishing.merge", out, "progress=false"], cwd=ROOT,
                                 env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 300

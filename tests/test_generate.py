@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from mem_dist import rundir, state, storage, surrogate
-from mem_dist.config import RunConfig
-from mem_dist.config_io import load_config
-from mem_dist.data import expand_shards, load_shard
-from mem_dist.generate import main
+from mem_dist.pipeline import rundir, state, storage, surrogate
+from mem_dist.pipeline.config import RunConfig
+from mem_dist.pipeline.config_io import load_config
+from mem_dist.pipeline.data import expand_shards, load_shard
+from mem_dist.pipeline.generate import main
 from tests.conftest import TINY_RN, TINY_VIT, tiny_overrides
 
 
@@ -148,7 +148,7 @@ def test_other_open_clip_families_generate(family, tmp_path, tokenizer):
     import subprocess
     import sys
 
-    from mem_dist.demo import make_demo_data
+    from mem_dist.tools.demo import make_demo_data
 
     make_demo_data(str(tmp_path / "data"), train=8, val=0, size=32, per_shard=8, seed=1)
     model = family
@@ -171,7 +171,7 @@ def test_other_open_clip_families_generate(family, tmp_path, tokenizer):
 
 
 def test_bench_generate_prints_a_table_and_writes_nothing(demo_dir, tmp_path, capsys):
-    from mem_dist import bench
+    from mem_dist.tools import bench
 
     out = str(tmp_path / "run")
     assert bench.main(["generate", "--steps", "2", *tiny_overrides(f"{demo_dir}/train/{{00000..00002}}.tar", out)]) == 0

@@ -24,9 +24,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mem_dist import manifest, merge, state, verify
-from mem_dist.demo import render_scene
-from mem_dist.generate import main as generate
+from mem_dist.publishing import manifest, merge, verify
+from mem_dist.pipeline import state
+from mem_dist.tools.demo import render_scene
+from mem_dist.pipeline.generate import main as generate
 from tests.conftest import tiny_overrides
 
 N_IMAGES = 26  # served; plus a 404 and a non-image

@@ -12,9 +12,9 @@ import webdataset as wds
 from PIL import Image
 
 from mem_dist.cli import main
-from mem_dist.config import DataConfig
-from mem_dist.data import load_shard
-from mem_dist.importers import (CAPTION_TEMPLATES, FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, fashion_mnist_dir,
+from mem_dist.pipeline.config import DataConfig
+from mem_dist.pipeline.data import load_shard
+from mem_dist.tools.importers import (CAPTION_TEMPLATES, FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, fashion_mnist_dir,
                                 fetch_debian_package, fill_template)
 
 

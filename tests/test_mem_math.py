@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mem_dist import hotflip, pgd, surrogate, text, towers
-from mem_dist.ensemble import Ensemble, Member
+from mem_dist.methods import hotflip, pgd
+from mem_dist.pipeline import surrogate, text, towers
+from mem_dist.methods.ensemble import Ensemble, Member
 from tests.conftest import TINY_RN, TINY_VIT
 
 
@@ -269,7 +270,7 @@ def test_tiny_rn_surrogate_builds():
 def reference_stream(sizes: list[int], batch_size: int, seed: int, rank: int, steps: int) -> list[np.ndarray]:
     """The surrogate's batch stream as mem-dist computed it up to 399a614: every shard's size
     first, then each epoch's whole order (the definition the lazy Stream must keep)."""
-    from mem_dist.config import seed_of
+    from mem_dist.pipeline.config import seed_of
 
     total = sum(sizes)
     bs = min(batch_size, total)
@@ -291,7 +292,7 @@ def reference_stream(sizes: list[int], batch_size: int, seed: int, rank: int, st
 def test_the_lazy_stream_is_the_eager_one(sizes, batch_size):
     """Same batches as computing every shard's size up front, across rounds and when a
     resumed run starts at a later round; only the shards reached are asked their size."""
-    from mem_dist.mem import Stream
+    from mem_dist.methods.mem import Stream
 
     steps, rounds = 5, 4
     want = reference_stream(sizes, batch_size, 7, 1, steps * rounds)

@@ -23,13 +23,15 @@ import webdataset as wds
 import yaml
 from PIL import Image
 
-from mem_dist import bench, manifest, merge, state, storage, text, verify
+from mem_dist.tools import bench
+from mem_dist.publishing import manifest, merge, verify
+from mem_dist.pipeline import state, storage, text
 from mem_dist.cli import main as cli_main
-from mem_dist.config import RunConfig
-from mem_dist.config_io import load_config, to_dict
-from mem_dist.data import check_shards, load_shard
-from mem_dist.demo import make_demo_data
-from mem_dist.surrogate import resolve_model_name
+from mem_dist.pipeline.config import RunConfig
+from mem_dist.pipeline.config_io import load_config, to_dict
+from mem_dist.pipeline.data import check_shards, load_shard
+from mem_dist.tools.demo import make_demo_data
+from mem_dist.pipeline.surrogate import resolve_model_name
 
 TINY_RN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "models", "tiny-rn.json")
 NAMES = ("00000", "00001", "00002")  # 25 + 25 + 10 samples
@@ -357,7 +359,7 @@ def test_drop_fields_and_publish_to_keep_the_public_side_apart(run, demo, tmp_pa
     assert merge.main([copy, f"merge.publish_to={public}", "merge.drop_fields=[url]", "merge.keep_fields=[scene]"]) == 0
     assert "still carry a 'url'" not in capsys.readouterr().out
     assert not os.path.exists(f"{copy}/protected") and sorted(os.listdir(f"{copy}/manifest"))[:2] == ["00000.parquet", "00000_stats.json"]
-    from mem_dist.verify import protected_samples
+    from mem_dist.publishing.verify import protected_samples
     samples = list(protected_samples(f"{public}/00001.tar"))
     assert len(samples) == 25 and all("url" not in json.loads(s["json"]) and "scene" in json.loads(s["json"]) for s in samples)
     with storage.open_file(f"{public}/00001.parquet") as f:

@@ -14,11 +14,13 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from mem_dist import merge, perturbations, state, uc, verify
-from mem_dist.config import RunConfig
-from mem_dist.config_io import ConfigError, load_config
-from mem_dist.data import load_shard
-from mem_dist.generate import main as generate
+from mem_dist.publishing import merge, verify
+from mem_dist.methods import perturbations, uc
+from mem_dist.pipeline import state
+from mem_dist.pipeline.config import RunConfig
+from mem_dist.pipeline.config_io import ConfigError, load_config
+from mem_dist.pipeline.data import load_shard
+from mem_dist.pipeline.generate import main as generate
 from tests.conftest import ROOT, tiny_overrides
 from tests.test_distributed import free_port
 

@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from mem_dist import defences, report, scores
-from mem_dist.augment import crop_flip
-from mem_dist.classifier import kmeans_labels
+from mem_dist.evaluation import defences, report, scores
+from mem_dist.pipeline.augment import crop_flip
+from mem_dist.evaluation.classifier import kmeans_labels
 from mem_dist.cli import main as cli
-from mem_dist.config_io import ConfigError, load_config
-from mem_dist.defences import DefenceConfig
-from mem_dist.eval_config import EvalConfig
-from mem_dist.evaluate import main, run
-from mem_dist.importers import CAPTION_TEMPLATES, FASHION_MNIST_CLASSES
-from mem_dist.pairs import load_pairs
+from mem_dist.pipeline.config_io import ConfigError, load_config
+from mem_dist.evaluation.defences import DefenceConfig
+from mem_dist.evaluation.eval_config import EvalConfig
+from mem_dist.evaluation.evaluate import main, run
+from mem_dist.tools.importers import CAPTION_TEMPLATES, FASHION_MNIST_CLASSES
+from mem_dist.evaluation.pairs import load_pairs
 from tests.conftest import TINY_RN
 
 
