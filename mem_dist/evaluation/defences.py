@@ -27,9 +27,11 @@ Shapes: B batch, C = 3 channels, H/W canvas side, N images.
 from __future__ import annotations
 
 import io
+import math
+import os
 import random
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
+from typing import Callable, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -69,6 +71,31 @@ class DefenceConfig:
     """EDA's alpha: the fraction of a caption's words changed (at least one word)."""
     prefix_words: int = 3
     """drop_prefix: how many leading words to cut from every caption."""
+    removal: Literal["none", "ridge", "ridge_highpass"] = "none"
+    """Dataset-level removal attack, once on a condition's whole training set before training
+    (:mod:`mem_dist.evaluation.attacks`; both victim kinds): every caption is embedded with
+    the attacker's text encoder, a ridge regression from those embeddings to the images is
+    fitted over the set and its prediction subtracted from every image, which takes out
+    whatever in the pixels is linearly predictable from the caption (a caption-keyed code).
+    ridge: fitted to the pixels minus their mean (the mean image stays); ridge_highpass:
+    fitted to the high-pass residual (image minus a box blur of radius removal_blur)."""
+    removal_model: str = "RN50"
+    """removal: the attacker's text encoder (its CLIP's encode_text), an open_clip model name or
+    model-config JSON path (configs/models/tiny-rn32.json)."""
+    removal_pretrained: Optional[str] = None
+    """removal: a local checkpoint for removal_model (weights are never downloaded); null =
+    random init (seeded from ``seed``)."""
+    removal_alpha: float = 1.0
+    """removal: the ridge penalty, against N times a unit per-dimension variance (the
+    embeddings are centred and scaled by one common factor, not standardised per dimension)."""
+    removal_blur: int = 2
+    """ridge_highpass: radius in pixels of the box blur whose residual is the high pass."""
+    recaption: Literal["none", "templates"] = "none"
+    """Dataset-level recaptioning attack, once before training (both victim kinds): every
+    training caption replaced by its sample's class name (json ``class``, as mem-dist import
+    writes it) in one of ten templates of the attacker's own, none of them an importer caption
+    template or a zero-shot prompt (a seeded choice per sample). A sample without a class is
+    an error naming the condition."""
 
     def __post_init__(self) -> None:
         check(1 <= self.jpeg_quality <= 95, "defence.jpeg_quality", "must be between 1 and 95")
@@ -80,6 +107,14 @@ class DefenceConfig:
         check(self.adv_steps >= 1, "defence.adv_steps", "must be at least 1")
         check(0 < self.text_rate <= 1, "defence.text_rate", "must be in (0, 1]")
         check(self.prefix_words >= 1, "defence.prefix_words", "must be at least 1")
+        check(self.removal_alpha > 0 and math.isfinite(self.removal_alpha), "defence.removal_alpha", "must be a positive number")
+        check(self.removal_blur >= 1, "defence.removal_blur", "must be at least 1 (pixels)")
+        if self.removal != "none":
+            check(bool(self.removal_model.strip()), "defence.removal_model", "must name an open_clip model or a model-config .json")
+            check(not self.removal_model.endswith(".json") or os.path.exists(self.removal_model), "defence.removal_model",
+                  f"model-config file not found: {self.removal_model}")
+            check(self.removal_pretrained is None or os.path.exists(self.removal_pretrained), "defence.removal_pretrained",
+                  f"checkpoint not found: {self.removal_pretrained} (weights are never downloaded)")
 
     def describe(self) -> str:
         """One line naming the defences that are on, with their settings."""
@@ -96,6 +131,17 @@ class DefenceConfig:
         text = {"none": "none", "drop_prefix": f"first {self.prefix_words} words of every caption cut"}.get(
             self.text, f"EDA {self.text} rate={self.text_rate:g}")
         return f"image defence: {image}; text defence: {text}"
+
+    def describe_attacks(self) -> str:
+        """One line naming the dataset-level attacks that are on ("" when none is)."""
+        parts = []
+        if self.removal != "none":
+            what = "pixels" if self.removal == "ridge" else f"high pass (blur radius {self.removal_blur} px)"
+            parts.append(f"ridge removal of the caption-predictable {what}, alpha={self.removal_alpha:g}, "
+                         f"text encoder {self.removal_model} ({self.removal_pretrained or 'random init'})")
+        if self.recaption != "none":
+            parts.append("captions replaced by class-name templates")
+        return "dataset attacks: " + "; ".join(parts) if parts else ""
 
 
 # --------------------------------------------------------------------------------------

@@ -112,6 +112,8 @@ def describe_settings(cfg: EvalConfig) -> str:
     """One line on the victim and the defences that were on (for the report)."""
     v = cfg.victim
     jpeg = f"train images re-encoded as JPEG q={cfg.reencode_jpeg}" if cfg.reencode_jpeg else "no JPEG re-encoding"
+    if cfg.defence.describe_attacks():  # once on the whole training set, before training
+        jpeg = f"{cfg.defence.describe_attacks()}; {jpeg}"
     if v.kind == "classifier":
         c = cfg.classifier
         return (f"classifier victim {c.model} from scratch on {'the json labels' if c.labels == 'json' else 'k-means labels of its own'}, "

@@ -1,9 +1,11 @@
 """The victims' data: image-caption(-label) pairs decoded from shards into memory.
 
 A condition's training pairs are its shards, or a keyed mix of protected and clean shards
-(``fraction`` of the keys protected). Labels come from each sample's json (``label``, with
-the class name in ``class``), as ``mem-dist import`` writes them; shards without them give
-``labels`` None (no zero-shot or classifier metrics then).
+(``fraction`` of the keys protected), after the dataset-level attacks of
+:mod:`mem_dist.evaluation.attacks` (``defence.removal``, ``defence.recaption``). Labels come
+from each sample's json (``label``, with the class name in ``class``), as ``mem-dist
+import`` writes them; shards without them give ``labels`` None (no zero-shot or classifier
+metrics then).
 
 Shapes: N samples, H/W canvas side, C = 3.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -20,6 +22,7 @@ from mem_dist.pipeline import storage
 from mem_dist.pipeline.config import DataConfig
 from mem_dist.pipeline.config_io import ConfigError
 from mem_dist.pipeline.data import expand_shards, load_shard
+from mem_dist.evaluation.attacks import attack_pairs
 from mem_dist.evaluation.eval_config import Condition, EvalConfig
 
 
@@ -87,8 +90,19 @@ def read_labels(metas: list[bytes | None]) -> tuple[np.ndarray | None, dict[int,
     return (labels if (labels >= 0).any() else None), classes
 
 
-def load_condition(cond: Condition, cfg: EvalConfig) -> Pairs:
-    """The training pairs of a condition: its shards, or a keyed mix with clean shards."""
+def load_condition(cond: Condition, cfg: EvalConfig, log: Callable[[str], None] = print) -> Pairs:
+    """The training pairs of a condition: its shards, or a keyed mix with clean shards, after
+    ``cfg.defence``'s dataset-level attacks (:mod:`mem_dist.evaluation.attacks`: removal,
+    recaptioning; a mix's ``clean`` pairs stay as they were)."""
+    return attack_pairs(_condition_pairs(cond, cfg), cfg, condition_name(cond, cfg), log)
+
+
+def condition_name(cond: Condition, cfg: EvalConfig) -> str:
+    """The name ``cfg.conditions`` gives ``cond`` (its shard spec when it has none)."""
+    return next((name for name, c in cfg.conditions.items() if c == cond), cond.shards)
+
+
+def _condition_pairs(cond: Condition, cfg: EvalConfig) -> Pairs:
     protected = load_pairs(cond.shards, cfg)
     if cond.clean_shards is None:
         return protected
