@@ -14,7 +14,7 @@ import numpy as np
 import webdataset as wds
 from sklearn.metrics import normalized_mutual_info_score
 
-from mem_dist.methods import uc
+from mem_dist.methods.uc import store as uc
 from mem_dist.evaluation.scores import match_clusters
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mem_dist.methods import uc
+from mem_dist.methods.uc import store as uc
 from mem_dist.pipeline.augment import crop_flip
 from mem_dist.evaluation.classifier import create_classifier, to_input
 from mem_dist.pipeline.config import seed_of
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         clusters.append(ids)
     x = torch.from_numpy(np.concatenate(canvases)).permute(0, 3, 1, 2).float()  # [N, C, H, W] in [0, 255]
     c = torch.from_numpy(np.concatenate(clusters)).long()
-    p, eps = cfg.uc.clusters, float(cfg.mem.epsilon)
+    p, eps = cfg.uc.clusters, float(cfg.uc.epsilon)
     gen = torch.Generator().manual_seed(seed_of(cfg.seed, "em-clusters"))
     delta = (torch.rand(p, *x.shape[1:], generator=gen) * 2 - 1) * eps  # uniform start within the budget
     model = create_classifier(ClassifierConfig(model=args.model), p, torch.device("cpu"), cfg.seed)
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def seen(rows: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         pix = (x[rows] + d[c[rows]]).clamp(0, 255)
-        return to_input(crop_flip(pix, cfg.uc.crop_padding, cfg.uc.flip, gen))
+        return to_input(crop_flip(pix, cfg.experimental.uc.crop_padding, cfg.experimental.uc.flip, gen))
 
     for it in range(1, args.iterations + 1):
         model.train()

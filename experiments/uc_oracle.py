@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from mem_dist.methods import uc
+from mem_dist.methods.uc import store as uc
 from mem_dist.pipeline.data import load_shard, shard_name
 from mem_dist.evaluation.pairs import read_labels
 from shards import copy_uc_run, seal_uc_run, uc_copy_parser  # experiments/shards.py, beside this script

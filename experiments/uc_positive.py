@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mem_dist.methods import uc
+from mem_dist.methods.uc import store as uc
 from shards import copy_uc_run, seal_uc_run, uc_copy_parser  # experiments/shards.py, beside this script
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from mem_dist.publishing import merge
 from mem_dist.pipeline import surrogate
-from mem_dist.methods import uc
+from mem_dist.methods.uc import store as uc
 from mem_dist.pipeline.config import DataConfig
 from mem_dist.pipeline.data import load_shard
 from mem_dist.pipeline.generate import main as generate

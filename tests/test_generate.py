@@ -191,5 +191,5 @@ def test_bench_generate_prints_a_table_and_writes_nothing(demo_dir, tmp_path, ca
     assert 0 < float(floor.split("(")[1].split("%")[0]) < 100  # the tiny model is far from the peak rate
     assert [line.split()[0] for line in lines if line.split()[0].endswith(",000")] == ["1,000,000", "400,000,000"]
     assert not os.path.exists(out)  # nothing written
-    assert bench.main(["generate", *tiny_overrides(f"{demo_dir}/train/00000.tar", out, **{"mem.method": "random"})]) == 2
-    assert "config key 'mem.method'" in capsys.readouterr().err
+    assert bench.main(["generate", *tiny_overrides(f"{demo_dir}/train/00000.tar", out, **{"method": "random"})]) == 2
+    assert "config key 'method'" in capsys.readouterr().err

@@ -292,7 +292,7 @@ def reference_stream(sizes: list[int], batch_size: int, seed: int, rank: int, st
 def test_the_lazy_stream_is_the_eager_one(sizes, batch_size):
     """Same batches as computing every shard's size up front, across rounds and when a
     resumed run starts at a later round; only the shards reached are asked their size."""
-    from mem_dist.methods.mem import Stream
+    from mem_dist.methods.mem.rounds import Stream
 
     steps, rounds = 5, 4
     want = reference_stream(sizes, batch_size, 7, 1, steps * rounds)

@@ -15,7 +15,8 @@ import webdataset as wds
 from PIL import Image
 
 from mem_dist.publishing import merge, verify
-from mem_dist.methods import perturbations, uc
+from mem_dist.methods.uc import features, perturbations, store
+from mem_dist.methods.uc import run as uc_run
 from mem_dist.pipeline import state
 from mem_dist.pipeline.config import RunConfig
 from mem_dist.pipeline.config_io import ConfigError, load_config
@@ -44,13 +45,13 @@ def run(demo_dir, tmp_path_factory) -> str:
 
 def test_clusters_and_perturbations(run, demo_dir):
     cfg = load_config(RunConfig, None, uc_overrides(f"{demo_dir}/train/{SHARDS}", run))
-    assert cfg.mem.epsilon == 16  # UC's default
-    pert = uc.read_perturbations(run)
+    assert cfg.uc.epsilon == 16  # UC's default
+    pert = store.read_perturbations(run)
     assert pert.shape == (3, 32, 32, 3) and pert.dtype == np.int8 and np.abs(pert.astype(int)).max() <= 16
     assert np.abs(pert.astype(int)).max() > 0
     seen = set()
     for name in ("00000", "00001", "00002"):
-        keys, clusters, distances, _ = uc.read_assignments(run, name)
+        keys, clusters, distances, _ = store.read_assignments(run, name)
         src = load_shard(f"{demo_dir}/train/{name}.tar", cfg.data)
         assert keys == src.keys and ((clusters >= 0) & (clusters < 3)).all() and (distances >= 0).all()
         seen |= set(clusters.tolist())
@@ -115,7 +116,7 @@ def test_the_augmentation_moves_the_image_or_the_perturbed_image():
     a victim's loader does; "none" neither. Seen through a surrogate that returns its input, with
     uc.optimise's crop (uc.crop_padding 4, uc.flip), seeded by (epoch, step, shard) alone."""
     cfg = load_config(RunConfig, None, uc_overrides("x.tar", "out", **{"uc.augment": "published"}))
-    assert uc.seeded_crop(load_config(RunConfig, None, uc_overrides("x.tar", "out")), 1, 0, "00000") is None
+    assert uc_run.seeded_crop(load_config(RunConfig, None, uc_overrides("x.tar", "out")), 1, 0, "00000") is None
 
     def seen(mode: str, canvas: torch.Tensor, delta: torch.Tensor, step: int = 0) -> torch.Tensor:
         inputs = []
@@ -124,7 +125,7 @@ def test_the_augmentation_moves_the_image_or_the_perturbed_image():
             inputs.append(pix.detach().clone())
             return pix.flatten(1)
 
-        perturbations.pull_loss(net, canvas, delta, None, torch.zeros(1, 3 * 32 * 32), mode, uc.seeded_crop(cfg, 1, step, "00000"))
+        perturbations.pull_loss(net, canvas, delta, None, torch.zeros(1, 3 * 32 * 32), mode, uc_run.seeded_crop(cfg, 1, step, "00000"))
         return inputs[0]
 
     B = 64
@@ -170,7 +171,7 @@ def test_a_torchvision_classifier_is_the_uc_surrogate(demo_dir, tmp_path, capsys
     args = uc_overrides(f"{demo_dir}/train/00000.tar", out, **{"surrogate.model": "torchvision:resnet18",
                                                                 "surrogate.pretrained": ckpt, "uc.train_on": "cluster"})
     assert generate(args) == 0
-    assert uc.read_perturbations(out).shape == (3, 32, 32, 3)
+    assert store.read_perturbations(out).shape == (3, 32, 32, 3)
     bad = uc_overrides(f"{demo_dir}/train/00000.tar", str(tmp_path / "bad"), **{"surrogate.model": "torchvision:resnet18",
                                                                               "surrogate.pretrained": str(tmp_path / "nope.pt")})
     assert generate(bad) == 2 and "surrogate.pretrained" in capsys.readouterr().err
@@ -191,18 +192,18 @@ def test_clusters_from_the_captions(demo_dir, tmp_path):
     args = uc_overrides(f"{demo_dir}/train/{SHARDS}", out, **{"uc.cluster_on": "caption", "uc.epochs": 1})
     assert generate(args) == 0 and merge.main([out]) == 0
     cfg = load_config(RunConfig, None, args)
-    net = uc.FeatureNet(cfg, torch.device("cpu"))
+    net = features.FeatureNet(cfg, torch.device("cpu"))
     centroids, targets = (np.load(f"{out}/state/uc/{f}.npy") for f in ("centroids", "targets"))
     members: dict[int, list[np.ndarray]] = {}
     for name in ("00000", "00001", "00002"):
-        keys, clusters, _, _ = uc.read_assignments(out, name)
+        keys, clusters, _, _ = store.read_assignments(out, name)
         src = load_shard(f"{demo_dir}/train/{name}.tar", cfg.data)
         assert keys == src.keys
         text = net.captions(src.captions).numpy()
         assert centroids.shape[1] == text.shape[1]
         assert np.array_equal(clusters, ((text[:, None] - centroids[None]) ** 2).sum(-1).argmin(1))
-        rows = uc.share(name, len(src), uc.quota(90, 3), cfg.seed, "kmeans")  # the k-means sample
-        for c, f in zip(clusters[rows], uc.embed(net, src.canvases[rows], torch.device("cpu")).numpy()):
+        rows = store.share(name, len(src), store.quota(90, 3), cfg.seed, "kmeans")  # the k-means sample
+        for c, f in zip(clusters[rows], features.embed(net, src.canvases[rows], torch.device("cpu")).numpy()):
             members.setdefault(int(c), []).append(f)
     assert sorted(members) == [0, 1, 2]
     assert targets.shape == (3, net(torch.zeros(1, 3, 32, 32)).shape[1])
@@ -224,7 +225,7 @@ def test_perturbations_that_round_to_zero_are_reported(demo_dir, tmp_path, capsy
     out = str(tmp_path / "run")
     assert generate(uc_overrides(f"{demo_dir}/train/{SHARDS}", out, **{"uc.perturbation": "direct", "uc.lr": 1e-6,
                                                                       "uc.epochs": 1})) == 0
-    assert not uc.read_perturbations(out).any()
+    assert not store.read_perturbations(out).any()
     assert "round to 0" in capsys.readouterr().err
 
 
@@ -235,7 +236,7 @@ def test_a_grid_gives_smooth_perturbations(demo_dir, tmp_path, capsys):
     noise of +-16 would leave about 9); a grid the generator cannot make is one line."""
     out = str(tmp_path / "run")
     assert generate(uc_overrides(f"{demo_dir}/train/00000.tar", out, **{"uc.grid": 8, "uc.epochs": 1})) == 0
-    pert = uc.read_perturbations(out).astype(np.float64)  # [p, H, W, C]
+    pert = store.read_perturbations(out).astype(np.float64)  # [p, H, W, C]
     assert pert.shape == (3, 32, 32, 3) and np.abs(pert).max() > 0
     up = torch.nn.functional.interpolate(torch.eye(8, dtype=torch.float64)[None], size=32, mode="linear",
                                          align_corners=False)[0].t().numpy()  # [32, 8]: one grid column -> the canvas
@@ -243,4 +244,4 @@ def test_a_grid_gives_smooth_perturbations(demo_dir, tmp_path, capsys):
     grid = np.einsum("gh,phwc,vw->pgvc", fit, pert, fit)
     assert np.sqrt(((np.einsum("hg,pgvc,wv->phwc", up, grid, up) - pert) ** 2).mean()) <= 0.5
     assert generate(uc_overrides(f"{demo_dir}/train/00000.tar", str(tmp_path / "bad"), **{"uc.grid": 4})) == 2
-    assert "config key 'uc.grid'" in capsys.readouterr().err
+    assert "config key 'experimental.uc.grid'" in capsys.readouterr().err

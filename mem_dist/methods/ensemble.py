@@ -129,7 +129,7 @@ class Ensemble:
         """One AdamW step of every member on the batch, through its DDP wrapper (gradients
         all-reduced across ranks); returns each member's loss. ``step=False``: the batch's
         gradients only added to each member's .grad, through the bare model (no DDP): the
-        caller sums several ranks' batches and steps (:func:`mem_dist.methods.mem.surrogate_phase`)."""
+        caller sums several ranks' batches and steps (:func:`mem_dist.methods.mem.rounds.surrogate_phase`)."""
         losses = []
         for m in self.members:
             pix = augment.random_resized_crop(pix_BCHW, crop_gen) if crop_gen is not None else pix_BCHW

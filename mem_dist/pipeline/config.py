@@ -15,6 +15,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from mem_dist.methods import METHODS, get_method
+from mem_dist.methods.mem.config import MemConfig, MemExperimental
+from mem_dist.methods.uc.config import UCConfig, UCExperimental
 from mem_dist.pipeline.config_io import ConfigError, check
 
 
@@ -105,132 +108,13 @@ class SurrogateConfig:
 
 
 @dataclass(frozen=True)
-class MemConfig:
-    method: Literal["mem", "random", "prefix", "uc"] = "mem"
-    """mem: the MEM rounds (trigger_len=0 gives EM). random: no surrogate, nothing
-    optimised: uniform integer delta in [-epsilon, epsilon], plus a random trigger of
-    trigger_len tokens per sample (trigger_len=0: the plain random-noise baseline).
-    prefix: the same noise plus ONE random trigger shared by every sample, the control
-    for what any fixed caption prefix does to a victim evaluated on captions without it.
-    uc: Unlearnable Clusters (the ``uc`` section; captions untouched, no trigger)."""
-    rounds: int = 20
-    """T: outer rounds (surrogate phase, then a pass over every sample)."""
-    surrogate_steps: int = 200
-    """M: surrogate AdamW steps per round (DDP across ranks)."""
-    pgd_steps: int = 8
-    """PGD steps on delta per sample per round."""
-    hotflip_rounds: int = 5
-    """HotFlip updates the trigger in the first H rounds."""
-    hotflip_candidates: int = 16
-    """Candidate tokens per trigger position tried by HotFlip."""
-    trigger_len: int = 3
-    """k: trigger tokens prefixed to the caption; 0 = EM (image noise only)."""
-    trigger_vocab: int = 0
-    """Size of the trigger vocabulary: 0 = every token that survives the text round trip
-    (the paper); N = the first N alphabetic words of a seeded shuffle of those tokens."""
-    epsilon: Optional[int] = None
-    """L-inf bound of delta, in 1/255 units; null = the method's default: 8 (MEM, the
-    baselines), 16 (UC)."""
-    step_size: int = 1
-    """PGD step, in 1/255 units."""
-    batch_size: int = 128
-    """Samples per batch, per rank, in both phases."""
-    lr: float = 1.0e-4
-    """Surrogate AdamW learning rate (constant, as in the paper's code)."""
-    weight_decay: float = 0.2
-    """Surrogate AdamW weight decay (not on biases, norms, logit_scale)."""
-    shuffle_captions: bool = True
-    """PGD pairs each image (and its own trigger) with a caption shuffled inside the
-    batch, so delta can only bind to the trigger (the paper's "_shuffle" runs). Ignored
-    when trigger_len is 0 (EM): delta then minimises the loss of the true pairs."""
-    augment: bool = False
-    """Expectation over transformation: the surrogate sees each image through a random
-    resized crop (scale 0.8-1) so delta survives a victim's crops."""
+class ExperimentalConfig:
+    """Controls and ablations that only experiments/ and docs/efficacy.md set, one section per
+    method (``experimental.uc.grid``). They decide the state like any generation key (the run's
+    fingerprint covers them); the product config does not need them."""
 
-    def __post_init__(self) -> None:
-        if self.epsilon is None:
-            object.__setattr__(self, "epsilon", 16 if self.method == "uc" else 8)
-        for key in ("rounds", "batch_size", "epsilon", "step_size", "hotflip_candidates"):
-            check(getattr(self, key) >= 1, f"mem.{key}", "must be at least 1")
-        for key in ("surrogate_steps", "pgd_steps", "hotflip_rounds", "trigger_len", "trigger_vocab"):
-            check(getattr(self, key) >= 0, f"mem.{key}", "must be 0 or more")
-        check(self.epsilon <= 127, "mem.epsilon", "must be at most 127 (delta is int8)")
-        check(self.trigger_len <= 20, "mem.trigger_len", "must be at most 20")
-        check(self.method != "prefix" or self.trigger_len > 0, "mem.trigger_len", "must be at least 1 with mem.method=prefix")
-        check(self.lr > 0, "mem.lr", "must be positive")
-
-
-@dataclass(frozen=True)
-class UCConfig:
-    """Unlearnable Clusters (``mem.method: uc``): k-means on the surrogate's image features (or
-    the captions'), one perturbation per cluster pulling images toward the next cluster's centroid."""
-
-    clusters: int = 10
-    """p: k-means clusters, one perturbation each."""
-    kmeans_samples: int = 100_000
-    """Images k-means is fitted on (a seeded subset, the same share of every shard); every
-    image is then assigned to its nearest centroid."""
-    cluster_on: Literal["image", "caption"] = "image"
-    """What k-means clusters: image (UC's: the surrogate's image features) or caption (the CLIP
-    surrogate's text-tower embedding of each caption; each cluster's perturbation still pulls
-    its images toward the next cluster's mean image feature). An open_clip surrogate only."""
-    train_samples: int = 20_000
-    """Images the perturbations are optimised on (a seeded subset, the same share of every
-    shard, held in memory across the ranks)."""
-    perturbation: Literal["generator", "direct", "random"] = "generator"
-    """generator: the authors' per-cluster ResNet generator from one fixed noise input, its
-    output clamped to epsilon; direct: the p perturbations themselves, projected to epsilon;
-    random: the control, seeded uniform noise per cluster, nothing optimised."""
-    train_on: Literal["all", "cluster"] = "all"
-    """all: every image is pushed by every cluster's perturbation toward that cluster's
-    target (the authors' code: universal perturbations); cluster: each image only by its
-    own cluster's (p times cheaper)."""
-    augment: Literal["none", "images", "published"] = "none"
-    """What the optimisation sees of the classifier victim's random crop and horizontal flip
-    (uc.crop_padding, uc.flip): none; images: each training image cropped and flipped, the
-    perturbation added after at its place (the authors' loader); published: the perturbed
-    image cropped and flipped, as a victim's loader sees a published image (an expectation
-    over the victim's augmentation; the best measured, docs/efficacy.md)."""
-    crop_padding: int = 4
-    """uc.augment's random crop: zero padding in canvas pixels (the classifier victim's
-    classifier.crop_padding; 4 at 32 px is the papers' CIFAR crop); 0 = no crop."""
-    flip: bool = True
-    """uc.augment's random horizontal flip (the classifier victim's classifier.flip)."""
-    epochs: int = 50
-    """Passes over the train_samples (the authors': 50)."""
-    batch_size: int = 128
-    """Images per optimisation step, over all ranks (each shard contributes its share)."""
-    lr: Optional[float] = None
-    """Adam learning rate (cosine to 0); null = the perturbation's default: 1e-4 for the
-    generator (the authors'), 0.5 for direct perturbations (they move in 1/255 units)."""
-    weight_decay: Optional[float] = None
-    """Adam's L2 weight decay; null = the perturbation's default: 5e-4 for the generator's
-    weights (the authors'), 0 for direct perturbations (in 1/255 units, a decay of 5e-4 * delta
-    outweighs their mean-normalised gradient a hundredfold and holds them at 0)."""
-    grid: int = 0
-    """0: a perturbation holds one value per canvas pixel (the authors'); g > 0: a g x g grid of
-    values per channel (the generator's output, the direct tensor, the random noise), upsampled
-    bilinearly to the canvas: a smooth, low-frequency code."""
-    generator_width: int = 64
-    """The generator's ngf (64: the authors')."""
-    generator_blocks: int = 6
-    """Residual blocks of the generator (6: the authors')."""
-
-    def __post_init__(self) -> None:
-        if self.lr is None:
-            object.__setattr__(self, "lr", 1.0e-4 if self.perturbation == "generator" else 0.5)
-        if self.weight_decay is None:
-            object.__setattr__(self, "weight_decay", 5.0e-4 if self.perturbation == "generator" else 0.0)
-        check(self.clusters >= 2, "uc.clusters", "must be at least 2")
-        for key in ("kmeans_samples", "train_samples", "epochs", "batch_size", "generator_width"):
-            check(getattr(self, key) >= 1, f"uc.{key}", "must be at least 1")
-        check(self.generator_blocks >= 0, "uc.generator_blocks", "must be 0 or more")
-        check(self.grid >= 0, "uc.grid", "must be 0 (one value per canvas pixel) or a grid side")
-        check(self.grid == 0 or self.grid >= 8 or self.perturbation != "generator", "uc.grid",
-              "must be at least 8 for the generator (its two stride-2 downs and reflection padding)")
-        check(self.crop_padding >= 0, "uc.crop_padding", "must be 0 or more")
-        check(self.lr > 0, "uc.lr", "must be positive")
-        check(self.weight_decay >= 0, "uc.weight_decay", "must be 0 or more")
+    mem: MemExperimental = field(default_factory=MemExperimental)
+    uc: UCExperimental = field(default_factory=UCExperimental)
 
 
 @dataclass(frozen=True)
@@ -286,33 +170,72 @@ class MergeConfig:
         check(not both, "merge.keep_fields", f"'{both[0] if both else ''}' is in merge.drop_fields too")
 
 
+# Old spellings of moved keys -> where they live now. Read from YAML files, overrides and the
+# run.json of existing runs (RunConfig.upgrade); the fingerprint keeps the old layout.
+MOVED_KEYS = {
+    "mem.method": "method",
+    **{f"mem.{k}": f"experimental.mem.{k}" for k in ("hotflip_candidates", "trigger_vocab", "shuffle_captions", "augment")},
+    **{f"uc.{k}": f"experimental.uc.{k}" for k in ("perturbation", "train_on", "crop_padding", "flip", "lr", "weight_decay",
+                                                   "grid", "generator_width", "generator_blocks")},
+}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     seed: int = 0
     """Seeds the surrogate's init, the trigger init and every per-shard random stream."""
     output: str = "runs/demo"
     """Run folder: any fsspec URL (local path, file://, s3://bucket/prefix)."""
+    method: str = "mem"
+    """The protection, by its name in the registry (:data:`mem_dist.methods.METHODS`): mem
+    (MEM's rounds; mem.trigger_len=0 gives EM), random (uniform noise and a random trigger per
+    sample, nothing optimised), prefix (the same noise and ONE random trigger for every
+    sample), uc (Unlearnable Clusters). Each reads its own section (random and prefix: mem's)."""
     data: DataConfig = field(default_factory=DataConfig)  # data.shards is required: no default
     surrogate: SurrogateConfig = field(default_factory=SurrogateConfig)
     mem: MemConfig = field(default_factory=MemConfig)
     uc: UCConfig = field(default_factory=UCConfig)
     state: StateConfig = field(default_factory=StateConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
+    experimental: ExperimentalConfig = field(default_factory=ExperimentalConfig)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto: CUDA when available, else CPU (multi-process CPU runs need ACCELERATE_USE_CPU=1)."""
     progress: bool = True
     """Progress bars on the main process."""
 
     def __post_init__(self) -> None:
-        check(self.uc.grid <= self.data.image_size, "uc.grid", f"must be at most data.image_size ({self.data.image_size})")
+        check(self.method in METHODS, "method", f"must be one of {', '.join(METHODS)}; got {self.method!r}")
+        method = get_method(self.method)
+        method.check(method.job(self))
+
+    @staticmethod
+    def upgrade(raw: dict[str, Any]) -> dict[str, Any]:
+        """A raw config (YAML, overrides, a run.json's) with old spellings moved to where the keys
+        live now (:data:`MOVED_KEYS`); a key given both ways keeps the new spelling's value."""
+        raw = json.loads(json.dumps(raw))
+        mem = raw.get("mem") if isinstance(raw.get("mem"), dict) else {}
+        if "epsilon" in mem and mem["epsilon"] is None:  # null meant the method's default: now each section's own
+            mem.pop("epsilon")
+        uc = raw.setdefault("uc", {})
+        if "uc" in (mem.get("method"), raw.get("method")) and "epsilon" in mem and isinstance(uc, dict) and "epsilon" not in uc:
+            uc["epsilon"] = mem.pop("epsilon")  # UC's bound was mem.epsilon
+        for old, new in MOVED_KEYS.items():
+            section, key = old.split(".")
+            if isinstance(raw.get(section), dict) and key in raw[section]:
+                value = raw[section].pop(key)
+                *path, leaf = new.split(".")
+                node = raw
+                for part in path:
+                    node = node.setdefault(part, {})
+                node.setdefault(leaf, value)
+        return raw
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings that decide the generated state. Resuming is refused when these
         differ; mem.rounds is left out so a finished run can be extended, and keys that
         change no state byte (data.cache_shards: memory only; output, device, progress,
-        state, merge) so a resume may change them."""
-        mem = dataclasses.asdict(self.mem)
-        mem.pop("rounds")
+        state, merge) so a resume may change them. The method adds its own part
+        (:meth:`mem_dist.methods.base.Method.fingerprint`)."""
         data = dataclasses.asdict(self.data)
         data.pop("cache_shards")
         if data["max_pixels"] == MAX_PIXELS:  # left out at its default, so runs started before it existed resume
@@ -323,23 +246,8 @@ class RunConfig:
             # ensemble is left out when empty, so runs started before it existed still resume
             "surrogate": {k: v for k, v in dataclasses.asdict(self.surrogate).items()
                           if k != "precision" and (k != "ensemble" or v)},
-            "mem": mem,
-            **({"uc": self._uc_fingerprint()} if self.mem.method == "uc" else {}),
+            **get_method(self.method).fingerprint(get_method(self.method).job(self)),
         }
-
-    def _uc_fingerprint(self) -> dict[str, Any]:
-        # the augmentation's keys are left out when it is off (they change nothing then), and
-        # cluster_on when it is UC's image and grid when 0, so UC runs started before those keys
-        # existed still resume
-        uc = dataclasses.asdict(self.uc)
-        if uc["augment"] == "none":
-            for key in ("augment", "crop_padding", "flip"):
-                uc.pop(key)
-        if uc["cluster_on"] == "image":
-            uc.pop("cluster_on")
-        if uc["grid"] == 0:
-            uc.pop("grid")
-        return uc
 
     def config_hash(self) -> str:
         return config_hash(self.fingerprint())

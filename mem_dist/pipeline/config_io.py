@@ -115,6 +115,8 @@ def build(cls: type, raw: Any, prefix: str) -> Any:
     """A ``cls`` config section from a raw mapping; ``prefix`` names it in errors ("mem.")."""
     if not isinstance(raw, dict):
         raise ConfigError(f"config key '{prefix.rstrip('.')}' must be a section (a mapping of keys)")
+    if hasattr(cls, "upgrade"):  # old spellings of moved keys (RunConfig.upgrade)
+        raw = cls.upgrade(raw)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))

@@ -1,13 +1,19 @@
-"""The rounds of a generation run, on every rank (MEM and the random baselines).
+"""Generation: the configured method's (:mod:`mem_dist.methods`), and the rounds driver that
+MEM and its random / prefix controls run on, on every rank.
 
     for r in rounds:
-        surrogate phase: M DDP steps of the surrogate(s)             (mem.surrogate_phase)
-                         -> parameter checksum compared across ranks -> checkpoint r
+        before the samples: the method's (MEM: M DDP steps of the surrogate(s) -> parameter
+                         checksum compared across ranks -> checkpoint r; the controls: nothing)
         sample phase:    the shards whose round-r state is missing, dealt out round-robin
                          over this launch's ranks
-                         -> state/round-r/{shard}.parquet, atomic      (mem.process_shard)
+                         -> state/round-r/{shard}.parquet, atomic     (the method's process_shard)
         all ranks:       the round's loss sums reduced across ranks; rank 0 writes the
                          metrics.jsonl line and run.json, prunes old rounds
+
+The driver asks the method (a :class:`mem_dist.methods.base.StoredRounds`) for: setup(job,
+dist, ranks) -> a run (urls, ranks, streams, cache), resume_round(job), before_samples(run,
+round, bar) -> (train loss, checksum), process_shard(run, round, url) -> ShardState,
+round_metrics(job, run, round, surrogate_s) and round_line(metrics, surrogate_s).
 
 The surrogate is checkpointed after every surrogate phase and every random stream is a
 function of (seed, round, shard, batch) or (seed, surrogate rank, step), so a resumed run
@@ -26,29 +32,31 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm import tqdm
 
-from mem_dist.pipeline import data, distributed, rundir, state, storage
-from mem_dist.methods import mem
+from mem_dist.methods import get_method
+from mem_dist.pipeline import data, rundir, state, storage
 from mem_dist.pipeline.config import RunConfig
 from mem_dist.pipeline.data import shard_name
 
 
-def generate(cfg: RunConfig, dist: distributed.Dist, log=print) -> dict:
-    """Run (or resume) generation; returns the final run record. ``mem.method: uc`` is
-    Unlearnable Clusters (:func:`mem_dist.methods.uc.generate`)."""
-    if cfg.mem.method == "uc":
-        from mem_dist.methods import uc
+def generate(cfg: RunConfig, dist, log=print) -> dict:
+    """Run (or resume) the configured method's generation; returns the final run record."""
+    method = get_method(cfg.method)
+    return method.generate(method.job(cfg), dist, log)
 
-        return uc.generate(cfg, dist, log)
+
+def run_rounds(cfg: RunConfig, dist, method, log=print) -> dict:
+    """Run (or resume) ``method``'s rounds; returns the final run record."""
+    job = method.job(cfg)
     old = rundir.check_resume(cfg, dist.world)
-    run = mem.setup(cfg, dist, ranks=rundir.surrogate_ranks(old, dist.world))
+    run = method.setup(job, dist, rundir.surrogate_ranks(old, dist.world))
     dist.barrier()  # every rank has checked run.json before rank 0 rewrites it
     done = old.get("rounds_done", 0) if old else 0
     if dist.is_main:
         storage.write_json(storage.join(cfg.output, "run.json"),
                            rundir.run_record(cfg, run.urls, dist.world, old, done, (old or {}).get("skipped", {}), launch=True))
     dist.barrier()
-    last = rundir.total_rounds(cfg)
-    first = resume_point(run)
+    last = method.rounds(job)
+    first = resume_point(method, job, run.urls)
     if old is not None and first <= last and dist.is_main:
         n = len(state.completed(cfg.output, first))
         log(f"mem-dist: resuming {cfg.output} at round {first} ({done} rounds done, {n} shards of round {first} committed) "
@@ -56,49 +64,28 @@ def generate(cfg: RunConfig, dist: distributed.Dist, log=print) -> dict:
     record = None
     with ThreadPoolExecutor(1, thread_name_prefix="decode") as decoder:
         for round_ in range(first, last + 1):
-            record = one_round(run, round_, bar=cfg.progress and dist.is_main, log=log, decoder=decoder)
+            record = one_round(method, run, round_, bar=cfg.progress and dist.is_main, log=log, decoder=decoder)
     if record is None:
         record = storage.read_json(storage.join(cfg.output, "run.json"))
         log(f"mem-dist: {cfg.output} already has {record['rounds_done']} rounds; nothing to do")
     return record
 
 
-def resume_point(run: mem.Run) -> int:
-    """The round to continue with: the newest checkpointed round if its state is not
-    complete yet (its sample phase resumes), else the one after it."""
-    all_shards = {shard_name(u) for u in run.urls}
-    ck = rundir.latest_checkpoint(run.cfg.output) if run.cfg.mem.method == "mem" else 1
-    if ck and state.completed(run.cfg.output, ck) != all_shards:
+def resume_point(method, job, urls: list[str]) -> int:
+    """The round to continue with: the method's resume round if its state is not complete
+    yet (its sample phase resumes), else the one after it."""
+    all_shards = {shard_name(u) for u in urls}
+    ck = method.resume_round(job)
+    if ck and state.completed(job.output, ck) != all_shards:
         return ck
     return ck + 1
 
 
-def surrogate_round(run: mem.Run, round_: int, bar: bool) -> float:
-    """Round ``round_``'s surrogate phase (or its checkpoint, when resuming its sample phase);
-    returns this rank's mean training loss (NaN when loaded)."""
-    cfg, dist = run.cfg, run.dist
-    train_loss = float("nan")
-    if rundir.latest_checkpoint(cfg.output) >= round_:  # resuming this round's sample phase
-        if run.at_round != round_:
-            run.ensemble.load_state_dict(rundir.load_checkpoint(cfg.output, round_))
-    else:
-        if round_ > 1 and run.at_round != round_ - 1:
-            run.ensemble.load_state_dict(rundir.load_checkpoint(cfg.output, round_ - 1))
-        train_loss = mem.surrogate_phase(run, round_, bar)
-        run.ensemble.sync_and_check(dist, round_)
-        if dist.is_main:
-            rundir.save_checkpoint(cfg.output, round_, run.ensemble.state_dict(), cfg.state.checkpoint_keep)
-        dist.barrier()
-    run.at_round = round_
-    return train_loss
-
-
-def one_round(run: mem.Run, round_: int, bar: bool, log, decoder: ThreadPoolExecutor) -> dict:
+def one_round(method, run, round_: int, bar: bool, log, decoder: ThreadPoolExecutor) -> dict:
     cfg, dist = run.cfg, run.dist
     decodes = data.DECODES.value
     t0 = time.time()
-    train_loss = surrogate_round(run, round_, bar) if cfg.mem.method == "mem" else float("nan")
-    checksum = [distributed.checksum(m.bare) for m in run.ensemble.members] if cfg.mem.method == "mem" else None
+    train_loss, checksum = method.before_samples(run, round_, bar)
     t1 = time.time()
     done = dist.broadcast(state.completed(cfg.output, round_) if dist.is_main else None)  # one listing, one split
     todo = data.owned([u for u in run.urls if shard_name(u) not in done], dist.rank, dist.world)
@@ -108,7 +95,7 @@ def one_round(run: mem.Run, round_: int, bar: bool, log, decoder: ThreadPoolExec
         run.cache.get(url)
         if i + 1 < len(todo):  # decode the next shard while this one is processed
             run.cache.prefetch(todo[i + 1], decoder)
-        st = mem.process_shard(run, round_, url) if cfg.mem.method == "mem" else mem.random_noise_shard(run, url)
+        st = method.process_shard(run, round_, url)
         state.write_state(state.state_url(cfg.output, round_, shard_name(url)), st)
         sums[url] = {"n": len(st.keys), "loss_sum": float(st.loss.astype("float64").sum()),
                      "clean_sum": float(st.clean_loss.astype("float64").sum()), "skipped": dict(st.skipped)}
@@ -132,24 +119,23 @@ def one_round(run: mem.Run, round_: int, bar: bool, log, decoder: ThreadPoolExec
         timing = {"surrogate_s": t1 - t0, "sample_s": t2 - t1, "start": t0, "end": time.time(), "samples_here": int(totals[3]),
                   "train_loss": totals[4] / run.ranks, "decodes": int(totals[5]), "peak_rss_mb": round(peak_rss, 1),
                   "checksum": checksum}
-        record = finish_round(run, round_, n, totals[1] / n if n else float("nan"), totals[2] / n if n else float("nan"),
+        record = finish_round(method, run, round_, n, totals[1] / n if n else float("nan"), totals[2] / n if n else float("nan"),
                               skipped, timing, log)
     dist.barrier()
     return record or storage.read_json(storage.join(cfg.output, "run.json"))
 
 
-def finish_round(run: mem.Run, round_: int, n: int, loss: float, clean_loss: float, skipped: dict, timing: dict, log) -> dict:
+def finish_round(method, run, round_: int, n: int, loss: float, clean_loss: float, skipped: dict, timing: dict, log) -> dict:
     """Rank 0: the metrics.jsonl line, run.json, pruning."""
     cfg = run.cfg
-    is_mem = cfg.mem.method == "mem"
     surrogate_s, sample_s = timing["surrogate_s"], timing["sample_s"]
+    own = method.round_metrics(method.job(cfg), run, round_, surrogate_s)  # surrogate_samples_per_s, hotflip
     m = {
         "round": round_, "loss": loss, "clean_loss": clean_loss, "surrogate_train_loss": timing["train_loss"], "samples": n,
         "skipped": skipped, "surrogate_s": round(surrogate_s, 3), "sample_s": round(sample_s, 3),
-        "surrogate_samples_per_s": round(cfg.mem.surrogate_steps * cfg.mem.batch_size * run.ranks / surrogate_s, 1)
-        if surrogate_s > 0 and is_mem else None,
+        "surrogate_samples_per_s": own["surrogate_samples_per_s"],
         "sample_samples_per_s": round(timing["samples_here"] / sample_s, 1) if sample_s > 0 else None,
-        "hotflip": is_mem and cfg.mem.trigger_len > 0 and round_ <= cfg.mem.hotflip_rounds,
+        "hotflip": own["hotflip"],
         "decodes": timing["decodes"], "peak_rss_mb": timing["peak_rss_mb"], "surrogate_checksum": timing["checksum"],
         "start": round(timing["start"], 3), "end": round(timing["end"], 3),
     }
@@ -161,8 +147,36 @@ def finish_round(run: mem.Run, round_: int, n: int, loss: float, clean_loss: flo
     record = rundir.run_record(cfg, run.urls, run.dist.world, old, round_, skipped)
     storage.write_json(storage.join(cfg.output, "run.json"), record)
     state.prune(cfg.output, cfg.state.keep_rounds, round_)
-    losses = (f"loss {loss:.4f} (clean pairs {clean_loss:.4f}) | surrogate {surrogate_s:.1f}s "
-              f"({m['surrogate_samples_per_s']} samples/s)" if is_mem else f"{cfg.mem.method} baseline, nothing optimised")
-    log(f"round {round_}/{record['rounds']}: {losses} | samples {sample_s:.1f}s ({m['sample_samples_per_s']} samples/s) "
+    log(f"round {round_}/{record['rounds']}: {method.round_line(m, surrogate_s)} | samples {sample_s:.1f}s ({m['sample_samples_per_s']} samples/s) "
         f"| {n} samples, skipped {skipped or 0}")
     return record
+
+
+def repair(cfg: RunConfig, dist, urls: list[str], ck: int, rounds: int, log=print) -> None:
+    """Before a run of stored rounds resumes at round ``ck`` (of ``rounds``; the method's
+    resume round): unreadable state objects (zero bytes, not Parquet, a damaged page
+    in the final round's) of the round it continues are removed, each named in one line, so that it redoes them. If one of
+    them was the input of a shard the round has still to do (the previous round's state),
+    the latest surrogate checkpoint goes too: the run goes back one round, redoes those
+    shards from the checkpoint before, and recomputes the same surrogate. Each rank checks
+    its share of the shards."""
+    names = [data.shard_name(u) for u in data.owned(urls, dist.rank, dist.world)]
+    state.sweep(cfg.output, ck, names, log, full=ck >= rounds)
+    holes = 0
+    if ck > 1:
+        done = state.completed(cfg.output, ck)
+        needed = [n for n in names if n not in done]
+        state.sweep(cfg.output, ck - 1, needed, log)
+        before = state.completed(cfg.output, ck - 1)
+        holes = sum(n not in before for n in needed)
+    if dist.sum([holes])[0]:
+        if not storage.exists(rundir.checkpoint_url(cfg.output, ck - 1)):
+            raise state.StateError(state.round_dir(cfg.output, ck - 1),
+                                   f"shards of round {ck} need it, and no checkpoint of round {ck - 1} is left to redo it",
+                                   "start a new run (state.checkpoint_keep of 2 or more keeps what this needs)")
+        dist.barrier()  # every rank has looked at the checkpoints before one goes
+        if dist.is_main:
+            storage.remove(rundir.checkpoint_url(cfg.output, ck))
+            log(f"mem-dist: warning: round {ck - 1}'s state is redone for those shards first, so round {ck}'s surrogate "
+                f"checkpoint was removed (recomputed the same from round {ck - 1}'s)")
+    dist.barrier()

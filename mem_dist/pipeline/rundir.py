@@ -4,7 +4,7 @@
 each launch, rounds done, skip counts); a command that would continue a run with another
 generation config is refused (:class:`ResumeError`). Any world size may continue a run: the
 surrogate's batches stay laid out for the first launch's ranks (``surrogate_ranks``, see
-:mod:`mem_dist.methods.mem`). Checkpoints ``{output}/checkpoints/round-{r:03d}.pt`` hold the
+:mod:`mem_dist.methods.mem.rounds`). Checkpoints ``{output}/checkpoints/round-{r:03d}.pt`` hold the
 surrogate(s) after round r's surrogate phase.
 """
 
@@ -17,6 +17,7 @@ import time
 import torch
 
 from mem_dist import __version__
+from mem_dist.methods import get_method
 from mem_dist.pipeline import storage
 from mem_dist.pipeline.config import RunConfig
 from mem_dist.pipeline.config_io import ConfigError, build, to_dict
@@ -64,6 +65,7 @@ def run_record(cfg: RunConfig, urls: list[str], world: int, old: dict | None, ro
     import accelerate, open_clip, pyarrow, webdataset
 
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    method = get_method(cfg.method)
     sizes = list((old or {}).get("world_sizes") or ([old["world_size"]] if old and "world_size" in old else []))
     return {
         "config": to_dict(cfg),
@@ -72,7 +74,7 @@ def run_record(cfg: RunConfig, urls: list[str], world: int, old: dict | None, ro
         "world_size": world,
         "world_sizes": sizes + [world] if launch or not sizes else sizes,
         "surrogate_ranks": surrogate_ranks(old, world),
-        "rounds": total_rounds(cfg),
+        "rounds": method.rounds(method.job(cfg)),
         "rounds_done": rounds_done,
         "skipped": skipped,
         "versions": {"mem_dist": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
@@ -81,11 +83,6 @@ def run_record(cfg: RunConfig, urls: list[str], world: int, old: dict | None, ro
         "created": (old or {}).get("created", now),
         "updated": now,
     }
-
-
-def total_rounds(cfg: RunConfig) -> int:
-    """mem.rounds for MEM; the random baselines and UC write one round of state."""
-    return cfg.mem.rounds if cfg.mem.method == "mem" else 1
 
 
 def checkpoint_url(output: str, round_: int, prefix: str = "round") -> str:

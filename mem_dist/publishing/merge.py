@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import io
 import json
 import multiprocessing
@@ -48,6 +49,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from mem_dist.methods import get_method
 from mem_dist.publishing import manifest, publish
 from mem_dist.pipeline import state, storage, text
 from mem_dist.pipeline.config import MergeConfig, RunConfig
@@ -108,23 +110,16 @@ def kept_summary(kept: list[float]) -> dict:
 
 
 def method_name(cfg: RunConfig) -> str:
-    """mem, em (MEM without a trigger), random (noise only), random-trigger or
-    random-prefix (one trigger shared by every sample)."""
-    if cfg.mem.method == "prefix":
-        return "random-prefix"
-    if cfg.mem.method == "random":
-        return "random-trigger" if cfg.mem.trigger_len else "random"
-    return "mem" if cfg.mem.trigger_len else "em"
+    """The method the private manifest records (mem, em, random, random-trigger, random-prefix, uc, ...)."""
+    method = get_method(cfg.method)
+    return method.manifest_name(method.job(cfg))
 
 
 def final_state(cfg: RunConfig, output: str, round_: int, src: Shard) -> state.ShardState:
-    """A shard's final state: MEM's and the baselines' as stored, UC's composed from each key's
-    cluster and the cluster's perturbation (:func:`mem_dist.methods.uc.shard_state`)."""
-    if cfg.mem.method == "uc":
-        from mem_dist.methods import uc
-
-        return uc.shard_state(output, src, uc.read_perturbations(output))
-    return state.read_state(state.state_url(output, round_, src.name))
+    """A shard's final state, as the run's method gives it: MEM's and the controls' as stored,
+    UC's composed from each key's cluster and the cluster's perturbation."""
+    method = get_method(cfg.method)
+    return method.shard_state(dataclasses.replace(method.job(cfg), output=output), round_, src)
 
 
 def merge_shard(cfg: RunConfig, url: str, round_: int, private: str | None = None, made: dict | None = None) -> dict:

@@ -4,7 +4,8 @@ complete one).
 
 A run is *finished* when run.json says ``rounds_done >= rounds`` (a run without those fields,
 or without run.json: when the state of round ``rounds`` exists) and that round's state holds
-every shard (UC: and its perturbations are written). Merge refuses an unfinished run with one
+every shard (UC: and its perturbations are written): the method says
+(:meth:`mem_dist.methods.base.Method.source`). Merge refuses an unfinished run with one
 line (exit 2): a merge started while generate runs, or after it was killed between rounds,
 would otherwise publish an earlier round as if it were the final one.
 """
@@ -12,12 +13,12 @@ would otherwise publish an earlier round as if it were the final one.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
-from mem_dist.pipeline import state, storage
+from mem_dist.methods import get_method
+from mem_dist.methods.base import Source
+from mem_dist.pipeline import storage
 from mem_dist.pipeline.config import RunConfig
 from mem_dist.pipeline.config_io import ConfigError, build, load_config, parse_overrides, read_yaml, to_dict
-from mem_dist.pipeline.data import shard_name
 
 MERGE_KEYS = ("merge.", "progress")
 
@@ -87,57 +88,12 @@ def _dotted(tree: dict, key: str):
     return tree
 
 
-@dataclass(frozen=True)
-class Source:
-    """The state merge publishes: ``round`` of the run's ``rounds`` (``rounds_done`` by run.json)."""
-
-    round: int
-    rounds: int
-    rounds_done: int | None
-    finished: bool
-
-
-def total_rounds(cfg: RunConfig) -> int:
-    """mem.rounds for MEM; the random baselines and UC write one round of state (as rundir's)."""
-    return cfg.mem.rounds if cfg.mem.method == "mem" else 1
-
-
 def publish_source(cfg: RunConfig, urls: list[str]) -> Source:
-    """The round to publish, checked.
+    """The round to publish, checked by the run's method (:meth:`mem_dist.methods.base.Method.source`).
 
     Raises:
         ConfigError: no state; the run is unfinished and ``merge.allow_unfinished`` is off; or,
-            with it on, no round holds every shard's state (UC: no perturbations yet).
+            with it on, nothing complete to publish.
     """
-    output = cfg.output
-    latest = state.latest_round(output)
-    if latest == 0:
-        raise ConfigError(f"no generation state under {storage.join(output, 'state')}; run generate first")
-    url = storage.join(output, "run.json")
-    record = storage.read_json(url) if storage.exists(url) else {}
-    rounds = int(record.get("rounds", total_rounds(cfg)))
-    done = record.get("rounds_done")
-    names = {shard_name(u) for u in urls}
-
-    def lacking(r: int) -> list[str]:
-        return sorted(names - state.completed(output, r))
-
-    missing = lacking(latest)
-    finished = (done is None or done >= rounds) and latest >= rounds and not missing
-    if cfg.mem.method == "uc":
-        from mem_dist.methods import uc
-
-        uc.read_perturbations(output)  # a ConfigError until generate has finished: nothing to publish before
-    if finished:
-        return Source(latest, rounds, done, True)
-    if not cfg.merge.allow_unfinished:
-        where = (f"{done} of {rounds} rounds done (run.json)" if done is not None and done < rounds
-                 else f"the state of round {latest} lacks shard {missing[0]} (and {len(missing) - 1} more)" if missing
-                 else f"state up to round {latest} of {rounds}")
-        raise ConfigError(f"the run in {output} is unfinished: {where}; finish generate first (the same command resumes "
-                          f"it), or publish its newest complete round anyway with merge.allow_unfinished=true")
-    for r in (latest, latest - 1):  # generate writes round r + 1 only once round r is whole
-        if r >= 1 and not lacking(r):
-            return Source(r, rounds, done, False)
-    raise ConfigError(f"the run in {output} is unfinished and no round's state holds every shard "
-                      f"(round {latest} lacks {missing[0]}); finish generate first")
+    method = get_method(cfg.method)
+    return method.source(method.job(cfg), urls, cfg.merge.allow_unfinished)

@@ -8,7 +8,7 @@ final-round state and the private manifest. Mismatch kinds:
   pixels          decoded protected image - source canvas != stored delta (exactly); for
                   merge.image_format jpg: the image is not canvas + delta as merge encodes
                   it (same quality; JPEG encoders of other libjpeg builds may differ)
-  bound           |delta| > mem.epsilon
+  bound           |delta| > the method's epsilon (mem.epsilon, uc.epsilon, ...)
   caption         caption != trigger_text + " " + source caption
   tokens          open_clip's tokenizer does not give trigger_ids at positions 1..k
   meta            the manifest disagrees with the state (trigger ids) or the image (sha256)
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import hashlib
 import io
 import json
@@ -54,13 +55,14 @@ import webdataset as wds
 from PIL import Image
 from skimage.metrics import structural_similarity
 
+from mem_dist.methods import get_method
 from mem_dist.publishing import manifest, publish
-from mem_dist.pipeline import state, storage, text
+from mem_dist.pipeline import storage, text
 from mem_dist.pipeline.config import MergeConfig, RunConfig
 from mem_dist.pipeline.config_io import ConfigError, load_config
 from mem_dist.pipeline.data import expand_shards, load_shard, shard_name
 from mem_dist.errors import one_line_errors
-from mem_dist.publishing.merge import decode_image, delta_kept, encode_image, final_state, kept_summary, published_url
+from mem_dist.publishing.merge import decode_image, delta_kept, encode_image, kept_summary, published_url
 from mem_dist.publishing.merge_config import recorded_config
 from mem_dist.pipeline.surrogate import resolve_model_name
 
@@ -186,8 +188,10 @@ def verify_shard(output: str, url: str, round_: int, cfg: RunConfig, tokenizer, 
     if made.get("unfinished"):
         check.unfinished.add(round_)
     folder = stats["published_to"] or storage.join(output, "protected")
-    tar, state_url = published_url(folder, name, ".tar"), state.state_url(output, round_, name)
-    for what in (tar, state_url, manifest.manifest_url(output, name)):
+    method = get_method(cfg.method)
+    job = dataclasses.replace(method.job(cfg), output=output)
+    tar = published_url(folder, name, ".tar")
+    for what in (tar, *method.state_objects(job, round_, name), manifest.manifest_url(output, name)):
         if not storage.exists(what):
             check.expect(False, "missing_shard", what)
             return
@@ -195,7 +199,8 @@ def verify_shard(output: str, url: str, round_: int, cfg: RunConfig, tokenizer, 
     drop, keep = tuple(stats.get("drop_fields", ())), tuple(stats.get("keep_fields", ()))
     src = load_shard(url, cfg.data)
     source = {k: (c, cap, meta) for k, c, cap, meta in zip(src.keys, src.canvases, src.captions, src.meta or [None] * len(src))}
-    st = final_state(cfg, output, round_, src)
+    st = method.shard_state(job, round_, src)
+    epsilon = method.epsilon(job)
     row_of = st.by_key()
     record = manifest.read_manifest(output, name)
     seen, images, hidden = set(), {}, {}
@@ -229,7 +234,7 @@ def verify_shard(output: str, url: str, round_: int, cfg: RunConfig, tokenizer, 
             check.kept.append(delta_kept(pixels, canvas, delta))
         else:
             check.expect(same_shape and np.array_equal(pixels, summed), "pixels", where)
-        check.expect(int(np.abs(delta.astype(np.int16)).max(initial=0)) <= cfg.mem.epsilon, "bound", where)
+        check.expect(int(np.abs(delta.astype(np.int16)).max(initial=0)) <= epsilon, "bound", where)
         caption = s["txt"].decode("utf-8")
         check.expect(caption == text.protected_caption(st.trigger_text[j], src_caption), "caption", where)
         if caption != src_caption:
@@ -263,7 +268,8 @@ def verify(output: str, cfg: RunConfig | None = None) -> dict:
         ConfigError: no config, or no state under ``output``.
     """
     cfg = run_config(output, cfg)
-    round_ = state.latest_round(output)
+    method = get_method(cfg.method)
+    round_ = method.state_round(dataclasses.replace(method.job(cfg), output=output))
     if round_ == 0:
         raise ConfigError(f"no generation state under {storage.join(output, 'state')}")
     tokenizer = open_clip.get_tokenizer(resolve_model_name(cfg.surrogate.model))

@@ -28,7 +28,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mem_dist.pipeline import distributed
-from mem_dist.methods import mem
+from mem_dist.methods.mem import rounds as mem
 from mem_dist.pipeline.config import RunConfig
 from mem_dist.pipeline.config_io import ConfigError
 
@@ -101,8 +101,8 @@ def bench_generate(cfg: RunConfig, steps: int = 3) -> tuple[list[Phase], dict]:
     "run_s", "surrogate_run_s", "sample_run_s", "surrogate_s" (all rounds' surrogate phases),
     "sample_s_per_sample" (all rounds' sample phases, per sample), "run_flops" (the config's
     samples, all rounds)}."""
-    if cfg.mem.method != "mem":
-        raise ConfigError("config key 'mem.method': bench generate measures MEM (the random baselines cost only their I/O)")
+    if cfg.method != "mem":
+        raise ConfigError("config key 'method': bench generate measures MEM (the random baselines cost only their I/O)")
     dist = distributed.init(cfg.device)
     if dist.world > 1:
         raise ConfigError("bench generate runs as one process (python -m mem_dist.bench ...), not under a launcher")
@@ -133,7 +133,7 @@ def bench_generate(cfg: RunConfig, steps: int = 3) -> tuple[list[Phase], dict]:
     hf_s = 0.0
     if hotflip:
         hf_s, hf_mem = _median_timed(dist.device, sample_batch(1), steps)
-        phases.append(Phase(f"sample batch: HotFlip ({cfg.mem.hotflip_candidates} candidates) + {cfg.mem.pgd_steps} PGD steps",
+        phases.append(Phase(f"sample batch: HotFlip ({cfg.experimental.mem.hotflip_candidates} candidates) + {cfg.mem.pgd_steps} PGD steps",
                             hf_s, len(rows), hf_mem, _flops(sample_batch(1))))
     pgd_s, pgd_mem = _median_timed(dist.device, sample_batch(cfg.mem.hotflip_rounds + 1), steps)
     phases.append(Phase(f"sample batch: {cfg.mem.pgd_steps} PGD steps", pgd_s, len(rows), pgd_mem,

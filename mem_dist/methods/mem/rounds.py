@@ -8,7 +8,7 @@
     sample phase:    per shard, per batch: HotFlip on the trigger (rounds <= H), then PGD on
                      delta with shuffled captions (the members' mean loss) -> the shard's state
 
-and the random baselines (``mem.method: random | prefix``), which optimise nothing.
+The random / prefix controls (:mod:`mem_dist.methods.controls`) reuse :func:`setup`.
 Everything random is a function of (seed, round, shard, batch) or (seed, surrogate rank, step),
 so no state byte depends on the world size of the launch that computes it (but for the
 order of float sums when G > 2: :func:`mem_dist.pipeline.distributed.reduce_gradients`).
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mem_dist.pipeline import distributed, state, text
+from mem_dist.pipeline import distributed, rundir, state, text
 from mem_dist.pipeline.config import RunConfig, seed_of
 from mem_dist.pipeline.data import Shard, ShardCache, check_shards, owned
 from mem_dist.methods.ensemble import Ensemble
@@ -63,7 +63,7 @@ def setup(cfg: RunConfig, dist: distributed.Dist, urls: list[str] | None = None,
     ranks = ranks or dist.world
     streams = {v: owned(urls, v, ranks) or [urls[v % len(urls)]] for v in owned(list(range(ranks)), dist.rank, dist.world)}
     ensemble = Ensemble.create(cfg, dist)
-    vocab = torch.tensor(text.trigger_vocabulary(ensemble.tokenizer, cfg.mem.trigger_vocab, cfg.seed), device=dist.device)
+    vocab = torch.tensor(text.trigger_vocabulary(ensemble.tokenizer, cfg.experimental.mem.trigger_vocab, cfg.seed), device=dist.device)
     # standing in for k > 1 surrogate ranks: their k shard-blocked streams in memory at once
     cache = ShardCache(cfg.data, max(cfg.data.cache_shards, len(streams) + 1) if len(streams) > 1 else cfg.data.cache_shards)
     return Run(cfg, dist, urls, ranks, streams, ensemble, vocab, cache)
@@ -191,6 +191,26 @@ def stream_for(run: Run, v: int, round_: int) -> Stream:
     return run.batches[v]
 
 
+def surrogate_round(run: Run, round_: int, bar: bool) -> float:
+    """Round ``round_``'s surrogate phase (or its checkpoint, when resuming its sample phase);
+    returns this rank's mean training loss (NaN when loaded)."""
+    cfg, dist = run.cfg, run.dist
+    train_loss = float("nan")
+    if rundir.latest_checkpoint(cfg.output) >= round_:  # resuming this round's sample phase
+        if run.at_round != round_:
+            run.ensemble.load_state_dict(rundir.load_checkpoint(cfg.output, round_))
+    else:
+        if round_ > 1 and run.at_round != round_ - 1:
+            run.ensemble.load_state_dict(rundir.load_checkpoint(cfg.output, round_ - 1))
+        train_loss = surrogate_phase(run, round_, bar)
+        run.ensemble.sync_and_check(dist, round_)
+        if dist.is_main:
+            rundir.save_checkpoint(cfg.output, round_, run.ensemble.state_dict(), cfg.state.checkpoint_keep)
+        dist.barrier()
+    run.at_round = round_
+    return train_loss
+
+
 def surrogate_phase(run: Run, round_: int, bar: bool) -> float:
     """M DDP steps of every member on protected pairs (the same batches); returns this
     process's mean training loss over steps, surrogate ranks and members (NaN if it runs none).
@@ -227,7 +247,7 @@ def surrogate_phase(run: Run, round_: int, bar: bool) -> float:
                 bodies.append(caption_ids(run, shard)[i])
             pix = pixels(np.stack(canvas), dist.device) + torch.from_numpy(np.stack(delta)).to(dist.device).permute(0, 3, 1, 2).float()
             tok = tokens(run, bodies, torch.from_numpy(np.stack(trig)))
-            gen = torch.Generator().manual_seed(seed_of(cfg.seed, "crop", v, step)) if cfg.mem.augment else None
+            gen = torch.Generator().manual_seed(seed_of(cfg.seed, "crop", v, step)) if cfg.experimental.mem.augment else None
             losses += run.ensemble.train_step(pix, tok, gen, step=own)
             if v == 0 and not own:
                 kept = [distributed.buffers_of(m.bare) for m in run.ensemble.members]
@@ -258,7 +278,7 @@ def process_batch(run: Run, round_: int, shard: Shard, rows: np.ndarray, delta_B
     all_ids = caption_ids(run, shard)
     bodies = [all_ids[i] for i in rows]
     gen = torch.Generator().manual_seed(seed_of(cfg.seed, "batch", round_, shard.name, batch))
-    crop = (lambda: gen) if cfg.mem.augment else (lambda: None)
+    crop = (lambda: gen) if cfg.experimental.mem.augment else (lambda: None)
 
     base = tokens(run, bodies, trig)  # assembled once; the loops below only write triggers into it
 
@@ -267,12 +287,12 @@ def process_batch(run: Run, round_: int, shard: Shard, rows: np.ndarray, delta_B
         return text.with_trigger(base if order is None else base[order], trig_Nk)
 
     if cfg.mem.trigger_len > 0 and round_ <= cfg.mem.hotflip_rounds:
-        trig = ensemble.hotflip(canvas + delta, trig, assemble, run.vocab, cfg.mem.hotflip_candidates)
+        trig = ensemble.hotflip(canvas + delta, trig, assemble, run.vocab, cfg.experimental.mem.hotflip_candidates)
 
     def loss_fn(pix, step):
         # Shuffled captions leave delta only the trigger to bind to; without a trigger
         # (EM) delta is optimised against the true captions, as error-minimising noise is.
-        shuffle = cfg.mem.shuffle_captions and cfg.mem.trigger_len > 0
+        shuffle = cfg.experimental.mem.shuffle_captions and cfg.mem.trigger_len > 0
         order = torch.randperm(len(rows), generator=gen).to(dev) if shuffle else None
         return ensemble.pair_losses(pix, assemble(trig, order), crop).mean()
 
@@ -302,24 +322,3 @@ def process_shard(run: Run, round_: int, url: str) -> state.ShardState:
 def trigger_texts(run: Run, trig_Nk: np.ndarray) -> list[str]:
     """Each sample's trigger as words ("" for every sample when k = 0)."""
     return [text.trigger_text(run.ensemble.tokenizer, t) for t in trig_Nk] if trig_Nk.size else [""] * len(trig_Nk)
-
-
-def random_noise_shard(run: Run, url: str) -> state.ShardState:
-    """The random baselines: uniform integer delta in [-eps, eps] and, when trigger_len > 0,
-    the seeded random start triggers MEM would begin from (nothing is optimised). With
-    trigger_len = 0 this is the random-noise baseline; with k > 0 it is the control that
-    tells what MEM's optimisation adds to a unique (noise, trigger) pair per sample. With
-    method "prefix" every sample gets the same trigger: what a fixed prefix alone does."""
-    shard = run.cache.get(url)
-    eps, k = run.cfg.mem.epsilon, run.cfg.mem.trigger_len
-    rng = np.random.default_rng(seed_of(run.cfg.seed, "random", shard.name))
-    noise = rng.integers(-eps, eps + 1, size=shard.canvases.shape)
-    delta = (np.clip(shard.canvases.astype(np.int16) + noise, 0, 255) - shard.canvases).astype(np.int8)
-    n = len(shard)
-    vocab = run.vocab.cpu().numpy()
-    if run.cfg.mem.method == "prefix":
-        trig = np.repeat(text.initial_triggers(["prefix"], vocab, k, run.cfg.seed), n, axis=0)
-    else:
-        trig = text.initial_triggers(shard.keys, vocab, k, run.cfg.seed)
-    nan = np.full(n, np.nan, np.float32)
-    return state.ShardState(shard.keys, delta, trig.reshape(n, k), trigger_texts(run, trig), nan, nan, dict(shard.skipped))

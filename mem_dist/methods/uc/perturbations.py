@@ -53,21 +53,21 @@ class Perturbations(nn.Module):
     """p perturbations on the canvas, float [p, C, H, W] in 1/255 units within +-epsilon:
     generators from one fixed noise input each (clamped, as the authors'), free tensors
     (projected after every step), or random ones (the control: nothing optimised). With
-    ``uc.grid`` g each is made at g x g and upsampled bilinearly to the canvas (which keeps it
+    ``experimental.uc.grid`` g each is made at g x g and upsampled bilinearly to the canvas (which keeps it
     within +-epsilon)."""
 
     def __init__(self, cfg: RunConfig, size: int):
         super().__init__()
-        u, self.eps = cfg.uc, float(cfg.mem.epsilon)
+        u, x, self.eps = cfg.uc, cfg.experimental.uc, float(cfg.uc.epsilon)
         torch.manual_seed(seed_of(cfg.seed, "uc", "perturbations"))
-        self.kind, self.size = u.perturbation, size
-        side = u.grid or size  # where the values live
+        self.kind, self.size = x.perturbation, size
+        side = x.grid or size  # where the values live
         self.grid = side
         if self.kind == "generator":
             # the side rounded up to a multiple of 4 (two stride-2 downs), cropped after
             self.side = -(-side // 4) * 4
             self.register_buffer("z", torch.rand(u.clusters, 3, self.side, self.side))
-            self.generators = nn.ModuleList(ResnetGenerator(u.generator_width, u.generator_blocks) for _ in range(u.clusters))
+            self.generators = nn.ModuleList(ResnetGenerator(x.generator_width, x.generator_blocks) for _ in range(u.clusters))
         elif self.kind == "direct":
             self.delta = nn.Parameter(torch.zeros(u.clusters, 3, side, side))
         else:  # random: the control, uniform integers in [-eps, eps] per cluster, nothing optimised

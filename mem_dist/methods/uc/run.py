@@ -1,4 +1,4 @@
-"""Unlearnable Clusters (UC / UC-CLIP, CVPR 2023): ``mem.method: uc``.
+"""Unlearnable Clusters (UC / UC-CLIP, CVPR 2023): ``method: uc``.
 
 Label-agnostic unlearnable examples: images are clustered on a surrogate's features, and
 one perturbation per cluster is optimised to pull images toward the *next* cluster's
@@ -33,179 +33,33 @@ of a binary dependency and centroids that depend on the device.)
 
 Merge publishes clip(canvas + delta[cluster], 0, 255) and the caption unchanged.
 Shapes: N images, B batch, p clusters, E feature dim, H/W canvas side, C = 3.
+
+Here the stages on every rank (:func:`generate`); the features are in
+:mod:`mem_dist.methods.uc.features`, what is stored in :mod:`mem_dist.methods.uc.store`.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 import time
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
-from torch import nn
 
-from mem_dist.pipeline import distributed, rundir, state, storage, surrogate
+from mem_dist.methods.uc.features import FeatureNet, cluster_features, embed
+from mem_dist.methods.uc.perturbations import Perturbations, pull_loss
+from mem_dist.methods.uc.store import (perturbations_url, quota, read_assignments, read_npy, share, uc_dir, write_assignments,
+                                       write_npy)
+from mem_dist.pipeline import distributed, rundir, state, storage
 from mem_dist.pipeline.augment import crop_flip
 from mem_dist.pipeline.config import RunConfig, seed_of
 from mem_dist.pipeline.config_io import ConfigError
-from mem_dist.pipeline.data import Shard, ShardCache, check_shards, generation_view, load_shard, owned, shard_name
-from mem_dist.methods.perturbations import Perturbations, pull_loss
+from mem_dist.pipeline.data import ShardCache, check_shards, generation_view, load_shard, owned, shard_name
 from mem_dist.pipeline.schedule import cosine_lr
 
-ASSIGN_SCHEMA = pa.schema([("key", pa.string()), ("cluster", pa.int32()), ("distance", pa.float32())])
 FIXED_POINT = 2.0**40  # gradients summed across ranks as int64 multiples of 2^-40: exact and order-free
-CHUNK = 256  # images per forward when embedding (the same on any rank, so features are too)
 
-
-def uc_dir(output: str) -> str:
-    return storage.join(output, "state", "uc")
-
-
-def perturbations_url(output: str) -> str:
-    return storage.join(uc_dir(output), "perturbations.npy")
-
-
-# --------------------------------------------------------------------------------------
-# The surrogate: image features
-# --------------------------------------------------------------------------------------
-
-
-class FeatureNet:
-    """The surrogate's image features of canvas pixels (float [B, C, H, W] in [0, 255]),
-    differentiable: an open_clip image tower (UC-CLIP) or a torchvision classifier's
-    penultimate layer (UC); and for an open_clip surrogate, its text tower's embedding of
-    captions (:meth:`captions`). Frozen, in eval mode."""
-
-    def __init__(self, cfg: RunConfig, device: torch.device):
-        name, weights = cfg.surrogate.model, cfg.surrogate.pretrained
-        if cfg.surrogate.ensemble:
-            raise ConfigError("config key 'surrogate.ensemble': mem.method uc uses one surrogate")
-        torch.manual_seed(cfg.seed)
-        self.device, self.clip, self.tokenizer = device, None, None
-        if name.startswith("torchvision:"):
-            if cfg.uc.cluster_on == "caption":
-                raise ConfigError("config key 'uc.cluster_on': caption needs an open_clip surrogate (its text tower); "
-                                  f"{name} has none")
-            self.model, self.spec = torchvision_features(name.split(":", 1)[1], weights, cfg.data.image_size, device)
-            self.encode = self.model
-        else:
-            self.clip, self.tokenizer, self.spec = surrogate.create_surrogate(name, weights, device)
-            self.clip.eval().requires_grad_(False)
-            self.model = self.clip.visual
-            self.encode = self.clip.encode_image
-        self.model.eval().requires_grad_(False)
-
-    def __call__(self, pixels_BCHW: torch.Tensor) -> torch.Tensor:
-        return self.encode(surrogate.to_model_input(pixels_BCHW, self.spec)).float()
-
-    @torch.no_grad()
-    def captions(self, texts: list[str]) -> torch.Tensor:
-        """The text tower's embedding [N, E] of captions, in fixed chunks."""
-        out = [self.clip.encode_text(self.tokenizer(texts[s:s + CHUNK]).to(self.device)).float()
-               for s in range(0, len(texts), CHUNK)]
-        return torch.cat(out) if out else torch.zeros(0, 0, device=self.device)
-
-
-def torchvision_features(arch: str, weights: str | None, size: int, device) -> tuple[nn.Module, surrogate.PixelSpec]:
-    """A torchvision classifier (a checkpoint of ``mem-dist evaluate``'s classifier victim, or
-    any state dict of that architecture) with its last layer removed; the classifier victim's
-    normalisation (mean 0.5, std 0.25), no resize."""
-    import torchvision
-
-    state_dict = None
-    if weights is not None:
-        try:
-            with storage.open_file(weights, "rb") as f:
-                state_dict = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise ConfigError(f"config key 'surrogate.pretrained': checkpoint not found: {weights}") from None
-    n_classes = next((v.shape[0] for k, v in (state_dict or {}).items() if k.endswith(("fc.weight", "classifier.weight"))), 1000)
-    try:
-        model = torchvision.models.get_model(arch, weights=None, num_classes=n_classes)
-        if state_dict is not None:
-            model.load_state_dict(state_dict)
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise ConfigError(f"config key 'surrogate.model': torchvision classifier '{arch}' with {weights}: "
-                          f"{str(e).splitlines()[0][:160]}") from None
-    if hasattr(model, "fc"):
-        model.fc = nn.Identity()
-    elif isinstance(getattr(model, "classifier", None), nn.Sequential):
-        model.classifier[-1] = nn.Identity()
-    else:
-        raise ConfigError(f"config key 'surrogate.model': cannot find the last layer of torchvision '{arch}' (fc or classifier)")
-    return model.to(device), surrogate.PixelSpec(size, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
-
-
-@torch.no_grad()
-def embed(net: FeatureNet, canvases_NHWC: np.ndarray, device) -> torch.Tensor:
-    """Features [N, E] of uint8 canvases, in fixed chunks."""
-    out = [net(torch.from_numpy(canvases_NHWC[s:s + CHUNK]).to(device).permute(0, 3, 1, 2).float())
-           for s in range(0, len(canvases_NHWC), CHUNK)]
-    return torch.cat(out) if out else torch.zeros(0, 0, device=device)
-
-
-def cluster_features(cfg: RunConfig, net: FeatureNet, shard: Shard, rows: np.ndarray | slice = slice(None)) -> torch.Tensor:
-    """What k-means clusters, of ``shard``'s samples at ``rows`` (default all, without a copy of
-    the canvases): their images' features, or (``uc.cluster_on: caption``) their captions' embedding."""
-    if cfg.uc.cluster_on == "caption":
-        return net.captions(np.asarray(shard.captions, dtype=object)[rows].tolist())
-    return embed(net, shard.canvases[rows], net.device)
-
-
-def share(name: str, n: int, quota: int, seed: int, purpose: str) -> np.ndarray:
-    """A shard's seeded subset of ``quota`` rows (sorted): the same on any rank and any world size."""
-    rng = np.random.default_rng(seed_of(seed, "uc", purpose, name))
-    return np.sort(rng.permutation(n)[:quota])
-
-
-# --------------------------------------------------------------------------------------
-# The run
-# --------------------------------------------------------------------------------------
-
-
-def write_assignments(output: str, name: str, keys: list[str], clusters: np.ndarray, distances: np.ndarray,
-                      skipped: dict[str, int]) -> None:
-    table = pa.table({"key": pa.array(keys, pa.string()), "cluster": pa.array(clusters.astype(np.int32), pa.int32()),
-                      "distance": pa.array(distances.astype(np.float32), pa.float32())}, schema=ASSIGN_SCHEMA)
-    table = table.replace_schema_metadata({"mem_dist.skipped": json.dumps(skipped, sort_keys=True)})
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    storage.write_bytes_atomic(state.state_url(output, 1, name), buf.getvalue())
-
-
-def read_assignments(output: str, name: str) -> tuple[list[str], np.ndarray, np.ndarray, dict]:
-    """(keys, clusters int [N], distances [N], skip counts) of a shard."""
-    with storage.open_file(state.state_url(output, 1, name), "rb") as f:
-        table = pq.read_table(f)
-    skipped = json.loads((table.schema.metadata or {}).get(b"mem_dist.skipped", b"{}"))
-    return (table.column("key").to_pylist(), table.column("cluster").to_numpy().astype(np.int64),
-            table.column("distance").to_numpy(), skipped)
-
-
-def shard_state(output: str, shard: Shard, perturbations_pHWC: np.ndarray) -> state.ShardState:
-    """A UC shard's state as merge and verify read MEM's, for the keys that were assigned:
-    delta = clip(canvas + the perturbation of its cluster, 0, 255) - canvas; no trigger."""
-    keys, clusters, distances, skipped = read_assignments(output, shard.name)
-    row = {k: i for i, k in enumerate(shard.keys)}
-    if any(k not in row for k in keys):
-        raise RuntimeError(f"the cluster assignment of shard {shard.name} names keys the source shard lacks; "
-                           f"was the source changed during the run?")
-    canvas = shard.canvases[[row[k] for k in keys]].astype(np.int16) if keys else np.zeros((0,) + shard.canvases.shape[1:], np.int16)
-    delta = (np.clip(canvas + perturbations_pHWC[clusters], 0, 255) - canvas).astype(np.int8)
-    n = len(keys)
-    return state.ShardState(keys, delta, np.zeros((n, 0), np.int64), [""] * n, distances.astype(np.float32),
-                            np.full(n, np.nan, np.float32), skipped)
-
-
-def read_perturbations(output: str) -> np.ndarray:
-    url = perturbations_url(output)
-    if not storage.exists(url):
-        raise ConfigError(f"no UC perturbations under {uc_dir(output)}; finish generate first")
-    return read_npy(url)
 
 
 def generate(cfg: RunConfig, dist: distributed.Dist, log=print) -> dict:
@@ -249,9 +103,6 @@ def generate(cfg: RunConfig, dist: distributed.Dist, log=print) -> dict:
     return record or storage.read_json(storage.join(cfg.output, "run.json"))
 
 
-def quota(total: int, n_shards: int) -> int:
-    return max(1, -(-total // n_shards))
-
 
 def fit_centroids(cfg: RunConfig, dist, net: FeatureNet, urls, mine, cache: ShardCache, log) -> tuple[torch.Tensor, torch.Tensor]:
     """The k-means centroids [p, E] (in the space of :func:`cluster_features`) and each
@@ -288,16 +139,6 @@ def fit_centroids(cfg: RunConfig, dist, net: FeatureNet, urls, mine, cache: Shar
     return centroids, (torch.from_numpy(read_npy(targets_url)).to(dist.device) if by_caption else centroids)
 
 
-def write_npy(url: str, array: np.ndarray) -> None:
-    """One .npy object, written atomically."""
-    buf = io.BytesIO()
-    np.save(buf, array)
-    storage.write_bytes_atomic(url, buf.getvalue())
-
-
-def read_npy(url: str) -> np.ndarray:
-    return np.load(io.BytesIO(storage.read_bytes(url)))
-
 
 def assign(cfg: RunConfig, dist, net: FeatureNet, mine, cache: ShardCache, centroids: torch.Tensor) -> dict[str, int]:
     """Every sample of this rank's shards to its nearest centroid, by :func:`cluster_features`
@@ -325,6 +166,7 @@ def assign(cfg: RunConfig, dist, net: FeatureNet, mine, cache: ShardCache, centr
     return skipped
 
 
+
 def exact_sum(q: torch.Tensor, dist) -> torch.Tensor:
     """The sum over ranks of int64 fixed-point parts (multiples of 2^-40), as float64: the same
     bits whatever the number of ranks or the order of the parts."""
@@ -333,12 +175,13 @@ def exact_sum(q: torch.Tensor, dist) -> torch.Tensor:
     return q.double() / FIXED_POINT
 
 
+
 def optimise(cfg: RunConfig, dist, net: FeatureNet, urls, mine, targets: torch.Tensor, log) -> list[float]:
     """Adam on the p perturbations, pulling cluster k toward ``targets`` k + 1 (the clusters'
     targets in image-feature space, :func:`fit_centroids`); writes state/uc/perturbations.npy
     (rank 0) and returns the mean loss per epoch."""
-    u, dev = cfg.uc, dist.device
-    if u.perturbation == "random":  # the control: nothing to optimise
+    u, x, dev = cfg.uc, cfg.experimental.uc, dist.device
+    if x.perturbation == "random":  # the control: nothing to optimise
         write_perturbations(cfg, dist, Perturbations(cfg, cfg.data.image_size))
         return []
     q = quota(u.train_samples, len(urls))
@@ -353,7 +196,7 @@ def optimise(cfg: RunConfig, dist, net: FeatureNet, urls, mine, targets: torch.T
     steps = max(1, -(-int(max(dist.gather(longest))) // per_shard))
     pull_to = targets.roll(-1, dims=0)  # cluster k is pulled toward target k + 1
     pert = Perturbations(cfg, cfg.data.image_size).to(dev)
-    opt = torch.optim.Adam(pert.parameters(), lr=u.lr, weight_decay=u.weight_decay)
+    opt = torch.optim.Adam(pert.parameters(), lr=x.lr, weight_decay=x.weight_decay)
     total_steps = u.epochs * steps
     first = resume_epoch(cfg, pert, opt)
     losses = []
@@ -361,7 +204,7 @@ def optimise(cfg: RunConfig, dist, net: FeatureNet, urls, mine, targets: torch.T
         loss_sum, count = 0.0, 0.0
         orders = [np.random.default_rng(seed_of(cfg.seed, "uc", "order", epoch, name)).permutation(len(c)) for name, c, _ in data]
         for step in range(steps):
-            lr = cosine_lr((epoch - 1) * steps + step, u.lr, 0, total_steps)
+            lr = cosine_lr((epoch - 1) * steps + step, x.lr, 0, total_steps)
             for g in opt.param_groups:
                 g["lr"] = lr
             delta = pert()
@@ -373,7 +216,7 @@ def optimise(cfg: RunConfig, dist, net: FeatureNet, urls, mine, targets: torch.T
                 if not len(rows):
                     continue
                 canvas = torch.from_numpy(canvases[rows]).to(dev).permute(0, 3, 1, 2).float()
-                own = torch.from_numpy(clusters[rows]).to(dev) if u.train_on == "cluster" else None
+                own = torch.from_numpy(clusters[rows]).to(dev) if x.train_on == "cluster" else None
                 loss = pull_loss(net, canvas, leaf, own, pull_to, u.augment, seeded_crop(cfg, epoch, step, name))
                 (g,) = torch.autograd.grad(loss, leaf)
                 grad += (g.double() * FIXED_POINT).round().long()
@@ -396,13 +239,15 @@ def optimise(cfg: RunConfig, dist, net: FeatureNet, urls, mine, targets: torch.T
     return losses
 
 
+
 def seeded_crop(cfg: RunConfig, epoch: int, step: int, name: str):
     """uc.augment's crop and flip for one shard's images of one step, seeded by (epoch, step,
     shard): the same on any rank and after a resume; None when uc.augment is none."""
     if cfg.uc.augment == "none":
         return None
     gen = torch.Generator().manual_seed(seed_of(cfg.seed, "uc", "augment", epoch, step, name))
-    return lambda px: crop_flip(px, cfg.uc.crop_padding, cfg.uc.flip, gen)
+    return lambda px: crop_flip(px, cfg.experimental.uc.crop_padding, cfg.experimental.uc.flip, gen)
+
 
 
 def write_perturbations(cfg: RunConfig, dist, pert: Perturbations) -> None:
@@ -411,11 +256,12 @@ def write_perturbations(cfg: RunConfig, dist, pert: Perturbations) -> None:
     if dist.is_main and pert.kind != "random" and not final.any():
         # direct perturbations that never left +-0.5/255 round to nothing: say so, do not publish clean data silently
         print(f"mem-dist: uc: warning: the optimised perturbations round to 0 (|delta| < 0.5/255 everywhere): the "
-              f"published images will equal the source; raise uc.lr (now {cfg.uc.lr:g}) or use uc.perturbation=generator",
+              f"published images will equal the source; raise experimental.uc.lr (now {cfg.experimental.uc.lr:g}) or use experimental.uc.perturbation=generator",
               file=sys.stderr)
     if dist.is_main:
         write_npy(perturbations_url(cfg.output), final)
     dist.barrier()
+
 
 
 def resume_epoch(cfg: RunConfig, pert: Perturbations, opt) -> int:
@@ -426,3 +272,4 @@ def resume_epoch(cfg: RunConfig, pert: Perturbations, opt) -> int:
         pert.load_state_dict(ck["perturbations"])
         opt.load_state_dict(ck["optimizer"])
     return last + 1
+
