@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONWARNINGS=ignore
 mem-dist demo-data data/demo --train 2000 --val 500 --size 32 --per-shard 500
-for run in "demo-random mem.method=random mem.trigger_len=0" "demo-random3 mem.method=random" "demo-prefix3 mem.method=prefix" "demo-em mem.trigger_len=0" "demo-mem3"; do
+for run in "demo-random method=random mem.trigger_len=0" "demo-random3 method=random" "demo-prefix3 method=prefix" "demo-em mem.trigger_len=0" "demo-mem3"; do
   set -- $run
   name=$1; shift
   echo "== generate + merge: $name"

@@ -43,14 +43,14 @@ combine() {  # victim: every finished run joined, each condition with its contro
 }
 gen() {  # name: one generation (+ merge) under runs/fm-NAME
   case $1 in
-    random16) generate_with configs/demo.yaml random16 mem.method=random mem.trigger_len=0 mem.epsilon=16 ;;
+    random16) generate_with configs/demo.yaml random16 method=random mem.trigger_len=0 mem.epsilon=16 ;;
     uc-captions-pub) generate_with configs/uc-demo.yaml uc-captions-pub uc.cluster_on=caption uc.augment=published ;;
-    uc-captions-random) generate_with configs/uc-demo.yaml uc-captions-random uc.cluster_on=caption uc.grid=1 uc.perturbation=random ;;
-    random3) generate_with configs/demo.yaml random3 mem.method=random ;;
+    uc-captions-random) generate_with configs/uc-demo.yaml uc-captions-random uc.cluster_on=caption experimental.uc.grid=1 experimental.uc.perturbation=random ;;
+    random3) generate_with configs/demo.yaml random3 method=random ;;
     mem3) generate_with configs/demo.yaml mem3 ;;
-    random) generate_with configs/demo.yaml random mem.method=random mem.trigger_len=0 ;;
+    random) generate_with configs/demo.yaml random method=random mem.trigger_len=0 ;;
     mem5) generate_with configs/demo.yaml mem5 mem.trigger_len=5 ;;
-    prefix3) generate_with configs/demo.yaml prefix3 mem.method=prefix ;;
+    prefix3) generate_with configs/demo.yaml prefix3 method=prefix ;;
     em) generate_with configs/demo.yaml em mem.trigger_len=0 ;;
     uc-pub) generate_with configs/uc-demo.yaml uc-pub uc.augment=published ;;
   esac

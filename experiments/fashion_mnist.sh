@@ -26,9 +26,9 @@ for step in $STEPS; do
     public)  # the stand-in public checkpoint: a CLIP trained from scratch on the public split (another seed)
       evaluate $R-public "{public: '$D/public/{00000..00007}.tar'}" save_victims=true seed=7 ;;
     generate)
-      gen random mem.method=random mem.trigger_len=0
-      gen random3 mem.method=random
-      gen prefix3 mem.method=prefix
+      gen random method=random mem.trigger_len=0
+      gen random3 method=random
+      gen prefix3 method=prefix
       gen em mem.trigger_len=0
       gen mem3
       gen mem5 mem.trigger_len=5

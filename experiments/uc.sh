@@ -12,7 +12,7 @@ P="{00000..00007}.tar"
 STEPS=${*:-surrogates generate classifier families labels defences clip more classwise augment published levers captions captions-more captions-eps32 smooth noisy em tint positive}
 gen() { generate_with configs/uc-demo.yaml "$@"; }  # name overrides...  (UC: configs/uc-demo.yaml's settings)
 UCCLIP="$R-uc/protected/$P"
-random16() { generate_with configs/demo.yaml random16 mem.method=random mem.trigger_len=0 mem.epsilon=16; }  # control: random noise per image at eps 16
+random16() { generate_with configs/demo.yaml random16 method=random mem.trigger_len=0 mem.epsilon=16; }  # control: random noise per image at eps 16
 rewrite() {  # script src dst: a copy of the UC run src rewritten by experiments/SCRIPT into dst, merged (skipped when done)
   [ -f "$3/manifest/00007_stats.json" ] || { python experiments/$1 $2 $3 && mem-dist merge $3 progress=false 'merge.keep_fields=[label, class]'; }
 }
@@ -23,10 +23,10 @@ for step in $STEPS; do
       evaluate $R-public-cls "{public: '$D/public/$P'}" victim.kind=classifier save_victims=true seed=7 ;;
     generate)
       gen uc                                                   # UC-CLIP, the authors' generator, eps 16
-      gen uc-direct uc.perturbation=direct                     # the perturbations optimised directly
-      gen uc-eps8 mem.epsilon=8
-      gen uc-cluster uc.train_on=cluster                       # each image pushed only by its own cluster's
-      gen uc-random uc.perturbation=random                     # control: random noise per cluster, same clusters
+      gen uc-direct experimental.uc.perturbation=direct                     # the perturbations optimised directly
+      gen uc-eps8 uc.epsilon=8
+      gen uc-cluster experimental.uc.train_on=cluster                       # each image pushed only by its own cluster's
+      gen uc-random experimental.uc.perturbation=random                     # control: random noise per cluster, same clusters
       gen uc-resnet surrogate.model=torchvision:resnet18 surrogate.pretrained=$R-public-cls/victims/public.pt
       random16 ;;
     classifier)  # ResNet-18 from scratch on the json labels
@@ -49,13 +49,13 @@ for step in $STEPS; do
       # better clusters help?), more clusters, a larger budget, the authors' 50 epochs (19 min)
       oracle uc
       gen uc-p40 uc.clusters=40
-      gen uc-eps32 mem.epsilon=32
+      gen uc-eps32 uc.epsilon=32
       gen uc-e50 uc.epochs=50
       evaluate $R-uc-more "{uc-clip-oracle: '$R-uc-oracle/protected/$P', uc-clip-p40: '$R-uc-p40/protected/$P',
         uc-clip-eps32: '$R-uc-eps32/protected/$P', uc-clip-e50: '$R-uc-e50/protected/$P'}" victim.kind=classifier ;;
     classwise)  # the oracle's control: UC's random noise per cluster handed out by true class (a random
       # class-wise code); and the class-wise codes against a victim without random crop and flip
-      gen uc-random uc.perturbation=random
+      gen uc-random experimental.uc.perturbation=random
       random16
       noaug=(victim.kind=classifier classifier.crop_padding=0 classifier.flip=false)
       for name in uc uc-random uc-eps32; do oracle $name; done
@@ -71,7 +71,7 @@ for step in $STEPS; do
         uc-clip-images-oracle: '$R-uc-aug-images-oracle/protected/$P', uc-clip-published-oracle: '$R-uc-aug-published-oracle/protected/$P'}" victim.kind=classifier
       # the published variant (the one that moved the victim): twice the budget, the authors' 50 epochs (28 min),
       # a second victim seed, a second family
-      gen uc-aug-published-eps32 uc.augment=published mem.epsilon=32
+      gen uc-aug-published-eps32 uc.augment=published uc.epsilon=32
       gen uc-aug-published-e50 uc.augment=published uc.epochs=50
       evaluate $R-uc-augment-eps32 "{uc-clip-published-eps32: '$R-uc-aug-published-eps32/protected/$P'}" victim.kind=classifier
       evaluate $R-uc-augment-e50 "{uc-clip-published-e50: '$R-uc-aug-published-e50/protected/$P'}" victim.kind=classifier
@@ -96,7 +96,7 @@ for step in $STEPS; do
       evaluate $R-uc-published-clip-ft "$PUB" victim.pretrained=$R-public/victims/public.pt victim.lr=1e-4 ;;
     levers)  # uc.augment=published with the perturbations optimised directly, and with the ResNet-18 surrogate
       # (after the surrogates step), against ResNet-18 and MobileNetV2 (about 30 min)
-      gen uc-aug-published-direct uc.augment=published uc.perturbation=direct
+      gen uc-aug-published-direct uc.augment=published experimental.uc.perturbation=direct
       gen uc-resnet-aug-published uc.augment=published surrogate.model=torchvision:resnet18 surrogate.pretrained=$R-public-cls/victims/public.pt
       LEVERS="{uc-clip-published-direct: '$R-uc-aug-published-direct/protected/$P', uc-resnet-published: '$R-uc-resnet-aug-published/protected/$P'}"
       evaluate $R-uc-levers "$LEVERS" victim.kind=classifier
@@ -111,7 +111,7 @@ for step in $STEPS; do
       evaluate $R-uc-captions-kmeans "$CAP" victim.kind=classifier classifier.labels=kmeans
       evaluate $R-uc-captions-clip-scratch "$CAP" ;;
     captions-more)  # the caption clusters: twice the budget, a victim without crop and flip, 30 epochs, the defences (about 30 min)
-      gen uc-captions-published-eps32 uc.cluster_on=caption uc.augment=published mem.epsilon=32
+      gen uc-captions-published-eps32 uc.cluster_on=caption uc.augment=published uc.epsilon=32
       CAP="{uc-clip-captions-published: '$R-uc-captions-published/protected/$P'}"
       evaluate $R-uc-captions-eps32 "{uc-clip-captions-published-eps32: '$R-uc-captions-published-eps32/protected/$P'}" victim.kind=classifier
       evaluate $R-uc-captions-noaug "$CAP" victim.kind=classifier classifier.crop_padding=0 classifier.flip=false
@@ -127,8 +127,8 @@ for step in $STEPS; do
       evaluate $R-uc-captions-eps32-mobilenet "$CAP32" victim.kind=classifier classifier.model=mobilenet_v2 classifier.lr=0.05
       evaluate $R-uc-captions-eps32-clip-scratch "$CAP32" ;;
     smooth)  # smooth codes on the caption clusters through the crop and flip: each perturbation an 8x8 grid
-      # upsampled to the canvas (uc.grid=8), against ResNet-18, two seeds (about 15 min)
-      gen uc-captions-published-grid8 uc.cluster_on=caption uc.augment=published uc.grid=8
+      # upsampled to the canvas (experimental.uc.grid=8), against ResNet-18, two seeds (about 15 min)
+      gen uc-captions-published-grid8 uc.cluster_on=caption uc.augment=published experimental.uc.grid=8
       GRID="{uc-clip-captions-published-grid8: '$R-uc-captions-published-grid8/protected/$P'}"
       evaluate $R-uc-captions-grid8 "$GRID" victim.kind=classifier
       evaluate $R-uc-captions-grid8-seed1 "$GRID" victim.kind=classifier seed=1 ;;
@@ -149,21 +149,21 @@ for step in $STEPS; do
         evaluate $R-uc-captions-em$e-cls "{uc-clip-captions-em$e: '$R-uc-captions-em$e/protected/$P'}" victim.kind=classifier
       done
       evaluate $R-uc-captions-em-cls-seed1 "{uc-clip-captions-em: '$R-uc-captions-em/protected/$P'}" victim.kind=classifier seed=1 ;;
-    tint)  # a constant colour per cluster (uc.grid=1: three values per cluster, unchanged by crop and flip; the
+    tint)  # a constant colour per cluster (experimental.uc.grid=1: three values per cluster, unchanged by crop and flip; the
       # photos are grey, so colour is a channel their content does not use): optimised (direct) on the caption
       # clusters, and a random one (the control, nothing optimised) on the caption and on the image clusters;
       # against ResNet-18 (two seeds), MobileNetV2, and under grayscale; then the same at eps 32 (about 35 min)
-      gen uc-captions-published-tint uc.cluster_on=caption uc.augment=published uc.grid=1 uc.perturbation=direct
-      gen uc-captions-tint-random uc.cluster_on=caption uc.grid=1 uc.perturbation=random
-      gen uc-tint-random uc.grid=1 uc.perturbation=random
+      gen uc-captions-published-tint uc.cluster_on=caption uc.augment=published experimental.uc.grid=1 experimental.uc.perturbation=direct
+      gen uc-captions-tint-random uc.cluster_on=caption experimental.uc.grid=1 experimental.uc.perturbation=random
+      gen uc-tint-random experimental.uc.grid=1 experimental.uc.perturbation=random
       TINT="uc-clip-captions-tint: '$R-uc-captions-published-tint/protected/$P', uc-captions-tint-random: '$R-uc-captions-tint-random/protected/$P'"
       evaluate $R-uc-tint "{clean: '$SHARDS', $TINT}" victim.kind=classifier
       evaluate $R-uc-tint-seed1 "{$TINT}" victim.kind=classifier seed=1
       evaluate $R-uc-tint-mobilenet "{$TINT}" victim.kind=classifier classifier.model=mobilenet_v2 classifier.lr=0.05
       evaluate $R-uc-tint-grayscale "{$TINT}" victim.kind=classifier defence.image=grayscale
       evaluate $R-uc-tint-image-clusters "{uc-tint-random: '$R-uc-tint-random/protected/$P'}" victim.kind=classifier
-      gen uc-captions-tint-random-eps32 uc.cluster_on=caption uc.grid=1 uc.perturbation=random mem.epsilon=32
-      gen uc-captions-published-tint-eps32 uc.cluster_on=caption uc.augment=published uc.grid=1 uc.perturbation=direct mem.epsilon=32
+      gen uc-captions-tint-random-eps32 uc.cluster_on=caption experimental.uc.grid=1 experimental.uc.perturbation=random uc.epsilon=32
+      gen uc-captions-published-tint-eps32 uc.cluster_on=caption uc.augment=published experimental.uc.grid=1 experimental.uc.perturbation=direct uc.epsilon=32
       TINT32="uc-clip-captions-tint-eps32: '$R-uc-captions-published-tint-eps32/protected/$P', uc-captions-tint-random-eps32: '$R-uc-captions-tint-random-eps32/protected/$P'"
       evaluate $R-uc-tint-eps32 "{$TINT32}" victim.kind=classifier
       evaluate $R-uc-tint-eps32-seed1 "{$TINT32}" victim.kind=classifier seed=1

@@ -26,7 +26,7 @@ def tiny_overrides(shards: str, output: str, **extra) -> list[str]:
     base = {
         "data.shards": shards, "output": output, "data.image_size": 32, "surrogate.model": TINY_RN,
         "mem.rounds": 2, "mem.surrogate_steps": 3, "mem.pgd_steps": 2, "mem.hotflip_rounds": 1,
-        "mem.hotflip_candidates": 4, "mem.batch_size": 32, "mem.lr": 5e-4, "progress": False, "device": "cpu",
+        "experimental.mem.hotflip_candidates": 4, "mem.batch_size": 32, "mem.lr": 5e-4, "progress": False, "device": "cpu",
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

@@ -6,7 +6,7 @@ import subprocess
 import pytest
 
 from mem_dist.pipeline.config import RunConfig
-from mem_dist.pipeline.config_io import ConfigError, load_config
+from mem_dist.pipeline.config_io import ConfigError, build, load_config
 from mem_dist.pipeline.generate import main
 from tests.conftest import ROOT, python_cmd, tiny_overrides
 
@@ -33,7 +33,7 @@ def test_overrides_and_yaml(tmp_path, demo_dir):
     ("data.resize_mode=stretch", "config key 'data.resize_mode' must be one of"),
     ("mem=3", "config key 'mem' must be a section"),
     ("rounds", "override 'rounds' must look like key=value"),
-    ("mem.trigger_vocab=99999", "config key 'mem.trigger_vocab': 99999 exceeds the"),
+    ("experimental.mem.trigger_vocab=99999", "config key 'experimental.mem.trigger_vocab': 99999 exceeds the"),
     ("surrogate.model=roberta-ViT-B-32", "config key 'surrogate.model': open_clip cannot build 'roberta-ViT-B-32'"),
     ("merge.jpeg_quality=0", "config key 'merge.jpeg_quality' must be between 1 and 100"),
 ])
@@ -108,3 +108,51 @@ def test_every_shipped_config_validates():
     assert len(models) >= 5
     for path in models:
         assert create_surrogate(path) is not None, path
+
+
+# Hashes the code before issue 38 computed (one mem section with the method and the ablations):
+# the configs, spelled the new way, must keep them, or existing run folders would not resume.
+OLD_HASHES = {"configs/demo.yaml": "1eabcd276e49b240", "configs/uc-demo.yaml": "a82a620ed609d208",
+              "configs/protect-captions.yaml": "28daa5eb57e7e67d"}
+
+
+def test_moved_keys_keep_the_fingerprint_of_existing_runs():
+    for path, old in OLD_HASHES.items():
+        assert load_config(RunConfig, os.path.join(ROOT, path)).config_hash() == old, path
+    uc_demo = os.path.join(ROOT, "configs", "uc-demo.yaml")
+    new = load_config(RunConfig, uc_demo, ["experimental.uc.grid=8", "uc.augment=published"])
+    old = load_config(RunConfig, uc_demo, ["mem.method=uc", "uc.grid=8", "uc.augment=published"])
+    assert new == old and new.config_hash() == "e5b699220af3242b"
+    # an old spelling on the command line still wins over the file's new one, as any later key
+    later = load_config(RunConfig, uc_demo, ["mem.method=random", "mem.trigger_len=0", "mem.epsilon=4"])
+    assert (later.method, later.mem.epsilon, later.uc.epsilon) == ("random", 4, 16)
+    assert load_config(RunConfig, uc_demo, ["mem.epsilon=32"]).uc.epsilon == 32  # under method uc: UC's bound
+    # the old spellings, in a YAML file as in a run.json: mem.method, mem.epsilon for UC, the ablations
+    legacy = {"data": {"shards": "x.tar"}, "mem": {"method": "uc", "epsilon": 12, "hotflip_candidates": 4},
+              "uc": {"grid": 8, "perturbation": "direct"}}
+    cfg = build(RunConfig, legacy, "")
+    assert (cfg.method, cfg.uc.epsilon, cfg.experimental.mem.hotflip_candidates) == ("uc", 12, 4)
+    assert (cfg.experimental.uc.grid, cfg.experimental.uc.perturbation, cfg.experimental.uc.lr) == (8, "direct", 0.5)
+    with pytest.raises(ConfigError, match="config key 'method' must be one of mem, random, prefix, uc"):
+        load_config(RunConfig, None, ["data.shards=x.tar", "method=nope"])
+
+
+def test_an_old_style_run_folder_resumes_and_merges(demo_dir, tmp_path):
+    """A run started before the keys moved (its run.json in the old layout: mem.method, the
+    ablations under mem) is continued by the new spelling of the same config, then merged."""
+    from mem_dist.publishing import merge, verify
+    from mem_dist.pipeline import storage
+
+    out = str(tmp_path / "old")
+    shards = f"{demo_dir}/train/00000.tar"
+    assert main(tiny_overrides(shards, out, **{"mem.method": "random", "mem.trigger_len": 2, "mem.trigger_vocab": 50})) == 0
+    record = storage.read_json(f"{out}/run.json")
+    config = record["config"]  # back to the layout the code before issue 38 wrote
+    config["mem"].update(method=config.pop("method"), **config.pop("experimental")["mem"])
+    storage.write_json(f"{out}/run.json", record)
+    os.remove(f"{out}/state/round-001/00000.parquet")  # unfinished: the resume has work to do
+    assert main(tiny_overrides(shards, out, **{"method": "random", "mem.trigger_len": 2,
+                                                "experimental.mem.trigger_vocab": 50})) == 0
+    assert main(tiny_overrides(shards, out, **{"method": "random", "mem.trigger_len": 3})) == 2  # another config: refused
+    assert merge.main([out, "progress=false"]) == 0 and verify.verify(out)["mismatches"] == 0
+    assert merge.method_name(merge.resolve_config(out, None, [])) == "random-trigger"

@@ -47,7 +47,7 @@ def protect(shards: str, output: str, *extra: str) -> str:
     """generate + merge with the reduced demo settings; returns the protected shard spec."""
     args = [f"data.shards={shards}", f"output={output}", "data.image_size=32", f"surrogate.model={RN32}",
             "mem.rounds=4", "mem.surrogate_steps=25", "mem.pgd_steps=4", "mem.hotflip_rounds=1",
-            "mem.hotflip_candidates=4", "mem.lr=5e-4", "progress=false", "device=cpu", *extra]
+            "experimental.mem.hotflip_candidates=4", "mem.lr=5e-4", "progress=false", "device=cpu", *extra]
     assert generate(args) == 0
     merge.merge(load_config(RunConfig, None, args))
     return f"{output}/protected/{{00000..00001}}.tar"
@@ -142,7 +142,7 @@ def mem5_from_a(demo, public_checkpoint, tmp_path_factory) -> str:
 
 def test_fine_tuned_victim_gains_little_from_protected_data(demo, public_checkpoint, mem5_from_a, tmp_path):
     data, shards = demo
-    random5 = protect(shards, f"{tmp_path}/random5", "mem.method=random", "mem.trigger_len=5")  # MEM-5's control
+    random5 = protect(shards, f"{tmp_path}/random5", "method=random", "mem.trigger_len=5")  # MEM-5's control
     gain = fine_tune_gains(data, tmp_path, public_checkpoint(2), {"clean": shards, "random5": random5, "mem5": mem5_from_a})
     assert gain["clean"] > 0.2, gain  # fine-tuning on clean data teaches the victim a lot
     assert gain["mem5"] < 0.5 * gain["clean"], gain  # MEM-5 data much less

@@ -258,7 +258,7 @@ def test_missing_shard_is_recorded_not_published(src, tmp_path, capsys):
     """data.on_missing=skip with shard 00002 missing: merge publishes nothing under its name,
     records and counts it privately, and re-checks it on every run (it may appear later)."""
     out = str(tmp_path / "run")
-    args = tiny_overrides(f"{src}/{{00000..00002}}.tar", out, **{"mem.method": "random", "mem.rounds": 1,
+    args = tiny_overrides(f"{src}/{{00000..00002}}.tar", out, **{"method": "random", "mem.rounds": 1,
                                                                    "data.on_missing": "skip"})
     assert generate.main(args) == 0
     summary = merge.merge(merge.resolve_config(out, None, []))

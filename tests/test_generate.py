@@ -71,18 +71,18 @@ def test_em_and_random_baselines(demo_dir, tmp_path, tokenizer):
     assert main(tiny_overrides(shards, str(tmp_path / "em"), **{"mem.trigger_len": 0, "mem.rounds": 1})) == 0
     st = state.read_state(state.state_url(str(tmp_path / "em"), 1, "00000"))
     assert st.trigger_ids.shape == (40, 0) and set(st.trigger_text) == {""}
-    assert main(tiny_overrides(shards, str(tmp_path / "rnd"), **{"mem.method": "random", "mem.trigger_len": 0})) == 0
+    assert main(tiny_overrides(shards, str(tmp_path / "rnd"), **{"method": "random", "mem.trigger_len": 0})) == 0
     st = state.read_state(state.state_url(str(tmp_path / "rnd"), 1, "00000"))
     assert np.abs(st.delta.astype(int)).max() == 8 and st.trigger_ids.shape == (40, 0)
     assert storage.read_json(os.path.join(tmp_path, "rnd", "run.json"))["rounds"] == 1  # one pass, not mem.rounds
     # random with k > 0: the same noise plus a random trigger per sample (the no-optimisation control)
-    assert main(tiny_overrides(shards, str(tmp_path / "rndk"), **{"mem.method": "random", "mem.trigger_len": 4})) == 0
+    assert main(tiny_overrides(shards, str(tmp_path / "rndk"), **{"method": "random", "mem.trigger_len": 4})) == 0
     stk = state.read_state(state.state_url(str(tmp_path / "rndk"), 1, "00000"))
     assert np.array_equal(stk.delta, st.delta) and stk.trigger_ids.shape == (40, 4)
     assert len({tuple(t) for t in stk.trigger_ids}) == 40
     assert [tokenizer.encode(t) for t in stk.trigger_text] == stk.trigger_ids.tolist()
     # prefix: the same noise and ONE trigger for every sample (the fixed-prefix control)
-    assert main(tiny_overrides(shards, str(tmp_path / "pre"), **{"mem.method": "prefix", "mem.trigger_len": 4})) == 0
+    assert main(tiny_overrides(shards, str(tmp_path / "pre"), **{"method": "prefix", "mem.trigger_len": 4})) == 0
     stp = state.read_state(state.state_url(str(tmp_path / "pre"), 1, "00000"))
     assert np.array_equal(stp.delta, st.delta) and stp.trigger_ids.shape == (40, 4)
     assert len({tuple(t) for t in stp.trigger_ids}) == 1 and len(set(stp.trigger_text)) == 1

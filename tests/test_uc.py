@@ -1,4 +1,4 @@
-"""Unlearnable Clusters (mem.method uc) at small size: clusters, bounded perturbations, the
+"""Unlearnable Clusters (method uc) at small size: clusters, bounded perturbations, the
 published pixels, the same bytes from one process and from two, resume, a torchvision surrogate,
 clusters from the captions."""
 
@@ -29,7 +29,7 @@ SHARDS = "{00000..00002}.tar"
 
 
 def uc_overrides(shards: str, output: str, **extra) -> list[str]:
-    base = {"mem.method": "uc", "uc.clusters": 3, "uc.epochs": 2, "uc.generator_width": 8, "uc.generator_blocks": 1,
+    base = {"method": "uc", "uc.clusters": 3, "uc.epochs": 2, "experimental.uc.generator_width": 8, "experimental.uc.generator_blocks": 1,
             "uc.batch_size": 24, "uc.kmeans_samples": 90, "uc.train_samples": 60}
     base.update(extra)
     return tiny_overrides(shards, output, **base)
@@ -114,7 +114,7 @@ def test_the_augmentation_moves_the_image_or_the_perturbed_image():
     """uc.augment: "images" crops and flips the canvases and adds the perturbation after, at its
     place (the authors' loader); "published" crops and flips canvas + perturbation together, as
     a victim's loader does; "none" neither. Seen through a surrogate that returns its input, with
-    uc.optimise's crop (uc.crop_padding 4, uc.flip), seeded by (epoch, step, shard) alone."""
+    uc.optimise's crop (experimental.uc.crop_padding 4, experimental.uc.flip), seeded by (epoch, step, shard) alone."""
     cfg = load_config(RunConfig, None, uc_overrides("x.tar", "out", **{"uc.augment": "published"}))
     assert uc_run.seeded_crop(load_config(RunConfig, None, uc_overrides("x.tar", "out")), 1, 0, "00000") is None
 
@@ -169,7 +169,7 @@ def test_a_torchvision_classifier_is_the_uc_surrogate(demo_dir, tmp_path, capsys
     torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), ckpt)
     out = str(tmp_path / "tv")
     args = uc_overrides(f"{demo_dir}/train/00000.tar", out, **{"surrogate.model": "torchvision:resnet18",
-                                                                "surrogate.pretrained": ckpt, "uc.train_on": "cluster"})
+                                                                "surrogate.pretrained": ckpt, "experimental.uc.train_on": "cluster"})
     assert generate(args) == 0
     assert store.read_perturbations(out).shape == (3, 32, 32, 3)
     bad = uc_overrides(f"{demo_dir}/train/00000.tar", str(tmp_path / "bad"), **{"surrogate.model": "torchvision:resnet18",
@@ -223,19 +223,19 @@ def test_merge_waits_for_the_perturbations(run, tmp_path, capsys):
 def test_perturbations_that_round_to_zero_are_reported(demo_dir, tmp_path, capsys):
     """Direct perturbations that never leave +-0.5/255 publish the source images: a warning says so."""
     out = str(tmp_path / "run")
-    assert generate(uc_overrides(f"{demo_dir}/train/{SHARDS}", out, **{"uc.perturbation": "direct", "uc.lr": 1e-6,
+    assert generate(uc_overrides(f"{demo_dir}/train/{SHARDS}", out, **{"experimental.uc.perturbation": "direct", "experimental.uc.lr": 1e-6,
                                                                       "uc.epochs": 1})) == 0
     assert not store.read_perturbations(out).any()
     assert "round to 0" in capsys.readouterr().err
 
 
 def test_a_grid_gives_smooth_perturbations(demo_dir, tmp_path, capsys):
-    """uc.grid=8: each stored perturbation is, up to rounding, an 8x8 grid upsampled bilinearly
+    """experimental.uc.grid=8: each stored perturbation is, up to rounding, an 8x8 grid upsampled bilinearly
     to the 32 px canvas: the least-squares fit in that 64-dimensional space leaves an RMS residual
     of at most the rounding's 0.5 (the true grid leaves at most 0.5 at every pixel; per-pixel
     noise of +-16 would leave about 9); a grid the generator cannot make is one line."""
     out = str(tmp_path / "run")
-    assert generate(uc_overrides(f"{demo_dir}/train/00000.tar", out, **{"uc.grid": 8, "uc.epochs": 1})) == 0
+    assert generate(uc_overrides(f"{demo_dir}/train/00000.tar", out, **{"experimental.uc.grid": 8, "uc.epochs": 1})) == 0
     pert = store.read_perturbations(out).astype(np.float64)  # [p, H, W, C]
     assert pert.shape == (3, 32, 32, 3) and np.abs(pert).max() > 0
     up = torch.nn.functional.interpolate(torch.eye(8, dtype=torch.float64)[None], size=32, mode="linear",
@@ -243,5 +243,5 @@ def test_a_grid_gives_smooth_perturbations(demo_dir, tmp_path, capsys):
     fit = np.linalg.pinv(up)
     grid = np.einsum("gh,phwc,vw->pgvc", fit, pert, fit)
     assert np.sqrt(((np.einsum("hg,pgvc,wv->phwc", up, grid, up) - pert) ** 2).mean()) <= 0.5
-    assert generate(uc_overrides(f"{demo_dir}/train/00000.tar", str(tmp_path / "bad"), **{"uc.grid": 4})) == 2
+    assert generate(uc_overrides(f"{demo_dir}/train/00000.tar", str(tmp_path / "bad"), **{"experimental.uc.grid": 4})) == 2
     assert "config key 'experimental.uc.grid'" in capsys.readouterr().err

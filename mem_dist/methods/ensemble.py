@@ -106,7 +106,7 @@ class Ensemble:
                     ) -> torch.Tensor:
         """Per-pair losses [B] averaged over the members: what PGD minimises (gradient to the
         pixels only; the text towers run without one) and the round metrics report.
-        ``crop()`` gives each member's crop generator (``mem.augment``) or None."""
+        ``crop()`` gives each member's crop generator (``experimental.mem.augment``) or None."""
         losses = []
         for m in self.members:
             image = self._images(m, pix_BCHW, crop())

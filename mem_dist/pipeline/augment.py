@@ -1,7 +1,7 @@
 """The victims' random crops, differentiable, which protection can be optimised through.
 
 - :func:`random_resized_crop`: the CLIP victim's (at ``victim.crop_scale``); MEM's surrogate
-  sees images through it with ``mem.augment`` (scale 0.8-1: an expectation over such crops).
+  sees images through it with ``experimental.mem.augment`` (scale 0.8-1: an expectation over such crops).
 - :func:`crop_flip`: the classifier victim's (zero padding, random crop, horizontal flip);
   UC's perturbations are optimised through it with ``uc.augment``.
 

@@ -209,16 +209,20 @@ class RunConfig:
         method.check(method.job(self))
 
     @staticmethod
-    def upgrade(raw: dict[str, Any]) -> dict[str, Any]:
-        """A raw config (YAML, overrides, a run.json's) with old spellings moved to where the keys
-        live now (:data:`MOVED_KEYS`); a key given both ways keeps the new spelling's value."""
+    def upgrade(raw: dict[str, Any], under: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A raw config layer (a YAML file, one override, a run.json's config) with old spellings
+        moved to where the keys live now (:data:`MOVED_KEYS`); a key given both ways in one layer
+        keeps the new spelling's value. ``under``: the layers read before, which may name the
+        method (under ``method: uc``, ``mem.epsilon`` is UC's bound, ``uc.epsilon``)."""
         raw = json.loads(json.dumps(raw))
         mem = raw.get("mem") if isinstance(raw.get("mem"), dict) else {}
         if "epsilon" in mem and mem["epsilon"] is None:  # null meant the method's default: now each section's own
             mem.pop("epsilon")
-        uc = raw.setdefault("uc", {})
-        if "uc" in (mem.get("method"), raw.get("method")) and "epsilon" in mem and isinstance(uc, dict) and "epsilon" not in uc:
-            uc["epsilon"] = mem.pop("epsilon")  # UC's bound was mem.epsilon
+        below = under or {}
+        method = raw.get("method") or mem.get("method") or below.get("method") or (below.get("mem") or {}).get("method")
+        uc = raw.get("uc", {})
+        if method == "uc" and "epsilon" in mem and isinstance(uc, dict) and "epsilon" not in uc:
+            raw["uc"] = {**uc, "epsilon": mem.pop("epsilon")}  # UC's bound was mem.epsilon
         for old, new in MOVED_KEYS.items():
             section, key = old.split(".")
             if isinstance(raw.get(section), dict) and key in raw[section]:

@@ -43,11 +43,18 @@ def load_config(cls: type[T], path: Optional[str] = None, overrides: typing.Sequ
     Raises:
         ConfigError: one line naming the offending key or file.
     """
-    raw: dict[str, Any] = json.loads(json.dumps(base)) if base is not None else {}
+    upgrade = getattr(cls, "upgrade", lambda layer, under: layer)  # old spellings of moved keys, layer by layer
+    raw: dict[str, Any] = upgrade(base, None) if base is not None else {}
     if path is not None:
-        _lay_over(raw, read_yaml(path))
+        _lay_over(raw, upgrade(read_yaml(path), raw))
     for key, value in parse_overrides(overrides):
-        _set_dotted(raw, key, value)
+        layer: dict[str, Any] = {}
+        _set_dotted(layer, key, value)
+        moved = upgrade(layer, raw)
+        if moved == layer:  # the value replaces what is there (a dict too: conditions={a: x} is all the conditions)
+            _set_dotted(raw, key, value)
+        else:  # an old spelling: laid over where the key lives now, so a later key wins whichever spelling each has
+            _lay_over(raw, moved)
     return build(cls, raw, prefix="")
 
 

@@ -81,7 +81,7 @@ def trigger_vocabulary(tokenizer, size: int = 0, seed: int = 0) -> np.ndarray:
     if size:
         words = np.array([i for i in ids if (w := _word(tokenizer, int(i))).isalpha() and len(w) >= 3], dtype=np.int64)
         if size > len(words):
-            raise ConfigError(f"config key 'mem.trigger_vocab': {size} exceeds the {len(words)} word tokens available")
+            raise ConfigError(f"config key 'experimental.mem.trigger_vocab': {size} exceeds the {len(words)} word tokens available")
         ids = np.sort(np.random.default_rng(seed).permutation(words)[:size])
     return ids
 

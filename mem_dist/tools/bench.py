@@ -3,6 +3,7 @@
     python -m mem_dist.bench merge --config C [--repeats 3] [key=value ...]
     python -m mem_dist.bench generate --config C [--steps 3] [key=value ...]
     python -m mem_dist.bench scale [--shards 8,80] [--per-shard 4] [--rounds 3]
+    python -m mem_dist.bench methods --config A --config B [key=value ...]
 
 merge: samples/s of the real merge of the config's shards (one process, into a temp
 folder) next to a bare loop on the same data and state: decode the source image ->
@@ -11,12 +12,14 @@ jpg the merge also decodes each image again to measure the share of delta kept, 
 the bare loop does not). The merge should reach at least 80% of the bare loop (lossless
 formats; with jpg the extra decode puts it near 55%, still twice PNG's merge at 256 px).
 The config's output must hold generated state; for a quick
-one, generate with ``mem.method=random mem.rounds=1`` (no surrogate, same shapes).
+one, generate with ``method=random mem.rounds=1`` (no surrogate, same shapes).
 
 generate: what one process of the config's generation costs here, phase by phase, with
 FLOP/s against the device's peak and estimates for 1M / 400M samples on N GPUs
 (:mod:`mem_dist.tools.bench_generate`). scale: a round's wall time, decodes, storage requests and
 peak RSS against the number of shards, on moto's S3 (:mod:`mem_dist.tools.bench_scale`).
+methods: generate + merge of several configs on the same data, samples/s and private bytes
+per sample side by side (:mod:`mem_dist.tools.bench_methods`).
 """
 
 from __future__ import annotations
@@ -69,7 +72,7 @@ def bench_merge(cfg: RunConfig, repeats: int = 3) -> list[tuple[str, float]]:
     urls = check_shards(cfg.data)
     round_ = state.latest_round(cfg.output)
     if round_ == 0:
-        raise ConfigError(f"no generation state under {cfg.output}; run generate first (mem.method=random mem.rounds=1 is quick)")
+        raise ConfigError(f"no generation state under {cfg.output}; run generate first (method=random mem.rounds=1 is quick)")
     runs = {
         f"bare loop (decode, canvas, +delta, {cfg.merge.image_format.upper()}, tar)": lambda u, dest: bare_loop(cfg, u, round_),
         "mem-dist merge_shard": lambda u, dest: merge_shard(dataclasses.replace(cfg, merge=dataclasses.replace(
@@ -91,7 +94,11 @@ def main(argv: list[str] | None = None) -> int:
         from mem_dist.tools import bench_scale
 
         return one_line_errors(lambda: bench_scale.main(argv[1:]))
-    p = argparse.ArgumentParser(prog="mem-dist bench", description="Benchmarks that print a table (also: mem-dist bench scale).")
+    if argv[:1] == ["methods"]:
+        from mem_dist.tools import bench_methods
+
+        return one_line_errors(lambda: bench_methods.main(argv[1:]))
+    p = argparse.ArgumentParser(prog="mem-dist bench", description="Benchmarks that print a table (also: mem-dist bench scale, mem-dist bench methods).")
     p.add_argument("what", choices=["merge", "generate"])
     p.add_argument("--config", help="the generation config (merge: its output must hold generated state)")
     p.add_argument("--repeats", type=int, default=3, help="merge: best of this many runs")
