@@ -14,6 +14,7 @@ METHODS = {
     "random": "mem_dist.methods.controls:RandomNoise",
     "prefix": "mem_dist.methods.controls:Prefix",
     "uc": "mem_dist.methods.uc.method:UC",
+    "keyed": "mem_dist.methods.keyed.method:Keyed",
 }
 
 _made: dict = {}

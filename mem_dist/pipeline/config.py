@@ -17,6 +17,7 @@ from typing import Any, Literal, Optional
 
 from mem_dist.methods import METHODS, get_method
 from mem_dist.methods.mem.config import MemConfig, MemExperimental
+from mem_dist.methods.keyed.config import KeyedConfig
 from mem_dist.methods.uc.config import UCConfig, UCExperimental
 from mem_dist.pipeline.config_io import ConfigError, check
 
@@ -195,6 +196,7 @@ class RunConfig:
     surrogate: SurrogateConfig = field(default_factory=SurrogateConfig)
     mem: MemConfig = field(default_factory=MemConfig)
     uc: UCConfig = field(default_factory=UCConfig)
+    keyed: KeyedConfig = field(default_factory=KeyedConfig)
     state: StateConfig = field(default_factory=StateConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     experimental: ExperimentalConfig = field(default_factory=ExperimentalConfig)

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Caption-keyed codes (method: keyed) judged by the calibrated victims (docs/efficacy.md,
+# "Caption-keyed codes"): Fashion-MNIST (4,000 train, 1,000 val, 1,000 select at 32 px),
+# generated and merged by the pipeline (runs/fm-keyed-*), the text tower of the stand-in public
+# checkpoint (runs/fm-public, experiments/calibrated_methods.sh's `public` step) as the encoder.
+#   bash experiments/keyed.sh [STEP ...]    steps:
+#     gen:NAME              generate + merge runs/fm-NAME (keyed-g8e16, keyed-g4e16, ...)
+#     clip:SEED:COND,...    the CLIP from scratch (tiny-vit32), into runs/calm/clip/COND-sSEED
+#     cls:SEED:COND,...     the CIFAR-style ResNet-18, into runs/calm/cls/COND-sSEED
+#   COND: a generated NAME, clean, random-g8e16 (a random code per sample: the same budget and
+#   grid, keyed to nothing; written by experiments/keyed_probe.py --control random), or
+#   NAME+ATTACK with ATTACK one of removal (ridge from the attacker's own text encoder: the
+#   random-init tiny RN, their own), removal-pub (the same with the public checkpoint's), recaption.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. experiments/fmnist-common.sh
+P="{00000..00007}.tar"
+PUB=runs/fm-public/victims/public.pt
+KEY=6b65796564206d656d2d646973742065787065726d656e7473206b6579202031  # experiments only: a published key protects nothing
+src() {
+  case $1 in
+    clean) echo "$D/train/$P" ;;
+    random-g8e16) [ -f data/fm-random-g8e16/00007.tar ] || python experiments/keyed_probe.py "$D/train/$P" data/fm-random-g8e16 \
+                    --control random --model configs/models/tiny-rn32.json >&2; echo "data/fm-random-g8e16/$P" ;;
+    *) echo "$R-$1/protected/$P" ;;
+  esac
+}
+gen() {  # keyed-gGRIDeEPS
+  local g=${1#keyed-g}; local e=${g#*e}; g=${g%e*}
+  generate_with configs/keyed.yaml "$1" "keyed.grid=$g" "keyed.epsilon=$e" "keyed.key=$KEY" "surrogate.pretrained=$PUB"
+}
+CLIP_ARGS="victim.kind=clip victim.model=configs/models/tiny-vit32.json victim.epochs=15 victim.batch_size=128 victim.lr=5e-4 victim.weight_decay=0.2 victim.warmup_steps=50 victim.crop=true"
+one() {  # victim cond seed overrides...
+  local victim=$1 cond=$2 seed=$3; shift 3
+  local base=${cond%+*} attack=() out=runs/calm/$victim/$cond-s$seed
+  case $cond in
+    *+removal) attack=(defence.removal=ridge defence.removal_model=configs/models/tiny-rn32.json) ;;
+    *+removal-pub) attack=(defence.removal=ridge defence.removal_model=configs/models/tiny-rn32.json "defence.removal_pretrained=$PUB") ;;
+    *+recaption) attack=(defence.recaption=templates) ;;
+  esac
+  [ -f $out/report.md ] && return
+  # shellcheck disable=SC2086
+  mem-dist evaluate --config configs/eval-calibrate.yaml "conditions={$cond: '$(src $base)'}" "seeds=[$seed]" output=$out \
+    "$@" "${attack[@]}" ${EVAL_EXTRA:-}
+}
+for step in "$@"; do
+  case $step in
+    gen:*) gen ${step#gen:} ;;
+    clip:*|cls:*)
+      IFS=: read -r victim seed only <<< "$step"
+      for c in ${only//,/ }; do
+        # shellcheck disable=SC2086
+        if [ $victim = clip ]; then one clip $c $seed $CLIP_ARGS; else one cls $c $seed; fi
+      done ;;
+  esac
+done

@@ -1,0 +1,96 @@
+"""Caption-keyed codes: δ as a function of a caption's text embedding and a secret key.
+
+    caption --frozen text tower, float64--> e (unit norm, E values)
+            --round(e * 2^20)-------------> e_q (int64)
+            --W (±1, seeded by the key)---> z = W @ e_q (int64, exact)    W: [g*g*3, E]
+            --sign------------------------> s in {-1, +1}^(g x g x 3)
+            --nearest upsample, * epsilon-> δ (int8, the canvas's H x W x 3)
+
+Captions with close embeddings get mostly the same code (the sign of a random projection
+keeps the angle between embeddings: SimHash), so a victim whose text tower learns what the
+captions say can learn the code from it: the shortcut is keyed to what a CLIP victim is
+trained to predict. A code of g x g blocks is low-frequency and survives crops and flips
+(docs/efficacy.md's calibration: what a victim learns first).
+
+Exactness. Everything after the embedding is integer arithmetic, so the same e_q gives the
+same bytes on any machine. The embedding is computed in float64 on one CPU thread, in batches of one
+fixed shape (:func:`embed`), so a caption's embedding does not depend on the shard it is in,
+its position or the thread count (tests/test_keyed.py); across machines its rounding (~1e-16
+relative) can change e_q only where a value lies within 1e-16 of a rounding midpoint of
+2^-20 (about 1 in 10^10 values), and that changes z by 1, which flips a sign only when
+|z| <= 1 (about 1 in 10^6 of the codes' cells): verify recomputes every code and names
+any sample whose published bytes differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+QUANTUM_BITS = 20  # e is rounded to 2^-20 before the (exact, integer) projection
+CHUNK = 64  # captions per text-tower forward
+
+
+def projection(key: bytes, cells: int, dim: int) -> np.ndarray:
+    """The secret ±1 projection [cells, dim] (int64) drawn from the key."""
+    seed = int.from_bytes(hashlib.sha256(b"mem-dist keyed projection" + key).digest()[:8], "little")
+    rng = np.random.Generator(np.random.PCG64(seed))
+    return rng.integers(0, 2, size=(cells, dim), dtype=np.int64) * 2 - 1
+
+
+@torch.no_grad()
+def embed(clip, tokenizer, captions: list[str]) -> np.ndarray:
+    """Unit-norm text embeddings [N, E] (float64) of captions by ``clip``'s text tower.
+
+    Each caption's embedding depends on that caption alone: open_clip's own (full-context)
+    text forward in float64 on the CPU, on one thread, in batches of exactly :data:`CHUNK`
+    (the last one padded with empty captions), so every matrix product has the same shape
+    and the same reduction order whatever the shard, its order or the machine's thread count.
+    """
+    if getattr(clip, "_length_aware", False):
+        del clip.encode_text  # mem-dist's length-aware shortcut: exact only up to rounding
+        clip._length_aware = False
+    model = clip.double().cpu().eval()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = []
+        for s in range(0, len(captions), CHUNK):
+            batch = list(captions[s:s + CHUNK])
+            e = model.encode_text(tokenizer(batch + [""] * (CHUNK - len(batch))))[:len(batch)]
+            out.append(torch.nn.functional.normalize(e.double(), dim=-1).numpy())
+    finally:
+        torch.set_num_threads(threads)
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float64)
+
+
+def quantize(e_NE: np.ndarray) -> np.ndarray:
+    """e rounded to 2^-QUANTUM_BITS, as int64."""
+    return np.round(e_NE * (1 << QUANTUM_BITS)).astype(np.int64)
+
+
+def signs(key: bytes, e_q_NE: np.ndarray, grid: int) -> np.ndarray:
+    """The code [N, g, g, 3] in {-1, +1} (int8): sign of the key's projection of e_q (0 -> +1)."""
+    w = projection(key, grid * grid * 3, e_q_NE.shape[1])
+    z = e_q_NE @ w.T  # int64: |z| <= E * 2^20, exact
+    return np.where(z >= 0, 1, -1).astype(np.int8).reshape(-1, grid, grid, 3)
+
+
+def upsample(code_NggC: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Nearest upsampling of a g x g code to H x W (block edges at floor(i * g / H))."""
+    g = code_NggC.shape[1]
+    rows = (np.arange(height) * g) // height
+    cols = (np.arange(width) * g) // width
+    return code_NggC[:, rows][:, :, cols]
+
+
+def delta(key: bytes, e_q_NE: np.ndarray, grid: int, epsilon: int, height: int, width: int) -> np.ndarray:
+    """δ [N, H, W, 3] (int8, units of 1/255): ±epsilon on the code's blocks."""
+    return (upsample(signs(key, e_q_NE, grid), height, width) * epsilon).astype(np.int8)
+
+
+def apply(canvases_NHWC: np.ndarray, delta_NHWC: np.ndarray) -> np.ndarray:
+    """The stored δ: canvas + δ clipped to [0, 255], minus the canvas (int8)."""
+    return ((canvases_NHWC.astype(np.int16) + delta_NHWC).clip(0, 255) - canvases_NHWC).astype(np.int8)

@@ -1,0 +1,44 @@
+"""The ``keyed`` section (``method: keyed``). Light on purpose (no torch)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from mem_dist.pipeline.config_io import check
+
+
+@dataclass(frozen=True)
+class KeyedConfig:
+    """Caption-keyed codes (``method: keyed``): δ = ±epsilon on a grid x grid code whose signs
+    are a secret projection of the caption's embedding by the surrogate's text tower
+    (``surrogate.model`` / ``surrogate.pretrained``; a public checkpoint in practice). Nothing
+    is stored per sample: merge and verify compute δ from each caption and the run's key."""
+
+    epsilon: int = 16
+    """L-inf bound of delta, in 1/255 units (every cell of the code is +epsilon or -epsilon)."""
+    grid: int = 8
+    """Cells per side of the code, upsampled (nearest) to the canvas: 8 at 32 px = blocks of
+    4 px. Low-frequency codes are what a victim learns through its crops (docs/efficacy.md)."""
+    centre_samples: int = 10_000
+    """The code projects each embedding minus the mean embedding of this many captions (the
+    first of the shards, in order; computed once by generate and kept with the key): centred,
+    the code spends its cells on what tells captions apart, not on what they share (without
+    it, a random-init text tower gives two unrelated captions 80% of their cells alike). 0 =
+    no centring."""
+    generator: Literal["projection"] = "projection"
+    """projection: the key's seeded ±1 projection of the embedding, its signs (no training).
+    (A trained generator, as T2UE's, is not built.)"""
+    key: str = ""
+    """"": generate draws a secret key (32 random bytes) and keeps it in the run's private
+    {output}/keyed/key.json. 64 hex digits: use that key (to publish several collections
+    under one key). Anyone holding the key and a text encoder can subtract the code: keep it
+    private like the rest of the run folder."""
+
+    def __post_init__(self) -> None:
+        check(1 <= self.epsilon <= 127, "keyed.epsilon", "must be between 1 and 127 (delta is int8)")
+        check(self.grid >= 1, "keyed.grid", "must be at least 1")
+        check(self.centre_samples >= 0, "keyed.centre_samples", "must be 0 (no centring) or more")
+        check(self.key == "" or re.fullmatch(r"[0-9a-fA-F]{64}", self.key) is not None, "keyed.key",
+              "must be empty (a new secret key) or 64 hex digits")

@@ -1,0 +1,164 @@
+"""Keyed codes as the pipeline sees it (``method: keyed``).
+
+generate: check the text encoder, then (rank 0) write the run's secret key and the centre
+(the mean embedding of ``keyed.centre_samples`` captions) to ``{output}/keyed/key.json``,
+once; a resumed or repeated generate keeps them. That is all the state: no per-shard objects. merge and verify compute each sample's δ from its caption
+(:func:`mem_dist.methods.keyed.code.delta`), and verify recomputes it for every published
+byte. A sample with an empty caption (``data.empty_captions: protect``) gets the code of the
+empty caption, the same for all of them; with ``copy`` it is copied through unprotected.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+
+from mem_dist.methods.base import Job, Method, Source
+from mem_dist.pipeline.config_io import ConfigError, check
+
+_encoders: dict = {}  # (model, pretrained) -> (clip, tokenizer): one text tower per process
+
+
+def key_url(output: str) -> str:
+    from mem_dist.pipeline import storage
+
+    return storage.join(output, "keyed", "key.json")
+
+
+def read_key(output: str) -> tuple[bytes, list[int]]:
+    """The run's key and centre (quantized; [] = none); ConfigError naming the file when there
+    is none or it is not one."""
+    from mem_dist.pipeline import storage
+
+    url = key_url(output)
+    if not storage.exists(url):
+        raise ConfigError(f"no generation state: {url} does not exist; run generate first")
+    try:
+        record = json.loads(storage.read_bytes(url))
+        return bytes.fromhex(record["key"]), [int(v) for v in record["centre"]]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{url} is not a mem-dist key file ({e})") from e
+
+
+def centre(job: Job, urls: list[str], log=print) -> list[int]:
+    """The quantized mean embedding of the first ``keyed.centre_samples`` captions of the
+    shards, in order ([] when 0)."""
+    from mem_dist.pipeline.data import generation_view, load_shard
+
+    want, captions = job.section.centre_samples, []
+    for url in urls:
+        if len(captions) >= want:
+            break
+        captions += list(generation_view(load_shard(url, job.data), job.data).captions)[:want - len(captions)]
+    if not captions:
+        return []
+    clip, tokenizer = text_encoder(job)
+    log(f"mem-dist: keyed: the code is centred on the mean embedding of {len(captions)} captions")
+    return _code().quantize(_code().embed(clip, tokenizer, captions).mean(0)).tolist()
+
+
+def text_encoder(job: Job):
+    """The surrogate's (clip, tokenizer), built once per process; without ``surrogate.pretrained``
+    its random init is seeded by the run's seed (the same tower at merge and verify)."""
+    import torch
+
+    from mem_dist.pipeline.config import seed_of
+    from mem_dist.pipeline.surrogate import create_surrogate
+
+    k = (job.surrogate.model, job.surrogate.pretrained, job.seed)
+    if k not in _encoders:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed_of(job.seed, "keyed text tower"))
+            clip, tokenizer, _ = create_surrogate(*k[:2], device="cpu")
+        _encoders[k] = (clip, tokenizer)
+    return _encoders[k]
+
+
+class Keyed(Method):
+    name = "keyed"
+    section = "keyed"
+
+    def check(self, job: Job) -> None:
+        check(job.section.grid <= job.data.image_size, "keyed.grid", f"must be at most data.image_size ({job.data.image_size})")
+
+    def fingerprint(self, job: Job) -> dict:
+        s = job.section  # the key is not in it: it is the run's (key.json), checked by generate
+        return {"method": self.name, "keyed": {"epsilon": s.epsilon, "grid": s.grid, "generator": s.generator,
+                                               "centre_samples": s.centre_samples},
+                "quantum_bits": _code().QUANTUM_BITS}
+
+    def rounds(self, job: Job) -> int:
+        return 1
+
+    def epsilon(self, job: Job) -> int:
+        return job.section.epsilon
+
+    def manifest_name(self, job: Job) -> str:
+        return "keyed"
+
+    def state_round(self, job: Job) -> int:
+        from mem_dist.pipeline import storage
+
+        return 1 if storage.exists(key_url(job.output)) else 0
+
+    def state_objects(self, job: Job, round_: int, name: str) -> list[str]:
+        return [key_url(job.output)]
+
+    def generate(self, job: Job, dist, log=print) -> dict:
+        from mem_dist.pipeline import rundir, storage
+        from mem_dist.pipeline.data import check_shards
+
+        cfg = job.config
+        old = rundir.check_resume(cfg, dist.world)
+        urls = check_shards(cfg.data)
+        clip, tokenizer = text_encoder(job)  # a surrogate that cannot serve is a config error, before anything is written
+        _code().embed(clip, tokenizer, ["a photo"])
+        url = key_url(job.output)
+        if dist.is_main:
+            if storage.exists(url):
+                key = read_key(job.output)[0]
+                given = bytes.fromhex(job.section.key) if job.section.key else key
+                check(given == key, "keyed.key", f"differs from the key this run already holds ({url})")
+                log(f"mem-dist: keyed: {job.output} already holds its key; nothing to do")
+            else:
+                key = bytes.fromhex(job.section.key) if job.section.key else secrets.token_bytes(32)
+                storage.write_json(url, {"key": key.hex(), "centre": centre(job, urls, log), "generator": job.section.generator,
+                                         "quantum_bits": _code().QUANTUM_BITS, "grid": job.section.grid})
+                log(f"mem-dist: keyed: wrote the run's secret key to {url} (private: with it the code can be removed)")
+            storage.write_json(storage.join(job.output, "run.json"),
+                               rundir.run_record(cfg, urls, dist.world, old, 1, (old or {}).get("skipped", {}), launch=True))
+        dist.barrier()
+        return storage.read_json(storage.join(job.output, "run.json"))
+
+    def source(self, job: Job, urls: list[str], allow_unfinished: bool) -> Source:
+        from mem_dist.pipeline import storage
+
+        read_key(job.output)
+        url = storage.join(job.output, "run.json")
+        done = storage.read_json(url).get("rounds_done") if storage.exists(url) else None
+        return Source(1, 1, done, True)
+
+    def shard_state(self, job: Job, round_: int, src):
+        import numpy as np
+
+        from mem_dist.pipeline import state
+        from mem_dist.pipeline.data import generation_view
+
+        code = _code()
+        view = generation_view(src, job.data)
+        n = len(view.keys)
+        clip, tokenizer = text_encoder(job)
+        key, mean = read_key(job.output)
+        e_q = code.quantize(code.embed(clip, tokenizer, list(view.captions)))
+        if mean:
+            e_q = e_q - np.asarray(mean, np.int64)
+        h, w = view.canvases.shape[1:3] if n else (job.data.image_size, job.data.image_size)
+        d = code.apply(view.canvases, code.delta(key, e_q, job.section.grid, job.section.epsilon, h, w))
+        return state.ShardState(list(view.keys), d, np.zeros((n, 0), np.int64), [""] * n, np.zeros(n, np.float32),
+                                np.full(n, np.nan, np.float32), dict(view.skipped))
+
+
+def _code():
+    from mem_dist.methods.keyed import code
+
+    return code
