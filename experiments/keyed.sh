@@ -7,7 +7,7 @@
 #     gen:NAME              generate + merge runs/fm-NAME (keyed-g8e16, keyed-g4e16, ...)
 #     clip:SEED:COND,...    the CLIP from scratch (tiny-vit32), into runs/calm/clip/COND-sSEED
 #     cls:SEED:COND,...     the CIFAR-style ResNet-18, into runs/calm/cls/COND-sSEED
-#   COND: a generated NAME, clean, random-g8e16 (a random code per sample: the same budget and
+#   COND: a generated NAME, clean, random-gGRIDeEPS (a random code per sample: the same budget and
 #   grid, keyed to nothing; written by experiments/keyed_probe.py --control random), or
 #   NAME+ATTACK with ATTACK one of removal (ridge from the attacker's own text encoder: the
 #   random-init tiny RN, their own), removal-pub (the same with the public checkpoint's), recaption.
@@ -20,8 +20,8 @@ KEY=6b65796564206d656d2d646973742065787065726d656e7473206b6579202031  # experime
 src() {
   case $1 in
     clean) echo "$D/train/$P" ;;
-    random-g8e16) [ -f data/fm-random-g8e16/00007.tar ] || python experiments/keyed_probe.py "$D/train/$P" data/fm-random-g8e16 \
-                    --control random --model configs/models/tiny-rn32.json >&2; echo "data/fm-random-g8e16/$P" ;;
+    random-g*) local g=${1#random-g}; [ -f data/fm-$1/00007.tar ] || python experiments/keyed_probe.py "$D/train/$P" data/fm-$1 \
+                 --control random --grid ${g%e*} --epsilon ${g#*e} --model configs/models/tiny-rn32.json >&2; echo "data/fm-$1/$P" ;;
     *) echo "$R-$1/protected/$P" ;;
   esac
 }

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
                 storage.remove(e.url)  # so that the next run redoes it
             raise
         if dist.is_main:
-            print(f"mem-dist: {record['rounds_done']} rounds done; state under {cfg.output}/state, metrics in {cfg.output}/metrics.jsonl")
+            print(f"mem-dist: {record['rounds_done']} of {record['rounds']} rounds done; the run (private) is under {cfg.output}")
         return 0
 
     return one_line_errors(body, distributed.LaunchError, rundir.ResumeError)
