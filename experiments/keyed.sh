@@ -4,10 +4,10 @@
 # generated and merged by the pipeline (runs/fm-keyed-*), the text tower of the stand-in public
 # checkpoint (runs/fm-public, experiments/calibrated_methods.sh's `public` step) as the encoder.
 #   bash experiments/keyed.sh [STEP ...]    steps:
-#     gen:NAME              generate + merge runs/fm-NAME (keyed-g8e16, keyed-g4e16, ...)
+#     gen:NAME              generate + merge runs/fm-NAME (keyed-g8e16, keyed-g2e16, keyed-g4e16m: mirrored)
 #     clip:SEED:COND,...    the CLIP from scratch (tiny-vit32), into runs/calm/clip/COND-sSEED
 #     cls:SEED:COND,...     the CIFAR-style ResNet-18, into runs/calm/cls/COND-sSEED
-#   COND: a generated NAME, clean, random-gGRIDeEPS (a random code per sample: the same budget and
+#   COND: a generated NAME, clean, random-gGRIDeEPS[m] (a random code per sample: the same budget and
 #   grid, keyed to nothing; written by experiments/keyed_probe.py --control random), or
 #   NAME+ATTACK with ATTACK one of removal (ridge from the attacker's own text encoder: the
 #   random-init tiny RN, their own), removal-pub (the same with the public checkpoint's), recaption.
@@ -20,14 +20,17 @@ KEY=6b65796564206d656d2d646973742065787065726d656e7473206b6579202031  # experime
 src() {
   case $1 in
     clean) echo "$D/train/$P" ;;
-    random-g*) local g=${1#random-g}; [ -f data/fm-$1/00007.tar ] || python experiments/keyed_probe.py "$D/train/$P" data/fm-$1 \
-                 --control random --grid ${g%e*} --epsilon ${g#*e} --model configs/models/tiny-rn32.json >&2; echo "data/fm-$1/$P" ;;
+    random-g*) local g=${1#random-g} m=(); [[ $g == *m ]] && { m=(--mirror); g=${g%m}; }
+               [ -f data/fm-$1/00007.tar ] || python experiments/keyed_probe.py "$D/train/$P" data/fm-$1 \
+                 --control random --grid ${g%e*} --epsilon ${g#*e} "${m[@]}" --model configs/models/tiny-rn32.json >&2
+               echo "data/fm-$1/$P" ;;
     *) echo "$R-$1/protected/$P" ;;
   esac
 }
-gen() {  # keyed-gGRIDeEPS
-  local g=${1#keyed-g}; local e=${g#*e}; g=${g%e*}
-  generate_with configs/keyed.yaml "$1" "keyed.grid=$g" "keyed.epsilon=$e" "keyed.key=$KEY" "surrogate.pretrained=$PUB"
+gen() {  # keyed-gGRIDeEPS, or keyed-gGRIDeEPSm: the mirrored code (keyed.mirror=true)
+  local g=${1#keyed-g} m=false; [[ $g == *m ]] && { m=true; g=${g%m}; }
+  local e=${g#*e}; g=${g%e*}
+  generate_with configs/keyed.yaml "$1" "keyed.grid=$g" "keyed.epsilon=$e" "keyed.mirror=$m" "keyed.key=$KEY" "surrogate.pretrained=$PUB"
 }
 CLIP_ARGS="victim.kind=clip victim.model=configs/models/tiny-vit32.json victim.epochs=15 victim.batch_size=128 victim.lr=5e-4 victim.weight_decay=0.2 victim.warmup_steps=50 victim.crop=true"
 one() {  # victim cond seed overrides...

@@ -27,6 +27,7 @@ def main() -> None:
     p.add_argument("--grid", type=int, default=8), p.add_argument("--epsilon", type=int, default=16)
     p.add_argument("--size", type=int, default=32), p.add_argument("--seed", type=int, default=0)
     p.add_argument("--control", choices=["keyed", "random"], default="keyed")
+    p.add_argument("--mirror", action="store_true", help="a code the same after a horizontal flip")
     p.add_argument("--stats", action="store_true")
     p.add_argument("--centre", action="store_true", help="subtract the mean embedding of the captions first")
     a = p.parse_args()
@@ -42,7 +43,7 @@ def main() -> None:
     else:  # a random unit vector per sample: the same code distribution, keyed to nothing
         e = np.random.default_rng(a.seed + 1).standard_normal((len(captions), 128))
         e_q = code.quantize(e / np.linalg.norm(e, axis=1, keepdims=True))
-    s = code.signs(key, e_q, a.grid).reshape(len(captions), -1).astype(np.float32)
+    s = code.signs(key, e_q, a.grid, a.mirror).reshape(len(captions), -1).astype(np.float32)
     agree = (s @ s.T / s.shape[1] + 1) / 2
     same = labels[:, None] == labels[None, :]
     off = ~np.eye(len(labels), dtype=bool)
@@ -50,7 +51,7 @@ def main() -> None:
           f"unique captions {len(set(captions))}, unique codes {len({r.tobytes() for r in s})}")
     if a.stats:
         return
-    d = code.delta(key, e_q, a.grid, a.epsilon, a.size, a.size)
+    d = code.delta(key, e_q, a.grid, a.epsilon, a.size, a.size, a.mirror)
     print(f"wrote {write_perturbed(shards, d, a.out)} samples to {a.out}")
 
 

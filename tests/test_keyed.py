@@ -63,6 +63,10 @@ def test_the_code_is_a_bounded_block_code_keyed_on_caption_and_key(encoder):
     assert not np.array_equal(d, code.delta(other, e_q, 4, 16, 32, 32))  # another key, another code
     canvas = np.full((3, 32, 32, 3), 250, np.uint8)
     assert (canvas.astype(int) + code.apply(canvas, d)).max() == 255  # the stored delta keeps pixels in range
+    for g in (3, 4):  # mirrored: the same code after a horizontal flip, still keyed on the caption
+        m = code.delta(key, e_q, g, 16, 32, 32, mirror=True)
+        assert np.array_equal(m, m[:, :, ::-1]) and np.array_equal(m[0], m[1]) and not np.array_equal(m[0], m[2])
+    assert not np.array_equal(d, d[:, :, ::-1])  # unmirrored, a flip gives another code
 
 
 def test_keyed_config_checks():

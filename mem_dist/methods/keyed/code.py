@@ -3,7 +3,8 @@
     caption --frozen text tower, float64--> e (unit norm, E values)
             --round(e * 2^20)-------------> e_q (int64)
             --W (±1, seeded by the key)---> z = W @ e_q (int64, exact)    W: [g*g*3, E]
-            --sign------------------------> s in {-1, +1}^(g x g x 3)
+            --sign------------------------> s in {-1, +1}^(g x g x 3)  (mirror: left half
+                                            projected, right half its mirror image)
             --nearest upsample, * epsilon-> δ (int8, the canvas's H x W x 3)
 
 Captions with close embeddings get mostly the same code (the sign of a random projection
@@ -71,11 +72,17 @@ def quantize(e_NE: np.ndarray) -> np.ndarray:
     return np.round(e_NE * (1 << QUANTUM_BITS)).astype(np.int64)
 
 
-def signs(key: bytes, e_q_NE: np.ndarray, grid: int) -> np.ndarray:
-    """The code [N, g, g, 3] in {-1, +1} (int8): sign of the key's projection of e_q (0 -> +1)."""
-    w = projection(key, grid * grid * 3, e_q_NE.shape[1])
+def signs(key: bytes, e_q_NE: np.ndarray, grid: int, mirror: bool = False) -> np.ndarray:
+    """The code [N, g, g, 3] in {-1, +1} (int8): sign of the key's projection of e_q (0 -> +1).
+    ``mirror``: only the left ceil(g/2) columns are projected and the right ones mirror them,
+    so the code is the same after a horizontal flip (a classifier's usual augmentation)."""
+    half = (grid + 1) // 2 if mirror else grid
+    w = projection(key, grid * half * 3, e_q_NE.shape[1])
     z = e_q_NE @ w.T  # int64: |z| <= E * 2^20, exact
-    return np.where(z >= 0, 1, -1).astype(np.int8).reshape(-1, grid, grid, 3)
+    code = np.where(z >= 0, 1, -1).astype(np.int8).reshape(-1, grid, half, 3)
+    if mirror:
+        code = code[:, :, np.minimum(np.arange(grid), grid - 1 - np.arange(grid))]
+    return code
 
 
 def upsample(code_NggC: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -86,9 +93,14 @@ def upsample(code_NggC: np.ndarray, height: int, width: int) -> np.ndarray:
     return code_NggC[:, rows][:, :, cols]
 
 
-def delta(key: bytes, e_q_NE: np.ndarray, grid: int, epsilon: int, height: int, width: int) -> np.ndarray:
-    """δ [N, H, W, 3] (int8, units of 1/255): ±epsilon on the code's blocks."""
-    return (upsample(signs(key, e_q_NE, grid), height, width) * epsilon).astype(np.int8)
+def delta(key: bytes, e_q_NE: np.ndarray, grid: int, epsilon: int, height: int, width: int,
+          mirror: bool = False) -> np.ndarray:
+    """δ [N, H, W, 3] (int8, units of 1/255): ±epsilon on the code's blocks; ``mirror``: pixel
+    column W-1-c is column c (exact also where g does not divide W)."""
+    d = upsample(signs(key, e_q_NE, grid, mirror), height, width)
+    if mirror:
+        d = d[:, :, np.minimum(np.arange(width), width - 1 - np.arange(width))]
+    return (d * epsilon).astype(np.int8)
 
 
 def apply(canvases_NHWC: np.ndarray, delta_NHWC: np.ndarray) -> np.ndarray:

@@ -21,6 +21,9 @@ class KeyedConfig:
     grid: int = 8
     """Cells per side of the code, upsampled (nearest) to the canvas: 8 at 32 px = blocks of
     4 px. Low-frequency codes are what a victim learns through its crops (docs/efficacy.md)."""
+    mirror: bool = False
+    """true: the code's right half mirrors its left half, so a horizontal flip (a classifier's
+    usual augmentation) leaves it unchanged; a g x g code then has g * ceil(g/2) * 3 cells."""
     centre_samples: int = 10_000
     """The code projects each embedding minus the mean embedding of this many captions (the
     first of the shards, in order; computed once by generate and kept with the key): centred,
