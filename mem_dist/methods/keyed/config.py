@@ -18,9 +18,10 @@ class KeyedConfig:
 
     epsilon: int = 16
     """L-inf bound of delta, in 1/255 units (every cell of the code is +epsilon or -epsilon)."""
-    grid: int = 8
-    """Cells per side of the code, upsampled (nearest) to the canvas: 8 at 32 px = blocks of
-    4 px. Low-frequency codes are what a victim learns through its crops (docs/efficacy.md)."""
+    grid: int = 2
+    """Cells per side of the code, upsampled (nearest) to the canvas: 2 at 32 px = blocks of
+    16 px, 12 signs per code. The coarser the grid, the earlier a victim learns the code
+    (measured at 8, 4 and 2: docs/efficacy.md, "Caption-keyed codes")."""
     mirror: bool = False
     """true: the code's right half mirrors its left half, so a horizontal flip (a classifier's
     usual augmentation) leaves it unchanged; a g x g code then has g * ceil(g/2) * 3 cells."""
