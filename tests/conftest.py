@@ -51,3 +51,45 @@ def tokenizer():
 
 def python_cmd(*args: str) -> list[str]:
     return [sys.executable, *args]
+
+
+class moto_s3:
+    """moto's S3 server on 127.0.0.1 for the block, reached through the AWS variables s3fs reads
+    (``self.env``). fsspec caches one S3FileSystem per constructor arguments, and the cached one
+    keeps the endpoint it was made with: the cache is cleared on entry and exit, so a test never
+    reaches the stopped server of a module that ran before it in the same worker; and moto keeps
+    its buckets per process, so they are reset on entry."""
+
+    def __enter__(self):
+        import logging
+        import socket
+        import urllib.request
+
+        import s3fs
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        self.server.start()
+        # moto's backends are per process, not per server: start from no buckets
+        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST")).close()
+        self.env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                    "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}
+        self.old = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        s3fs.S3FileSystem.clear_instance_cache()
+        return s3fs.S3FileSystem(use_listings_cache=False)
+
+    def __exit__(self, *exc):
+        import s3fs
+
+        self.server.stop()
+        for k, v in self.old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        s3fs.S3FileSystem.clear_instance_cache()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import logging
 import os
 import signal
 import socket
@@ -12,10 +11,9 @@ import sys
 import time
 
 import pytest
-import s3fs
 import torch
 
-from tests.conftest import ROOT, TINY_RN, tiny_overrides
+from tests.conftest import ROOT, TINY_RN, moto_s3, tiny_overrides
 
 SHARDS = "s3://src/train/{00000..00002}.tar"
 
@@ -29,28 +27,12 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def s3(demo_dir):
     """moto's S3 server on 127.0.0.1 with the demo train shards in bucket 'src'."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    fs = s3fs.S3FileSystem(use_listings_cache=False)
-    for bucket in ("src", "out"):
-        fs.mkdir(bucket)
-    for name in os.listdir(f"{demo_dir}/train"):
-        fs.put_file(f"{demo_dir}/train/{name}", f"src/train/{name}")
-    yield fs, env
-    server.stop()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with (server := moto_s3()) as fs:
+        for bucket in ("src", "out"):
+            fs.mkdir(bucket)
+        for name in os.listdir(f"{demo_dir}/train"):
+            fs.put_file(f"{demo_dir}/train/{name}", f"src/train/{name}")
+        yield fs, server.env
 
 
 def launch(overrides: list[str], env: dict, processes: int = 2, machines: tuple[int, int] | None = None,

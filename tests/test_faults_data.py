@@ -26,8 +26,8 @@ from PIL import Image
 from mem_dist.pipeline import data, state, storage, surrogate
 from mem_dist.pipeline.config_io import ConfigError
 from mem_dist.pipeline.generate import main
-from tests.conftest import ROOT, TINY_RN, tiny_overrides
-from tests.test_distributed import free_port, launch
+from tests.conftest import ROOT, TINY_RN, moto_s3, tiny_overrides
+from tests.test_distributed import launch
 
 ARGS = {"mem.rounds": 2, "mem.surrogate_steps": 3, "mem.pgd_steps": 1}
 
@@ -90,27 +90,15 @@ class _Cut:
 @pytest.fixture(scope="module")
 def s3(demo_dir):
     """moto's S3 server on 127.0.0.1 (the demo train shards in bucket 'src'), reached as flakys3://."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     import fsspec
 
-    fsspec.register_implementation("flakys3", FlakyS3, clobber=True)
-    fs = s3fs.S3FileSystem(use_listings_cache=False)
-    for bucket in ("src", "out"):
-        fs.mkdir(bucket)
-    for name in os.listdir(f"{demo_dir}/train"):
-        fs.put_file(f"{demo_dir}/train/{name}", f"src/train/{name}")
-    yield fs
-    server.stop()
-    for k, v in old.items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    with moto_s3() as fs:
+        fsspec.register_implementation("flakys3", FlakyS3, clobber=True)
+        for bucket in ("src", "out"):
+            fs.mkdir(bucket)
+        for name in os.listdir(f"{demo_dir}/train"):
+            fs.put_file(f"{demo_dir}/train/{name}", f"src/train/{name}")
+        yield fs
 
 
 @pytest.fixture(autouse=True)

@@ -9,12 +9,10 @@ killed with SIGKILL, local files and moto's S3 server on 127.0.0.1.
 from __future__ import annotations
 
 import json
-import logging
 import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +25,7 @@ import webdataset as wds
 from mem_dist.pipeline import generate, storage
 from mem_dist.publishing import manifest, merge, publish, verify
 from mem_dist.publishing.verify import protected_samples
-from tests.conftest import ROOT, tiny_overrides
+from tests.conftest import ROOT, moto_s3, tiny_overrides
 
 NAMES = ("00000", "00001")  # 80 samples each
 EXTRA = ("original_caption", "TEXT", "similarity")  # source fields img2dataset does not write
@@ -346,35 +344,3 @@ def test_the_allowlist_and_the_caption_check():
     assert manifest.changed(None, now) == "no marker" and manifest.changed({"missing": True}, now) == "missing at the source"
 
 # --------------------------------------------------------------------------------------
-
-
-class moto_s3:
-    """moto's S3 server on 127.0.0.1 for the block, reached through the AWS variables s3fs reads."""
-
-    def __enter__(self):
-        import s3fs
-        from moto.server import ThreadedMotoServer
-
-        logging.getLogger("werkzeug").setLevel(logging.ERROR)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        self.server.start()
-        env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-               "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}
-        self.old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        s3fs.S3FileSystem.clear_instance_cache()
-        return s3fs.S3FileSystem(use_listings_cache=False)
-
-    def __exit__(self, *exc):
-        import s3fs
-
-        self.server.stop()
-        for k, v in self.old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        s3fs.S3FileSystem.clear_instance_cache()
