@@ -10,7 +10,8 @@
 #   COND: a generated NAME, clean, random-gGRIDeEPS[m] (a random code per sample: the same budget and
 #   grid, keyed to nothing; written by experiments/keyed_probe.py --control random), or
 #   NAME+ATTACK with ATTACK one of removal (ridge from the attacker's own text encoder: the
-#   random-init tiny RN, their own), removal-pub (the same with the public checkpoint's), recaption.
+#   random-init tiny RN, their own), removal-pub (the same with the public checkpoint's), recaption,
+#   or an image defence: jpeg, grayscale, bits, mixup, rrc (random resized crop 0.35-1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . experiments/fmnist-common.sh
@@ -40,6 +41,8 @@ one() {  # victim cond seed overrides...
     *+removal) attack=(defence.removal=ridge defence.removal_model=configs/models/tiny-rn32.json) ;;
     *+removal-pub) attack=(defence.removal=ridge defence.removal_model=configs/models/tiny-rn32.json "defence.removal_pretrained=$PUB") ;;
     *+recaption) attack=(defence.recaption=templates) ;;
+    *+jpeg|*+grayscale|*+bits|*+mixup) attack=(defence.image=${cond##*+}) ;;  # JPEG 75, 3 bits: the defaults
+    *+rrc) attack=("victim.crop_scale=[0.35, 1.0]") ;;  # a harder random resized crop than open_clip's 0.9-1
   esac
   [ -f $out/report.md ] && return
   # shellcheck disable=SC2086
