@@ -4,7 +4,8 @@
 # generated and merged by the pipeline (runs/fm-keyed-*), the text tower of the stand-in public
 # checkpoint (runs/fm-public, experiments/calibrated_methods.sh's `public` step) as the encoder.
 #   bash experiments/keyed.sh [STEP ...]    steps:
-#     gen:NAME              generate + merge runs/fm-NAME (keyed-g8e16, keyed-g2e16, keyed-g4e16m: mirrored)
+#     gen:NAME              generate + merge runs/fm-NAME (keyed-g8e16, keyed-g2e16, keyed-g4e16m: mirrored,
+#                           keyed-g4e16l: one sign for the three channels)
 #     clip:SEED:COND,...    the CLIP from scratch (tiny-vit32), into runs/calm/clip/COND-sSEED
 #     cls:SEED:COND,...     the CIFAR-style ResNet-18, into runs/calm/cls/COND-sSEED
 #   COND: a generated NAME, clean, random-gGRIDeEPS[m] (a random code per sample: the same budget and
@@ -28,10 +29,11 @@ src() {
     *) echo "$R-$1/protected/$P" ;;
   esac
 }
-gen() {  # keyed-gGRIDeEPS, or keyed-gGRIDeEPSm: the mirrored code (keyed.mirror=true)
-  local g=${1#keyed-g} m=false; [[ $g == *m ]] && { m=true; g=${g%m}; }
+gen() {  # keyed-gGRIDeEPS, + m: mirrored (keyed.mirror=true), + l: one sign for 3 channels (keyed.luminance=true)
+  local g=${1#keyed-g} m=false l=false; [[ $g == *l ]] && { l=true; g=${g%l}; }; [[ $g == *m ]] && { m=true; g=${g%m}; }
   local e=${g#*e}; g=${g%e*}
-  generate_with configs/keyed.yaml "$1" "keyed.grid=$g" "keyed.epsilon=$e" "keyed.mirror=$m" "keyed.key=$KEY" "surrogate.pretrained=$PUB"
+  generate_with configs/keyed.yaml "$1" "keyed.grid=$g" "keyed.epsilon=$e" "keyed.mirror=$m" "keyed.luminance=$l" \
+    "keyed.key=$KEY" "surrogate.pretrained=$PUB"
 }
 CLIP_ARGS="victim.kind=clip victim.model=configs/models/tiny-vit32.json victim.epochs=15 victim.batch_size=128 victim.lr=5e-4 victim.weight_decay=0.2 victim.warmup_steps=50 victim.crop=true"
 one() {  # victim cond seed overrides...

@@ -28,6 +28,7 @@ def main() -> None:
     p.add_argument("--size", type=int, default=32), p.add_argument("--seed", type=int, default=0)
     p.add_argument("--control", choices=["keyed", "random"], default="keyed")
     p.add_argument("--mirror", action="store_true", help="a code the same after a horizontal flip")
+    p.add_argument("--luminance", action="store_true", help="one sign per cell for the three channels")
     p.add_argument("--stats", action="store_true")
     p.add_argument("--centre", action="store_true", help="subtract the mean embedding of the captions first")
     a = p.parse_args()
@@ -43,7 +44,7 @@ def main() -> None:
     else:  # a random unit vector per sample: the same code distribution, keyed to nothing
         e = np.random.default_rng(a.seed + 1).standard_normal((len(captions), 128))
         e_q = code.quantize(e / np.linalg.norm(e, axis=1, keepdims=True))
-    s = code.signs(key, e_q, a.grid, a.mirror).reshape(len(captions), -1).astype(np.float32)
+    s = code.signs(key, e_q, a.grid, a.mirror, a.luminance).reshape(len(captions), -1).astype(np.float32)
     agree = (s @ s.T / s.shape[1] + 1) / 2
     same = labels[:, None] == labels[None, :]
     off = ~np.eye(len(labels), dtype=bool)
@@ -51,7 +52,7 @@ def main() -> None:
           f"unique captions {len(set(captions))}, unique codes {len({r.tobytes() for r in s})}")
     if a.stats:
         return
-    d = code.delta(key, e_q, a.grid, a.epsilon, a.size, a.size, a.mirror)
+    d = code.delta(key, e_q, a.grid, a.epsilon, a.size, a.size, a.mirror, a.luminance)
     print(f"wrote {write_perturbed(shards, d, a.out)} samples to {a.out}")
 
 

@@ -67,6 +67,9 @@ def test_the_code_is_a_bounded_block_code_keyed_on_caption_and_key(encoder):
         m = code.delta(key, e_q, g, 16, 32, 32, mirror=True)
         assert np.array_equal(m, m[:, :, ::-1]) and np.array_equal(m[0], m[1]) and not np.array_equal(m[0], m[2])
     assert not np.array_equal(d, d[:, :, ::-1])  # unmirrored, a flip gives another code
+    lum = code.delta(key, e_q, 4, 16, 32, 32, luminance=True)  # one sign for the three channels: gray keeps it
+    assert np.array_equal(lum, np.repeat(lum[..., :1], 3, axis=3)) and not np.array_equal(lum[0], lum[2])
+    assert not np.array_equal(d, np.repeat(d[..., :1], 3, axis=3))
 
 
 def test_keyed_config_checks():

@@ -4,7 +4,8 @@
             --round(e * 2^20)-------------> e_q (int64)
             --W (±1, seeded by the key)---> z = W @ e_q (int64, exact)    W: [g*g*3, E]
             --sign------------------------> s in {-1, +1}^(g x g x 3)  (mirror: left half
-                                            projected, right half its mirror image)
+                                            projected, right half its mirror image;
+                                            luminance: one sign for the 3 channels)
             --nearest upsample, * epsilon-> δ (int8, the canvas's H x W x 3)
 
 Captions with close embeddings get mostly the same code (the sign of a random projection
@@ -72,14 +73,18 @@ def quantize(e_NE: np.ndarray) -> np.ndarray:
     return np.round(e_NE * (1 << QUANTUM_BITS)).astype(np.int64)
 
 
-def signs(key: bytes, e_q_NE: np.ndarray, grid: int, mirror: bool = False) -> np.ndarray:
+def signs(key: bytes, e_q_NE: np.ndarray, grid: int, mirror: bool = False, luminance: bool = False) -> np.ndarray:
     """The code [N, g, g, 3] in {-1, +1} (int8): sign of the key's projection of e_q (0 -> +1).
     ``mirror``: only the left ceil(g/2) columns are projected and the right ones mirror them,
-    so the code is the same after a horizontal flip (a classifier's usual augmentation)."""
+    so the code is the same after a horizontal flip (a classifier's usual augmentation).
+    ``luminance``: one sign per cell for all three channels, so a grayscale copy keeps it."""
     half = (grid + 1) // 2 if mirror else grid
-    w = projection(key, grid * half * 3, e_q_NE.shape[1])
+    channels = 1 if luminance else 3
+    w = projection(key, grid * half * channels, e_q_NE.shape[1])
     z = e_q_NE @ w.T  # int64: |z| <= E * 2^20, exact
-    code = np.where(z >= 0, 1, -1).astype(np.int8).reshape(-1, grid, half, 3)
+    code = np.where(z >= 0, 1, -1).astype(np.int8).reshape(-1, grid, half, channels)
+    if luminance:
+        code = np.repeat(code, 3, axis=3)
     if mirror:
         code = code[:, :, np.minimum(np.arange(grid), grid - 1 - np.arange(grid))]
     return code
@@ -94,10 +99,10 @@ def upsample(code_NggC: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def delta(key: bytes, e_q_NE: np.ndarray, grid: int, epsilon: int, height: int, width: int,
-          mirror: bool = False) -> np.ndarray:
+          mirror: bool = False, luminance: bool = False) -> np.ndarray:
     """δ [N, H, W, 3] (int8, units of 1/255): ±epsilon on the code's blocks; ``mirror``: pixel
     column W-1-c is column c (exact also where g does not divide W)."""
-    d = upsample(signs(key, e_q_NE, grid, mirror), height, width)
+    d = upsample(signs(key, e_q_NE, grid, mirror, luminance), height, width)
     if mirror:
         d = d[:, :, np.minimum(np.arange(width), width - 1 - np.arange(width))]
     return (d * epsilon).astype(np.int8)

@@ -25,6 +25,9 @@ class KeyedConfig:
     mirror: bool = False
     """true: the code's right half mirrors its left half, so a horizontal flip (a classifier's
     usual augmentation) leaves it unchanged; a g x g code then has g * ceil(g/2) * 3 cells."""
+    luminance: bool = False
+    """true: one sign per cell for all three channels (g x g signs), so the code survives a
+    grayscale copy, which undoes the default colour code (docs/efficacy.md)."""
     centre_samples: int = 10_000
     """The code projects each embedding minus the mean embedding of this many captions (the
     first of the shards, in order; computed once by generate and kept with the key): centred,
