@@ -21,6 +21,18 @@ TINY_RN = os.path.join(ROOT, "configs", "models", "tiny-rn.json")
 TINY_VIT = os.path.join(ROOT, "configs", "models", "tiny-vit.json")
 
 
+# The files that take longest (pytest --durations, 2026-12-07), first: pytest-xdist's loadfile
+# hands whole files to the two workers in collection order, so starting the long ones first keeps
+# one worker from finishing a long file alone at the end.
+LONGEST_FIRST = ("test_efficacy.py", "test_distributed.py", "test_generate.py", "test_elastic.py",
+                 "test_img2dataset.py", "test_keyed.py", "test_calibration.py", "test_uc.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 def tiny_overrides(shards: str, output: str, **extra) -> list[str]:
     """Overrides for a seconds-long generation run on the tiny RN surrogate."""
     base = {
