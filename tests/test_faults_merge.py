@@ -342,5 +342,3 @@ def test_the_allowlist_and_the_caption_check():
     assert manifest.changed({"made_from": dict(now, unfinished=True)}, now) == "unfinished True -> None"
     assert manifest.changed({"round": 3}, now).startswith("format None")  # a marker of a merge before made_from
     assert manifest.changed(None, now) == "no marker" and manifest.changed({"missing": True}, now) == "missing at the source"
-
-# --------------------------------------------------------------------------------------
