@@ -74,20 +74,21 @@ class moto_s3:
 
     def __enter__(self):
         import logging
-        import socket
         import urllib.request
 
         import s3fs
         from moto.server import ThreadedMotoServer
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        # Port 0: the server binds a free port itself. A port picked beforehand (bind, close, hand
+        # over) can be taken by another process in between, and then ThreadedMotoServer.start()
+        # waits forever for a server thread that died on "address in use".
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.server.start()
+        port = self.server.get_host_and_port()[1]
         # moto's backends are per process, not per server: start from no buckets
-        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST")).close()
+        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"),
+                               timeout=60).close()
         self.env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
                     "AWS_EC2_METADATA_DISABLED": "true", "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}
         self.old = {k: os.environ.get(k) for k in self.env}
