@@ -25,7 +25,7 @@ declare -A SRC=(
   [prefix3]="$R-prefix3/protected/$P" [em]="$R-em/protected/$P" [mem3]="$R-mem3/protected/$P"
   [mem5]="$R-mem5/protected/$P" [random16]="$R-random16/protected/$P" [uc]="$R-uc-pub/protected/$P"
   [uc-captions]="$R-uc-captions-pub/protected/$P" [uc-captions-random]="$R-uc-captions-random/protected/$P"
-  [block]="data/fm-block/$P" [lsp]="data/fm-lsp/$P")  # the calibration points (experiments/calibrate.sh), for the CLIP victim
+  [block]="data/fm-block/$P" [lsp]="data/fm-lsp/$P" [block16]="data/fm-block16/$P")  # the calibration points (experiments/calibrate.sh), for the CLIP victim
 declare -A CONTROL=([random]=clean [random3]=random [prefix3]=random [em]=random [mem3]=random3 [mem5]=random3
   [random16]=clean [uc]=random16 [uc-captions]=uc-captions-random [uc-captions-random]=random16)
 one() {  # victim cond src seed overrides...  -> runs/calm/VICTIM/COND-sSEED

@@ -26,6 +26,7 @@ src() {
                [ -f data/fm-$1/00007.tar ] || python experiments/keyed_probe.py "$D/train/$P" data/fm-$1 \
                  --control random --grid ${g%e*} --epsilon ${g#*e} "${m[@]}" --model configs/models/tiny-rn32.json >&2
                echo "data/fm-$1/$P" ;;
+    trained-*) echo "data/fm-$1/$P" ;;  # written by experiments/keyed_trained.py (queued by hand)
     *) echo "$R-$1/protected/$P" ;;
   esac
 }
