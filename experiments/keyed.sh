@@ -30,10 +30,10 @@ src() {
     *) echo "$R-$1/protected/$P" ;;
   esac
 }
-gen() {  # keyed-gGRIDeEPS, + m: mirrored (keyed.mirror=true), + l: one sign for 3 channels (keyed.luminance=true)
+gen() {  # keyed-gGRIDeEPS, + m: mirrored (experimental.keyed.mirror=true), + l: one sign for 3 channels (experimental.keyed.luminance=true)
   local g=${1#keyed-g} m=false l=false; [[ $g == *l ]] && { l=true; g=${g%l}; }; [[ $g == *m ]] && { m=true; g=${g%m}; }
   local e=${g#*e}; g=${g%e*}
-  generate_with configs/keyed.yaml "$1" "keyed.grid=$g" "keyed.epsilon=$e" "keyed.mirror=$m" "keyed.luminance=$l" \
+  generate_with configs/keyed.yaml "$1" "keyed.grid=$g" "keyed.epsilon=$e" "experimental.keyed.mirror=$m" "experimental.keyed.luminance=$l" \
     "keyed.key=$KEY" "surrogate.pretrained=$PUB"
 }
 CLIP_ARGS="victim.kind=clip victim.model=configs/models/tiny-vit32.json victim.epochs=15 victim.batch_size=128 victim.lr=5e-4 victim.weight_decay=0.2 victim.warmup_steps=50 victim.crop=true"

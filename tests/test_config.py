@@ -129,9 +129,10 @@ def test_moved_keys_keep_the_fingerprint_of_existing_runs():
     assert load_config(RunConfig, uc_demo, ["mem.epsilon=32"]).uc.epsilon == 32  # under method uc: UC's bound
     # the old spellings, in a YAML file as in a run.json: mem.method, mem.epsilon for UC, the ablations
     legacy = {"data": {"shards": "x.tar"}, "mem": {"method": "uc", "epsilon": 12, "hotflip_candidates": 4},
-              "uc": {"grid": 8, "perturbation": "direct"}}
+              "uc": {"grid": 8, "perturbation": "direct"}, "keyed": {"grid": 4, "luminance": True}}
     cfg = build(RunConfig, legacy, "")
     assert (cfg.method, cfg.uc.epsilon, cfg.experimental.mem.hotflip_candidates) == ("uc", 12, 4)
+    assert (cfg.keyed.grid, cfg.experimental.keyed.luminance, cfg.experimental.keyed.mirror) == (4, True, False)
     assert (cfg.experimental.uc.grid, cfg.experimental.uc.perturbation, cfg.experimental.uc.lr) == (8, "direct", 0.5)
     with pytest.raises(ConfigError, match="config key 'method' must be one of mem, random, prefix, uc"):
         load_config(RunConfig, None, ["data.shards=x.tar", "method=nope"])

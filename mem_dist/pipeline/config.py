@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional
 
 from mem_dist.methods import METHODS, get_method
 from mem_dist.methods.mem.config import MemConfig, MemExperimental
-from mem_dist.methods.keyed.config import KeyedConfig
+from mem_dist.methods.keyed.config import KeyedConfig, KeyedExperimental
 from mem_dist.methods.uc.config import UCConfig, UCExperimental
 from mem_dist.pipeline.config_io import ConfigError, check
 
@@ -116,6 +116,7 @@ class ExperimentalConfig:
 
     mem: MemExperimental = field(default_factory=MemExperimental)
     uc: UCExperimental = field(default_factory=UCExperimental)
+    keyed: KeyedExperimental = field(default_factory=KeyedExperimental)
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,7 @@ MOVED_KEYS = {
     **{f"mem.{k}": f"experimental.mem.{k}" for k in ("hotflip_candidates", "trigger_vocab", "shuffle_captions", "augment")},
     **{f"uc.{k}": f"experimental.uc.{k}" for k in ("perturbation", "train_on", "crop_padding", "flip", "lr", "weight_decay",
                                                    "grid", "generator_width", "generator_blocks")},
+    **{f"keyed.{k}": f"experimental.keyed.{k}" for k in ("mirror", "luminance")},
 }
 
 

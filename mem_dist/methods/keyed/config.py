@@ -22,12 +22,6 @@ class KeyedConfig:
     """Cells per side of the code, upsampled (nearest) to the canvas: 2 at 32 px = blocks of
     16 px, 12 signs per code. The coarser the grid, the earlier a victim learns the code
     (measured at 8, 4 and 2: docs/efficacy.md, "Caption-keyed codes")."""
-    mirror: bool = False
-    """true: the code's right half mirrors its left half, so a horizontal flip (a classifier's
-    usual augmentation) leaves it unchanged; a g x g code then has g * ceil(g/2) * 3 cells."""
-    luminance: bool = False
-    """true: one sign per cell for all three channels (g x g signs), so the code survives a
-    grayscale copy, which undoes the default colour code (docs/efficacy.md)."""
     centre_samples: int = 10_000
     """The code projects each embedding minus the mean embedding of this many captions (the
     first of the shards, in order; computed once by generate and kept with the key): centred,
@@ -49,3 +43,16 @@ class KeyedConfig:
         check(self.centre_samples >= 0, "keyed.centre_samples", "must be 0 (no centring) or more")
         check(self.key == "" or re.fullmatch(r"[0-9a-fA-F]{64}", self.key) is not None, "keyed.key",
               "must be empty (a new secret key) or 64 hex digits")
+
+
+@dataclass(frozen=True)
+class KeyedExperimental:
+    """``experimental.keyed``: code shapes measured not to help (docs/efficacy.md, "Caption-keyed
+    codes"), kept for the experiments that measured them."""
+
+    mirror: bool = False
+    """true: the code's right half mirrors its left half, so a horizontal flip (a classifier's
+    usual augmentation) leaves it unchanged; a g x g code then has g * ceil(g/2) * 3 cells."""
+    luminance: bool = False
+    """true: one sign per cell for all three channels (g x g signs), so the code survives a
+    grayscale copy, which undoes the default colour code."""

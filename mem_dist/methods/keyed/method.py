@@ -82,10 +82,10 @@ class Keyed(Method):
         check(job.section.grid <= job.data.image_size, "keyed.grid", f"must be at most data.image_size ({job.data.image_size})")
 
     def fingerprint(self, job: Job) -> dict:
-        s = job.section  # the key is not in it: it is the run's (key.json), checked by generate
+        s, x = job.section, job.experimental  # the key is not in it: it is the run's (key.json), checked by generate
         return {"method": self.name, "keyed": {"epsilon": s.epsilon, "grid": s.grid, "generator": s.generator,
                                                "centre_samples": s.centre_samples}
-                                     | ({"mirror": True} if s.mirror else {}) | ({"luminance": True} if s.luminance else {}),
+                                     | ({"mirror": True} if x.mirror else {}) | ({"luminance": True} if x.luminance else {}),
                 "quantum_bits": _code().QUANTUM_BITS}
 
     def rounds(self, job: Job) -> int:
@@ -125,7 +125,7 @@ class Keyed(Method):
                 key = bytes.fromhex(job.section.key) if job.section.key else secrets.token_bytes(32)
                 storage.write_json(url, {"key": key.hex(), "centre": centre(job, urls, log), "generator": job.section.generator,
                                          "quantum_bits": _code().QUANTUM_BITS, "grid": job.section.grid,
-                                         "mirror": job.section.mirror, "luminance": job.section.luminance})
+                                         "mirror": job.experimental.mirror, "luminance": job.experimental.luminance})
                 log(f"mem-dist: keyed: wrote the run's secret key to {url} (private: with it the code can be removed)")
             storage.write_json(storage.join(job.output, "run.json"),
                                rundir.run_record(cfg, urls, dist.world, old, 1, (old or {}).get("skipped", {}), launch=True))
@@ -155,8 +155,8 @@ class Keyed(Method):
         if mean:
             e_q = e_q - np.asarray(mean, np.int64)
         h, w = view.canvases.shape[1:3] if n else (job.data.image_size, job.data.image_size)
-        d = code.apply(view.canvases, code.delta(key, e_q, job.section.grid, job.section.epsilon, h, w, job.section.mirror,
-                                                 job.section.luminance))
+        d = code.apply(view.canvases, code.delta(key, e_q, job.section.grid, job.section.epsilon, h, w, job.experimental.mirror,
+                                                 job.experimental.luminance))
         return state.ShardState(list(view.keys), d, np.zeros((n, 0), np.int64), [""] * n, np.zeros(n, np.float32),
                                 np.full(n, np.nan, np.float32), dict(view.skipped))
 
