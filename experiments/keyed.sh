@@ -8,6 +8,9 @@
 #                           keyed-g4e16l: one sign for the three channels)
 #     clip:SEED:COND,...    the CLIP from scratch (tiny-vit32), into runs/calm/clip/COND-sSEED
 #     cls:SEED:COND,...     the CIFAR-style ResNet-18, into runs/calm/cls/COND-sSEED
+#     ft:SEED:COND,...      a CLIP fine-tuning an independent checkpoint (tiny-vit32, its own seed,
+#                           trained on the public split: runs/calm/public-vit, made first), into
+#                           runs/calm/ft/COND-sSEED
 #   COND: a generated NAME, clean, random-gGRIDeEPS[m] (a random code per sample: the same budget and
 #   grid, keyed to nothing; written by experiments/keyed_probe.py --control random), or
 #   NAME+ATTACK with ATTACK one of removal (ridge from the attacker's own text encoder: the
@@ -52,14 +55,22 @@ one() {  # victim cond seed overrides...
   mem-dist evaluate --config configs/eval-calibrate.yaml "conditions={$cond: '$(src $base)'}" "seeds=[$seed]" output=$out \
     "$@" "${attack[@]}" ${EVAL_EXTRA:-}
 }
+VIT_PUB=runs/calm/public-vit/victims/public.pt  # independent of the text tower: another architecture, seed and run
+FT_ARGS="victim.pretrained=$VIT_PUB victim.lr=1e-4 victim.epochs=8 victim.warmup_steps=20"
 for step in "$@"; do
   case $step in
     gen:*) gen ${step#gen:} ;;
-    clip:*|cls:*)
+    clip:*|cls:*|ft:*)
       IFS=: read -r victim seed only <<< "$step"
       for c in ${only//,/ }; do
         # shellcheck disable=SC2086
-        if [ $victim = clip ]; then one clip $c $seed $CLIP_ARGS; else one cls $c $seed; fi
+        case $victim in
+          clip) one clip $c $seed $CLIP_ARGS ;;
+          ft) [ -f $VIT_PUB ] || mem-dist evaluate --config configs/eval-calibrate.yaml "conditions={public: '$D/public/$P'}" \
+                "seeds=[17]" output=runs/calm/public-vit save_victims=true $CLIP_ARGS ${EVAL_EXTRA:-}
+              one ft $c $seed $CLIP_ARGS $FT_ARGS ;;
+          *) one cls $c $seed ;;
+        esac
       done ;;
   esac
 done
