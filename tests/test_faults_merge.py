@@ -26,6 +26,7 @@ from mem_dist.pipeline import generate, storage
 from mem_dist.publishing import manifest, merge, publish, verify
 from mem_dist.publishing.verify import protected_samples
 from tests.conftest import ROOT, moto_s3, tiny_overrides
+from tests.test_distributed import children
 
 NAMES = ("00000", "00001")  # 80 samples each
 EXTRA = ("original_caption", "TEXT", "similarity")  # source fields img2dataset does not write
@@ -150,6 +151,28 @@ def test_kill9_mid_shard_then_rerun(finished_run, tmp_path):
     summary = merge.merge(merge.resolve_config(out, None, []))
     assert (summary["shards"], summary["already_done"]) == (1, 1)
     assert os.listdir(f"{out}/tmp/merge") == []  # swept, and the new one moved into place
+    assert account(out) == {"protected": 160}
+
+
+def test_a_killed_merge_worker_ends_the_merge_with_one_line(finished_run, tmp_path):
+    """merge.processes=2 and one worker process SIGKILLed (as the OOM killer would): merge ends
+    with one line and exit 1 instead of waiting forever for that worker's shard; the re-run
+    publishes every shard."""
+    out = copy_of(finished_run, tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "mem_dist.publishing.merge", out, "progress=false", "merge.processes=2"],
+                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline, workers = time.time() + 120, []
+    while not workers and proc.poll() is None and time.time() < deadline:
+        workers = [p for p in children(proc.pid) if "spawn_main" in open(f"/proc/{p}/cmdline").read()]
+        time.sleep(0.01)
+    assert workers, "no merge worker seen"
+    os.kill(workers[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1, err
+    assert lines[0].startswith("mem-dist: error: a merge worker process died") and "run merge again" in lines[0]
+    assert merge.main([out, "progress=false"]) == 0
     assert account(out) == {"protected": 160}
 
 

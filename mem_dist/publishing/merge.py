@@ -43,6 +43,8 @@ import multiprocessing
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 import webdataset as wds
@@ -60,6 +62,12 @@ from mem_dist.publishing.merge_config import publish_source, resolve_config
 
 # Reasons data.load_shard counts per shard rather than per sample.
 SHARD_LEVEL_SKIPS = ("truncated_tar", "corrupt_tar", "missing_shard", "empty_shard")
+
+
+class WorkerDied(RuntimeError):
+    """A merge worker process ended without its result (merge.processes > 1)."""
+
+    one_line = True  # mem_dist.errors: one line, exit 1
 
 
 def publish_dir(cfg: RunConfig) -> str:
@@ -316,10 +324,17 @@ def merge(cfg: RunConfig, rank: int | None = None, world: int | None = None, pro
     stats: list[dict] = []
     if cfg.merge.processes > 1 and len(jobs) > 1:
         # spawn: the parent may hold torch threads (accelerate launch), which fork does not copy safely.
-        with multiprocessing.get_context("spawn").Pool(min(cfg.merge.processes, len(jobs))) as pool:
-            for s in pool.imap_unordered(_merge_job, jobs):
-                stats.append(s)
-                bar.update()
+        # An executor, not multiprocessing.Pool: a worker killed from outside (the OOM killer) breaks
+        # the executor, where a Pool would wait forever for that worker's shard.
+        with ProcessPoolExecutor(min(cfg.merge.processes, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            try:
+                for done in as_completed([pool.submit(_merge_job, job) for job in jobs]):
+                    stats.append(done.result())
+                    bar.update()
+            except BrokenProcessPool as e:
+                raise WorkerDied(f"a merge worker process died (killed, or out of memory?) after {len(stats)} of "
+                                 f"{len(jobs)} shards; every shard finished is published whole: run merge again "
+                                 f"for the rest") from e
     else:
         for job in jobs:
             stats.append(_merge_job(job))
