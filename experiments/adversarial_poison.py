@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from mem_dist.pipeline import augment, surrogate
 from mem_dist.methods.pgd import minimize_delta
 
-from shards import read_shards, write_shards  # experiments/shards.py, beside this script
+from mem_dist.evaluation.baselines import write_perturbed
+from shards import read_shards  # experiments/shards.py, beside this script
 
 p = argparse.ArgumentParser()
 p.add_argument("--shards", required=True)
@@ -83,4 +84,4 @@ for s in range(0, N, 128):
         after.append(cosine(x + d, tgt))
     deltas[s:s + 128] = d.round().to(torch.int8).permute(0, 2, 3, 1).numpy()
 print(f"cos to target: before {torch.cat(before).mean():.3f} after {torch.cat(after).mean():.3f}")
-print("wrote", a.out, write_shards(shards, deltas, caps, a.out))
+print("wrote", a.out, write_perturbed(shards, deltas, a.out, caps))

@@ -18,7 +18,8 @@ import numpy as np
 import open_clip
 
 from mem_dist.pipeline import text
-from shards import read_shards, write_shards  # experiments/shards.py, beside this script
+from mem_dist.evaluation.baselines import write_perturbed
+from shards import read_shards  # experiments/shards.py, beside this script
 
 p = argparse.ArgumentParser()
 p.add_argument("--shards", required=True)
@@ -53,4 +54,4 @@ unique = text.initial_triggers(keys, vocab, a.unique_words, a.seed + 1)
 trigger = np.concatenate([group_words[group][:, None], unique], axis=1)
 protected = [text.protected_caption(text.trigger_text(tokenizer, t), c) for t, c in zip(trigger, captions)]
 print("group sizes", np.bincount(group, minlength=a.groups).tolist())
-print("wrote", a.out, write_shards(shards, delta, protected, a.out))
+print("wrote", a.out, write_perturbed(shards, delta, a.out, protected))

@@ -1,19 +1,13 @@
-"""What the experiment scripts share: decode source shards, write perturbed ones; copy a finished
+"""What the experiment scripts share: decode source shards; copy a finished
 UC run's private side to a new run directory whose state a script rewrites.
 
 Not part of the package: experiments/ holds scripts behind numbers in docs/efficacy.md that
 are not package options (their methods did not protect). Each writes PNG shards with the
-source keys, for `mem-dist evaluate`.
+source keys (mem_dist.evaluation.baselines.write_perturbed), for `mem-dist evaluate`.
 """
 import argparse
-import io
-import json
 import os
 import shutil
-
-import numpy as np
-import webdataset as wds
-from PIL import Image
 
 from mem_dist.pipeline import storage
 from mem_dist.pipeline.config import DataConfig, RunConfig
@@ -24,22 +18,6 @@ from mem_dist.pipeline.data import Shard, expand_shards, load_shard
 def read_shards(spec: str, size: int) -> list[Shard]:
     """Every shard of ``spec`` decoded to canvases of side ``size`` (center crop)."""
     return [load_shard(url, DataConfig(shards=spec, image_size=size, resize_mode="center_crop")) for url in expand_shards(spec)]
-
-
-def write_shards(shards: list[Shard], delta_NHWC: np.ndarray, captions: list[str], out: str) -> int:
-    """canvas + delta (clipped to [0, 255]) as PNG, with ``captions`` in source order, one tar
-    per source shard under ``out``; returns the sample count."""
-    os.makedirs(out, exist_ok=True)
-    i = 0
-    for shard in shards:
-        with wds.TarWriter(os.path.join(out, os.path.basename(shard.url)), mtime=0) as tw:
-            for j, key in enumerate(shard.keys):
-                img = (shard.canvases[j].astype(np.int16) + delta_NHWC[i]).clip(0, 255).astype(np.uint8)
-                buf = io.BytesIO()
-                Image.fromarray(img).save(buf, format="PNG")
-                tw.write({"__key__": key, "png": buf.getvalue(), "txt": captions[i], "json": json.dumps({"key": key}).encode()})
-                i += 1
-    return i
 
 
 def uc_copy_parser(doc: str) -> argparse.ArgumentParser:

@@ -156,8 +156,9 @@ def em(canvases_NHWC: np.ndarray, labels_N: np.ndarray, eps: int, seed: int, wid
     return torch.round(delta * 255).clamp(-eps, eps).permute(0, 2, 3, 1).numpy().astype(np.int16)
 
 
-def write_perturbed(shards, delta_NHWC: np.ndarray, out: str) -> int:
-    """canvas + delta as PNG with each sample's own caption and json, one tar per source shard."""
+def write_perturbed(shards, delta_NHWC: np.ndarray, out: str, captions: list[str] | None = None) -> int:
+    """canvas + delta (clipped to [0, 255]) as PNG with each sample's json and its own caption (or
+    ``captions[i]``, in source order), one tar per source shard under ``out``; returns the count."""
     i = 0
     for shard in shards:
         buf_tar = io.BytesIO()
@@ -167,7 +168,8 @@ def write_perturbed(shards, delta_NHWC: np.ndarray, out: str) -> int:
                 png = io.BytesIO()
                 Image.fromarray(img).save(png, format="PNG")
                 meta = shard.meta[j] if shard.meta and shard.meta[j] else json.dumps({"key": key}).encode()
-                tw.write({"__key__": key, "png": png.getvalue(), "txt": shard.captions[j], "json": meta})
+                tw.write({"__key__": key, "png": png.getvalue(), "txt": shard.captions[j] if captions is None else captions[i],
+                          "json": meta})
                 i += 1
         storage.write_bytes_atomic(storage.join(out, os.path.basename(shard.url)), buf_tar.getvalue())
     return i
