@@ -1,4 +1,4 @@
-"""Keyed codes on labelled shards, outside the pipeline: how the code separates the classes,
+"""Keyed codes outside the pipeline: how the code separates the classes (labelled shards),
 and protected shards for ``mem-dist evaluate`` (PNG, same keys, captions and json).
 
     python experiments/keyed_probe.py SRC OUT --model M --pretrained CKPT [--grid 8] [--epsilon 16]
@@ -35,7 +35,7 @@ def main() -> None:
     cfg = DataConfig(shards=a.src, image_size=a.size)
     shards = [load_shard(u, cfg) for u in expand_shards(a.src)]
     captions = [c for s in shards for c in s.captions]
-    labels = np.array([json.loads(m)["label"] for s in shards for m in s.meta])
+    labels = np.array([json.loads(m or "{}").get("label", -1) for s in shards for m in s.meta])  # -1: unlabelled (demo scenes)
     key = np.random.default_rng(a.seed).bytes(32)
     if a.control == "keyed":
         clip, tokenizer, _ = create_surrogate(a.model, a.pretrained, "cpu")
