@@ -8,6 +8,7 @@
 #                           keyed-g4e16l: one sign for the three channels)
 #     clip:SEED:COND,...    the CLIP from scratch (tiny-vit32), into runs/calm/clip/COND-sSEED
 #     cls:SEED:COND,...     the CIFAR-style ResNet-18, into runs/calm/cls/COND-sSEED
+#     vgg:SEED:COND,...     the second CIFAR-style family (cifar_vgg11, width 16), into runs/calm/vgg/COND-sSEED
 #     ft:SEED:COND,...      a CLIP fine-tuning an independent checkpoint (tiny-vit32, its own seed,
 #                           trained on the public split: runs/calm/public-vit, made first), into
 #                           runs/calm/ft/COND-sSEED
@@ -60,7 +61,7 @@ FT_ARGS="victim.pretrained=$VIT_PUB victim.lr=1e-4 victim.epochs=8 victim.warmup
 for step in "$@"; do
   case $step in
     gen:*) gen ${step#gen:} ;;
-    clip:*|cls:*|ft:*)
+    clip:*|cls:*|vgg:*|ft:*)
       IFS=: read -r victim seed only <<< "$step"
       for c in ${only//,/ }; do
         # shellcheck disable=SC2086
@@ -69,6 +70,7 @@ for step in "$@"; do
           ft) [ -f $VIT_PUB ] || mem-dist evaluate --config configs/eval-calibrate.yaml "conditions={public: '$D/public/$P'}" \
                 "seeds=[17]" output=runs/calm/public-vit save_victims=true $CLIP_ARGS ${EVAL_EXTRA:-}
               one ft $c $seed $CLIP_ARGS $FT_ARGS ;;
+          vgg) one vgg $c $seed classifier.model=cifar_vgg11 ;;
           *) one cls $c $seed ;;
         esac
       done ;;
