@@ -6,7 +6,7 @@
 # draw (data/demo32-public); the CLIP victim of experiments/keyed.sh (tiny-vit32, its own init),
 # image->text R@10 on the clean val pairs. Runs into runs/calm-demo/COND-sSEED.
 #   bash experiments/keyed_demo.sh [SEED:COND,...]    COND: clean, keyed (g 2, ε 16), random (a random
-#                                                    code per sample: the same budget and grid)
+#     code per sample: the same budget and grid), trained (experiments/keyed_trained.py, min-min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONWARNINGS=ignore
@@ -28,7 +28,10 @@ if [ ! -f runs/demo32-keyed/manifest/00007_stats.json ]; then
 fi
 [ -f data/demo32-random/00007.tar ] || python experiments/keyed_probe.py "$D/train/$P" data/demo32-random --control random \
   --grid 2 --epsilon 16 --model configs/models/tiny-rn32.json
-declare -A SRC=([clean]="$D/train/$P" [keyed]="runs/demo32-keyed/protected/$P" [random]="data/demo32-random/$P")
+[ -f data/demo32-trained/00007.tar ] || python experiments/keyed_trained.py "$D/train/$P" data/demo32-trained \
+  --model configs/models/tiny-rn32.json --pretrained $PUB --objective minmin --steps 300
+declare -A SRC=([clean]="$D/train/$P" [keyed]="runs/demo32-keyed/protected/$P" [random]="data/demo32-random/$P"
+  [trained]="data/demo32-trained/$P")
 for job in ${*:-0:clean,keyed,random}; do
   IFS=: read -r seed conds <<< "$job"
   for c in ${conds//,/ }; do

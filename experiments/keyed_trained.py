@@ -58,7 +58,7 @@ def main() -> None:
     cfg = DataConfig(shards=a.src, image_size=a.size)
     shards = [load_shard(u, cfg) for u in expand_shards(a.src)]
     captions = [c for s in shards for c in s.captions]
-    labels = np.array([json.loads(m)["label"] for s in shards for m in s.meta])
+    labels = np.array([json.loads(m or "{}").get("label", -1) for s in shards for m in s.meta])  # -1: unlabelled (demo scenes)
     canvases = torch.from_numpy(np.concatenate([s.canvases for s in shards])).permute(0, 3, 1, 2).float()
 
     public, tokenizer, spec = surrogate.create_surrogate(a.model, a.pretrained, "cpu")
