@@ -11,7 +11,6 @@ import torch
 from mem_dist.evaluation import evaluate
 from mem_dist.evaluation.eval_config import EvalConfig
 from mem_dist.methods.keyed import code
-from mem_dist.pipeline import storage
 from mem_dist.pipeline.config_io import ConfigError, load_config
 from mem_dist.pipeline.config import RunConfig
 from mem_dist.pipeline.data import load_shard

@@ -32,7 +32,6 @@ Shapes: N samples, H = W = data.image_size, C = 3; canvases are uint8 [N, H, W, 
 from __future__ import annotations
 
 import collections
-import io
 import tarfile
 import threading
 import time
