@@ -7,17 +7,18 @@
 # Prints wall time and peak RSS of each, and the ratio.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BASE=${BASE:-/tmp/mem-dist-399a614}
+BASE=${BASE:-runs/worktree-399a614}  # a git worktree of the old commit (runs/ is ignored)
 [ -d "$BASE" ] || git worktree add -f "$BASE" 399a614 >/dev/null
 DATA=${DATA:-data/bench4k}
 [ -f "$DATA/train/00007.tar" ] || mem-dist demo-data "$DATA" --train 4000 --val 10 --size 32 --per-shard 500 >/dev/null
+TIMES=$(mktemp)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONWARNINGS=ignore
 run() {  # name script -> "seconds peak_rss_mb"
   local out=runs/bench-speed-$1
   rm -rf "$out"
-  /usr/bin/time -f "%e %M" -o /tmp/mem-dist-bench-time.txt python "$2" --config configs/demo.yaml \
+  /usr/bin/time -f "%e %M" -o "$TIMES" python "$2" --config configs/demo.yaml \
     "data.shards=$PWD/$DATA/train/{00000..00007}.tar" output=$out progress=false >/dev/null 2>&1
-  awk '{printf "%s %.0f", $1, $2 / 1024}' /tmp/mem-dist-bench-time.txt
+  awk '{printf "%s %.0f", $1, $2 / 1024}' "$TIMES"
 }
 read -r base_s base_mb <<<"$(run 399a614 "$BASE/mem_dist/generate.py")"
 read -r main_s main_mb <<<"$(run main mem_dist/generate.py)"

@@ -11,12 +11,13 @@
 #    FLOP/s against the device's peak, estimates for 1M / 400M samples on 1 / 8 / 64 GPUs.
 # Everything it prints also goes to $OUT/gpu.log (the device tool brings $OUT back).
 set -euo pipefail
-OUT=${OUT:-/tmp/mem-dist-gpu}
+TMP=$(mktemp -d)  # scratch: the wheels' site, demo data, runs
+OUT=${OUT:-$TMP/out}
 mkdir -p "$OUT"
 exec > >(tee "$OUT/gpu.log") 2>&1
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $TMP/site .whl/*.whl
+  export PYTHONPATH=$TMP/site:$PWD
 else
   export PYTHONPATH=$PWD
 fi
@@ -24,7 +25,7 @@ export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore NO_ALBUMENTATIONS_UPDATE=1
 DEVICE=${DEVICE:-cuda}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch, open_clip; print('torch', torch.__version__, 'open_clip', open_clip.__version__, 'cuda', torch.cuda.is_available())"
-D=/tmp/mem-dist-gpu-data
+D=$TMP/data
 python3 -m mem_dist.cli demo-data $D --train 512 --val 8 --size 256 --per-shard 256 >/dev/null
 
 echo "== 1. CUDA correctness"
@@ -53,7 +54,7 @@ for name in ("ViT-B-32", "RN50"):
             print(f"image tower RN50 {dtype}: one-query pool max |diff| {(a - b).abs().max().item():.2e}, "
                   f"folded BatchNorm {(f - b).abs().max().item():.2e} (features up to {b.abs().max().item():.1f})")
 PY
-R=/tmp/mem-dist-gpu-run
+R=$TMP/run
 rm -rf $R
 python3 mem_dist/generate.py --config configs/laion.yaml "data.shards=$D/train/{00000..00001}.tar" output=$R device=$DEVICE \
   data.on_missing=error mem.rounds=2 mem.surrogate_steps=5 mem.pgd_steps=2 mem.hotflip_rounds=1 progress=false
@@ -72,4 +73,4 @@ cp $R/metrics.jsonl "$OUT/laion-short-metrics.jsonl"
 echo "== 2. bench generate"
 python3 -m mem_dist.tools.bench generate --config configs/paper.yaml "data.shards=$D/train/{00000..00001}.tar" device=$DEVICE --steps 5
 python3 -m mem_dist.tools.bench generate --config configs/laion.yaml "data.shards=$D/train/{00000..00001}.tar" device=$DEVICE \
-  data.on_missing=error output=/tmp/mem-dist-gpu-bench --steps 5
+  data.on_missing=error output=$TMP/bench --steps 5
