@@ -20,6 +20,14 @@ from mem_dist.pipeline.data import expand_shards, load_shard
 from mem_dist.pipeline.surrogate import create_surrogate
 
 
+def agreement(s_NC: np.ndarray, labels_N: np.ndarray) -> str:
+    """How often two captions' codes agree cell by cell: same class / other class."""
+    s = s_NC.astype(np.float32)
+    agree = (s @ s.T / s.shape[1] + 1) / 2
+    same, off = labels_N[:, None] == labels_N[None, :], ~np.eye(len(labels_N), dtype=bool)
+    return f"cells agreeing: same class {agree[same & off].mean():.3f}, other class {agree[~same].mean():.3f}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("src"), p.add_argument("out")
@@ -45,10 +53,7 @@ def main() -> None:
         e = np.random.default_rng(a.seed + 1).standard_normal((len(captions), 128))
         e_q = code.quantize(e / np.linalg.norm(e, axis=1, keepdims=True))
     s = code.signs(key, e_q, a.grid, a.mirror, a.luminance).reshape(len(captions), -1).astype(np.float32)
-    agree = (s @ s.T / s.shape[1] + 1) / 2
-    same = labels[:, None] == labels[None, :]
-    off = ~np.eye(len(labels), dtype=bool)
-    print(f"{'centred: ' if a.centre else ''}cells agreeing: same class {agree[same & off].mean():.3f}, other class {agree[~same].mean():.3f}; "
+    print(f"{'centred: ' if a.centre else ''}{agreement(s, labels)}; "
           f"unique captions {len(set(captions))}, unique codes {len({r.tobytes() for r in s})}")
     if a.stats:
         return

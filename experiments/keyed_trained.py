@@ -28,19 +28,12 @@ import json
 import numpy as np
 import torch
 
+from keyed_probe import agreement  # experiments/keyed_probe.py, beside this script
 from mem_dist.evaluation.baselines import write_perturbed
 from mem_dist.methods.keyed import code
 from mem_dist.pipeline import augment, surrogate
 from mem_dist.pipeline.config import DataConfig
 from mem_dist.pipeline.data import expand_shards, load_shard
-
-
-def agreement(s_NC: np.ndarray, labels_N: np.ndarray) -> str:
-    """How often two captions' codes agree cell by cell: same class / other class."""
-    s = s_NC.astype(np.float32)
-    agree = (s @ s.T / s.shape[1] + 1) / 2
-    same, off = labels_N[:, None] == labels_N[None, :], ~np.eye(len(labels_N), dtype=bool)
-    return f"cells agreeing: same class {agree[same & off].mean():.3f}, other class {agree[~same].mean():.3f}"
 
 
 def main() -> None:
