@@ -5,7 +5,7 @@
 # checkpoint (runs/fm-public, experiments/calibrated_methods.sh's `public` step) as the encoder.
 #   bash experiments/keyed.sh [STEP ...]    steps:
 #     gen:NAME              generate + merge runs/fm-NAME (keyed-g8e16, keyed-g2e16, keyed-g4e16m: mirrored,
-#                           keyed-g4e16l: one sign for the three channels)
+#                           keyed-g4e16l: one sign for the three channels, keyed-g2e16t: keyed.generator=trained)
 #     clip:SEED:COND,...    the CLIP from scratch (tiny-vit32), into runs/calm/clip/COND-sSEED
 #     cls:SEED:COND,...     the CIFAR-style ResNet-18, into runs/calm/cls/COND-sSEED
 #     vgg:SEED:COND,...     the second CIFAR-style family (cifar_vgg11, width 16), into runs/calm/vgg/COND-sSEED
@@ -34,11 +34,14 @@ src() {
     *) echo "$R-$1/protected/$P" ;;
   esac
 }
-gen() {  # keyed-gGRIDeEPS, + m: mirrored (experimental.keyed.mirror=true), + l: one sign for 3 channels (experimental.keyed.luminance=true)
-  local g=${1#keyed-g} m=false l=false; [[ $g == *l ]] && { l=true; g=${g%l}; }; [[ $g == *m ]] && { m=true; g=${g%m}; }
+gen() {  # keyed-gGRIDeEPS, + m: mirrored (experimental.keyed.mirror=true), + l: one sign for 3 channels (experimental.keyed.luminance=true),
+        # + t: the trained generator (keyed.generator=trained), + ts: trained against the public checkpoint (train_objective=surrogate)
+  local g=${1#keyed-g} m=false l=false t=projection o=minmin
+  [[ $g == *ts ]] && { t=trained; o=surrogate; g=${g%ts}; }; [[ $g == *t ]] && { t=trained; g=${g%t}; }
+  [[ $g == *l ]] && { l=true; g=${g%l}; }; [[ $g == *m ]] && { m=true; g=${g%m}; }
   local e=${g#*e}; g=${g%e*}
   generate_with configs/keyed.yaml "$1" "keyed.grid=$g" "keyed.epsilon=$e" "experimental.keyed.mirror=$m" "experimental.keyed.luminance=$l" \
-    "keyed.key=$KEY" "surrogate.pretrained=$PUB"
+    "keyed.generator=$t" "keyed.train_objective=$o" "keyed.key=$KEY" "surrogate.pretrained=$PUB"
 }
 CLIP_ARGS="victim.kind=clip victim.model=configs/models/tiny-vit32.json victim.epochs=15 victim.batch_size=128 victim.lr=5e-4 victim.weight_decay=0.2 victim.warmup_steps=50 victim.crop=true"
 one() {  # victim cond seed overrides...

@@ -16,7 +16,6 @@ from mem_dist.pipeline.config import RunConfig
 from mem_dist.pipeline.data import load_shard
 from mem_dist.pipeline.generate import main as generate
 from mem_dist.methods import get_method
-from mem_dist.methods.keyed.method import text_encoder
 from mem_dist.publishing import merge, verify
 from mem_dist.tools.shards import write_shards
 from tests.conftest import ROOT, TINY_RN, tiny_overrides
@@ -30,7 +29,7 @@ KEY = "5a" * 32
 @pytest.fixture(scope="module")
 def encoder():
     cfg = load_config(RunConfig, None, ["data.shards=x/0.tar", "method=keyed", "surrogate.model=" + TINY_RN])
-    return text_encoder(get_method("keyed").job(cfg))  # the tower merge uses: seeded random init
+    return code.text_encoder(get_method("keyed").job(cfg))  # the tower merge uses: seeded random init
 
 
 def test_a_caption_gets_the_same_code_wherever_it_is_computed(encoder):
@@ -74,9 +73,10 @@ def test_the_code_is_a_bounded_block_code_keyed_on_caption_and_key(encoder):
 def test_keyed_config_checks():
     base = ["data.shards=x/{0..1}.tar", "method=keyed", "surrogate.model=" + TINY_RN]
     for bad, key in (("keyed.grid=0", "keyed.grid"), ("keyed.key=abc", "keyed.key"), ("keyed.epsilon=200", "keyed.epsilon"),
-                     ("keyed.grid=64", "keyed.grid")):
+                     ("keyed.grid=64", "keyed.grid"), ("keyed.train_batch_size=1", "keyed.train_batch_size"),
+                     ("keyed.generator=trained experimental.keyed.mirror=true", "keyed.generator")):
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-            load_config(RunConfig, None, base + ["data.image_size=32", bad])
+            load_config(RunConfig, None, base + ["data.image_size=32", *bad.split()])
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +144,29 @@ def test_two_ranks_publish_the_same_bytes_as_one(demo_dir, tmp_path):
     for name in ("00000.tar", "00002.tar"):
         a, b = (list(verify.protected_samples(f"{o}/protected/{name}")) for o in outs)
         assert [(s["__key__"], s["png"], s["txt"]) for s in a] == [(s["__key__"], s["png"], s["txt"]) for s in b]
+
+
+def test_a_trained_generator_is_trained_on_two_ranks_kept_with_the_key_and_published_exactly(demo_dir, tmp_path, encoder):
+    """keyed.generator: trained: both ranks train one generator (averaged gradients; generate
+    fails if their weights differ), key.json keeps it quantized, merge publishes sign(W_q e_q)
+    and verify recomputes every byte."""
+    out = str(tmp_path / "run")
+    launch(tiny_overrides(f"{demo_dir}/train/{SHARDS}", out, method="keyed", **{
+        "keyed.key": KEY, "keyed.grid": 4, "keyed.generator": "trained", "keyed.train_steps": 4, "keyed.train_batch_size": 16}), 2)
+    record = json.loads(open(f"{out}/keyed/key.json").read())
+    w_q = np.asarray(record["weights"], np.int64)
+    clip, tok = encoder
+    assert w_q.shape == (4 * 4 * 3, clip.text_projection.shape[1]) and record["train_ranks"] == 2
+    assert np.abs(w_q).max() == 2 ** 15 and len(np.unique(np.abs(w_q))) > 100  # trained: no longer the key's ±1 matrix
+    assert merge.main([out]) == 0
+    cfg = load_config(RunConfig, None, tiny_overrides(f"{demo_dir}/train/{SHARDS}", out, method="keyed"))
+    src = load_shard(f"{demo_dir}/train/00001.tar", cfg.data)
+    e_q = code.quantize(code.embed(clip, tok, list(src.captions))) - np.asarray(record["centre"], np.int64)
+    want = code.delta(bytes.fromhex(KEY), e_q, 4, 16, 32, 32, weights=w_q)
+    published = {s["__key__"]: s for s in verify.protected_samples(f"{out}/protected/00001.tar")}
+    for i, k in enumerate(src.keys):
+        assert np.array_equal(merge.decode_image(published[k]["png"]).astype(int), np.clip(src.canvases[i].astype(int) + want[i], 0, 255))
+    assert verify.verify(out)["mismatches"] == 0
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,8 @@
 
     caption --frozen text tower, float64--> e (unit norm, E values)
             --round(e * 2^20)-------------> e_q (int64)
-            --W (±1, seeded by the key)---> z = W @ e_q (int64, exact)    W: [g*g*3, E]
+            --W (±1, seeded by the key; or ---> z = W @ e_q (int64, exact)    W: [g*g*3, E]
+                 trained: weights, |w| <= 2^15)
             --sign------------------------> s in {-1, +1}^(g x g x 3)  (mirror: left half
                                             projected, right half its mirror image;
                                             luminance: one sign for the 3 channels)
@@ -33,6 +34,7 @@ import torch
 
 QUANTUM_BITS = 20  # e is rounded to 2^-20 before the (exact, integer) projection
 CHUNK = 64  # captions per text-tower forward
+_encoders: dict = {}  # (model, pretrained, seed) -> (clip, tokenizer): one text tower per process
 
 
 def projection(key: bytes, cells: int, dim: int) -> np.ndarray:
@@ -40,6 +42,21 @@ def projection(key: bytes, cells: int, dim: int) -> np.ndarray:
     seed = int.from_bytes(hashlib.sha256(b"mem-dist keyed projection" + key).digest()[:8], "little")
     rng = np.random.Generator(np.random.PCG64(seed))
     return rng.integers(0, 2, size=(cells, dim), dtype=np.int64) * 2 - 1
+
+
+def text_encoder(job):
+    """The surrogate's (clip, tokenizer), built once per process; without ``surrogate.pretrained``
+    its random init is seeded by the run's seed (the same tower at merge and verify)."""
+    from mem_dist.pipeline.config import seed_of
+    from mem_dist.pipeline.surrogate import create_surrogate
+
+    k = (job.surrogate.model, job.surrogate.pretrained, job.seed)
+    if k not in _encoders:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed_of(job.seed, "keyed text tower"))
+            clip, tokenizer, _ = create_surrogate(*k[:2], device="cpu")
+        _encoders[k] = (clip, tokenizer)
+    return _encoders[k]
 
 
 @torch.no_grad()
@@ -73,15 +90,17 @@ def quantize(e_NE: np.ndarray) -> np.ndarray:
     return np.round(e_NE * (1 << QUANTUM_BITS)).astype(np.int64)
 
 
-def signs(key: bytes, e_q_NE: np.ndarray, grid: int, mirror: bool = False, luminance: bool = False) -> np.ndarray:
-    """The code [N, g, g, 3] in {-1, +1} (int8): sign of the key's projection of e_q (0 -> +1).
+def signs(key: bytes, e_q_NE: np.ndarray, grid: int, mirror: bool = False, luminance: bool = False,
+          weights: np.ndarray | None = None) -> np.ndarray:
+    """The code [N, g, g, 3] in {-1, +1} (int8): sign of the key's projection of e_q (0 -> +1),
+    or of ``weights`` [g*g*3, E] (int64, the trained generator's: :mod:`.train`) in its place.
     ``mirror``: only the left ceil(g/2) columns are projected and the right ones mirror them,
     so the code is the same after a horizontal flip (a classifier's usual augmentation).
     ``luminance``: one sign per cell for all three channels, so a grayscale copy keeps it."""
     half = (grid + 1) // 2 if mirror else grid
     channels = 1 if luminance else 3
-    w = projection(key, grid * half * channels, e_q_NE.shape[1])
-    z = e_q_NE @ w.T  # int64: |z| <= E * 2^20, exact
+    w = projection(key, grid * half * channels, e_q_NE.shape[1]) if weights is None else weights
+    z = e_q_NE @ w.T  # int64: |z| <= E * 2^20 * max|w| (< 2^46 for E <= 1024, |w| <= 2^15), exact
     code = np.where(z >= 0, 1, -1).astype(np.int8).reshape(-1, grid, half, channels)
     if luminance:
         code = np.repeat(code, 3, axis=3)
@@ -99,10 +118,10 @@ def upsample(code_NggC: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def delta(key: bytes, e_q_NE: np.ndarray, grid: int, epsilon: int, height: int, width: int,
-          mirror: bool = False, luminance: bool = False) -> np.ndarray:
+          mirror: bool = False, luminance: bool = False, weights: np.ndarray | None = None) -> np.ndarray:
     """δ [N, H, W, 3] (int8, units of 1/255): ±epsilon on the code's blocks; ``mirror``: pixel
     column W-1-c is column c (exact also where g does not divide W)."""
-    d = upsample(signs(key, e_q_NE, grid, mirror, luminance), height, width)
+    d = upsample(signs(key, e_q_NE, grid, mirror, luminance, weights), height, width)
     if mirror:
         d = d[:, :, np.minimum(np.arange(width), width - 1 - np.arange(width))]
     return (d * epsilon).astype(np.int8)

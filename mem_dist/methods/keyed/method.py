@@ -1,8 +1,10 @@
 """Keyed codes as the pipeline sees it (``method: keyed``).
 
-generate: check the text encoder, then (rank 0) write the run's secret key and the centre
-(the mean embedding of ``keyed.centre_samples`` captions) to ``{output}/keyed/key.json``,
-once; a resumed or repeated generate keeps them. That is all the state: no per-shard objects. merge and verify compute each sample's δ from its caption
+generate: check the text encoder, then (rank 0) draw the run's secret key and the centre
+(the mean embedding of ``keyed.centre_samples`` captions); with ``keyed.generator: trained``
+every rank then trains the generator (:mod:`mem_dist.methods.keyed.train`); rank 0 writes it all
+to ``{output}/keyed/key.json``, once; a resumed or repeated generate keeps it. That is all the
+state: no per-shard objects. merge and verify compute each sample's δ from its caption
 (:func:`mem_dist.methods.keyed.code.delta`), and verify recomputes it for every published
 byte. A sample with an empty caption (``data.empty_captions: protect``) gets the code of the
 empty caption, the same for all of them; with ``copy`` it is copied through unprotected.
@@ -16,18 +18,15 @@ import secrets
 from mem_dist.methods.base import Job, Method, Source
 from mem_dist.pipeline.config_io import ConfigError, check
 
-_encoders: dict = {}  # (model, pretrained) -> (clip, tokenizer): one text tower per process
-
-
 def key_url(output: str) -> str:
     from mem_dist.pipeline import storage
 
     return storage.join(output, "keyed", "key.json")
 
 
-def read_key(output: str) -> tuple[bytes, list[int]]:
-    """The run's key and centre (quantized; [] = none); ConfigError naming the file when there
-    is none or it is not one."""
+def read_key(output: str) -> tuple[bytes, list[int], list | None]:
+    """The run's key, centre (quantized; [] = none) and trained generator's weights (None: the
+    key's projection); ConfigError naming the file when there is none or it is not one."""
     from mem_dist.pipeline import storage
 
     url = key_url(output)
@@ -35,7 +34,7 @@ def read_key(output: str) -> tuple[bytes, list[int]]:
         raise ConfigError(f"no generation state: {url} does not exist; run generate first")
     try:
         record = json.loads(storage.read_bytes(url))
-        return bytes.fromhex(record["key"]), [int(v) for v in record["centre"]]
+        return bytes.fromhex(record["key"]), [int(v) for v in record["centre"]], record.get("weights")
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{url} is not a mem-dist key file ({e})") from e
 
@@ -52,26 +51,9 @@ def centre(job: Job, urls: list[str], log=print) -> list[int]:
         captions += list(generation_view(load_shard(url, job.data), job.data).captions)[:want - len(captions)]
     if not captions:
         return []
-    clip, tokenizer = text_encoder(job)
+    clip, tokenizer = _code().text_encoder(job)
     log(f"mem-dist: keyed: the code is centred on the mean embedding of {len(captions)} captions")
     return _code().quantize(_code().embed(clip, tokenizer, captions).mean(0)).tolist()
-
-
-def text_encoder(job: Job):
-    """The surrogate's (clip, tokenizer), built once per process; without ``surrogate.pretrained``
-    its random init is seeded by the run's seed (the same tower at merge and verify)."""
-    import torch
-
-    from mem_dist.pipeline.config import seed_of
-    from mem_dist.pipeline.surrogate import create_surrogate
-
-    k = (job.surrogate.model, job.surrogate.pretrained, job.seed)
-    if k not in _encoders:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed_of(job.seed, "keyed text tower"))
-            clip, tokenizer, _ = create_surrogate(*k[:2], device="cpu")
-        _encoders[k] = (clip, tokenizer)
-    return _encoders[k]
 
 
 class Keyed(Method):
@@ -80,12 +62,17 @@ class Keyed(Method):
 
     def check(self, job: Job) -> None:
         check(job.section.grid <= job.data.image_size, "keyed.grid", f"must be at most data.image_size ({job.data.image_size})")
+        check(job.section.generator == "projection" or not (job.experimental.mirror or job.experimental.luminance),
+              "keyed.generator", "trained takes the plain code: not experimental.keyed.mirror or luminance")
 
     def fingerprint(self, job: Job) -> dict:
         s, x = job.section, job.experimental  # the key is not in it: it is the run's (key.json), checked by generate
+        train = {"train": {"objective": s.train_objective, "steps": s.train_steps, "batch_size": s.train_batch_size,
+                           "lr": x.train_lr, "model_lr": x.train_model_lr, "tau": x.train_tau,
+                           "crop_scale": list(x.train_crop_scale)}} if s.generator == "trained" else {}
         return {"method": self.name, "keyed": {"epsilon": s.epsilon, "grid": s.grid, "generator": s.generator,
                                                "centre_samples": s.centre_samples}
-                                     | ({"mirror": True} if x.mirror else {}) | ({"luminance": True} if x.luminance else {}),
+                                     | ({"mirror": True} if x.mirror else {}) | ({"luminance": True} if x.luminance else {}) | train,
                 "quantum_bits": _code().QUANTUM_BITS}
 
     def rounds(self, job: Job) -> int:
@@ -112,9 +99,10 @@ class Keyed(Method):
         cfg = job.config
         old = rundir.check_resume(cfg, dist.world)
         urls = check_shards(cfg.data)
-        clip, tokenizer = text_encoder(job)  # a surrogate that cannot serve is a config error, before anything is written
+        clip, tokenizer = _code().text_encoder(job)  # a surrogate that cannot serve is a config error, before anything is written
         _code().embed(clip, tokenizer, ["a photo"])
         url = key_url(job.output)
+        record = None  # rank 0's new key record; None: the run already holds one
         if dist.is_main:
             if storage.exists(url):
                 key = read_key(job.output)[0]
@@ -123,10 +111,20 @@ class Keyed(Method):
                 log(f"mem-dist: keyed: {job.output} already holds its key; nothing to do")
             else:
                 key = bytes.fromhex(job.section.key) if job.section.key else secrets.token_bytes(32)
-                storage.write_json(url, {"key": key.hex(), "centre": centre(job, urls, log), "generator": job.section.generator,
-                                         "quantum_bits": _code().QUANTUM_BITS, "grid": job.section.grid,
-                                         "mirror": job.experimental.mirror, "luminance": job.experimental.luminance})
-                log(f"mem-dist: keyed: wrote the run's secret key to {url} (private: with it the code can be removed)")
+                record = {"key": key.hex(), "centre": centre(job, urls, log), "generator": job.section.generator,
+                          "quantum_bits": _code().QUANTUM_BITS, "grid": job.section.grid,
+                          "mirror": job.experimental.mirror, "luminance": job.experimental.luminance}
+        record = dist.broadcast(record)
+        if record is not None and job.section.generator == "trained":  # every rank trains; nothing is written until done
+            from mem_dist.methods.keyed import train
+
+            w_q = train.weights(job, dist, urls, bytes.fromhex(record["key"]), record["centre"], log)
+            record |= {"weights": w_q.tolist(), "weight_bits": train.WEIGHT_BITS, "train_ranks": dist.world}
+        if dist.is_main:
+            if record is not None:
+                storage.write_json(url, record)
+                log(f"mem-dist: keyed: wrote the run's secret key{' and generator' if 'weights' in record else ''} to {url} "
+                    f"(private: with it the code can be removed)")
             storage.write_json(storage.join(job.output, "run.json"),
                                rundir.run_record(cfg, urls, dist.world, old, 1, (old or {}).get("skipped", {}), launch=True))
         dist.barrier()
@@ -149,14 +147,14 @@ class Keyed(Method):
         code = _code()
         view = generation_view(src, job.data)
         n = len(view.keys)
-        clip, tokenizer = text_encoder(job)
-        key, mean = read_key(job.output)
+        clip, tokenizer = _code().text_encoder(job)
+        key, mean, weights = read_key(job.output)
         e_q = code.quantize(code.embed(clip, tokenizer, list(view.captions)))
         if mean:
             e_q = e_q - np.asarray(mean, np.int64)
         h, w = view.canvases.shape[1:3] if n else (job.data.image_size, job.data.image_size)
         d = code.apply(view.canvases, code.delta(key, e_q, job.section.grid, job.section.epsilon, h, w, job.experimental.mirror,
-                                                 job.experimental.luminance))
+                                                 job.experimental.luminance, None if weights is None else np.asarray(weights, np.int64)))
         return state.ShardState(list(view.keys), d, np.zeros((n, 0), np.int64), [""] * n, np.zeros(n, np.float32),
                                 np.full(n, np.nan, np.float32), dict(view.skipped))
 
