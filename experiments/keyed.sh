@@ -23,6 +23,7 @@ cd "$(dirname "$0")/.."
 P="{00000..00007}.tar"
 PUB=runs/fm-public/victims/public.pt
 KEY=6b65796564206d656d2d646973742065787065726d656e7473206b6579202031  # experiments only: a published key protects nothing
+KEY2=6b65796564206d656d2d646973742065787065726d656e7473206b6579202032
 src() {
   case $1 in
     clean) echo "$D/train/$P" ;;
@@ -30,18 +31,19 @@ src() {
                [ -f data/fm-$1/00007.tar ] || python experiments/keyed_probe.py "$D/train/$P" data/fm-$1 \
                  --control random --grid ${g%e*} --epsilon ${g#*e} "${m[@]}" --model configs/models/tiny-rn32.json >&2
                echo "data/fm-$1/$P" ;;
-    trained-*) echo "data/fm-$1/$P" ;;  # written by experiments/keyed_trained.py (queued by hand)
     *) echo "$R-$1/protected/$P" ;;
   esac
 }
 gen() {  # keyed-gGRIDeEPS, + m: mirrored (experimental.keyed.mirror=true), + l: one sign for 3 channels (experimental.keyed.luminance=true),
-        # + t: the trained generator (keyed.generator=trained), + ts: trained against the public checkpoint (train_objective=surrogate)
-  local g=${1#keyed-g} m=false l=false t=projection o=minmin
+        # + t: the trained generator (keyed.generator=trained), + ts: trained against the public checkpoint (train_objective=surrogate);
+        # -k2 at the end: a second key (KEY2), to see how much the key's draw moves the result
+  local g=${1#keyed-g} m=false l=false t=projection o=minmin k=$KEY
+  [[ $g == *-k2 ]] && { k=$KEY2; g=${g%-k2}; }
   [[ $g == *ts ]] && { t=trained; o=surrogate; g=${g%ts}; }; [[ $g == *t ]] && { t=trained; g=${g%t}; }
   [[ $g == *l ]] && { l=true; g=${g%l}; }; [[ $g == *m ]] && { m=true; g=${g%m}; }
   local e=${g#*e}; g=${g%e*}
   generate_with configs/keyed.yaml "$1" "keyed.grid=$g" "keyed.epsilon=$e" "experimental.keyed.mirror=$m" "experimental.keyed.luminance=$l" \
-    "keyed.generator=$t" "keyed.train_objective=$o" "keyed.key=$KEY" "surrogate.pretrained=$PUB"
+    "keyed.generator=$t" "keyed.train_objective=$o" "keyed.key=$k" "surrogate.pretrained=$PUB"
 }
 CLIP_ARGS="victim.kind=clip victim.model=configs/models/tiny-vit32.json victim.epochs=15 victim.batch_size=128 victim.lr=5e-4 victim.weight_decay=0.2 victim.warmup_steps=50 victim.crop=true"
 one() {  # victim cond seed overrides...

@@ -6,7 +6,7 @@
 # draw (data/demo32-public); the CLIP victim of experiments/keyed.sh (tiny-vit32, its own init),
 # image->text R@10 on the clean val pairs. Runs into runs/calm-demo/COND-sSEED.
 #   bash experiments/keyed_demo.sh [SEED:COND,...]    COND: clean, keyed (g 2, ε 16), random (a random
-#     code per sample: the same budget and grid), trained (experiments/keyed_trained.py, min-min)
+#     code per sample: the same budget and grid), trained (keyed.generator=trained, min-min)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONWARNINGS=ignore
@@ -28,10 +28,13 @@ if [ ! -f runs/demo32-keyed/manifest/00007_stats.json ]; then
 fi
 [ -f data/demo32-random/00007.tar ] || python experiments/keyed_probe.py "$D/train/$P" data/demo32-random --control random \
   --grid 2 --epsilon 16 --model configs/models/tiny-rn32.json
-[ -f data/demo32-trained/00007.tar ] || python experiments/keyed_trained.py "$D/train/$P" data/demo32-trained \
-  --model configs/models/tiny-rn32.json --pretrained $PUB --objective minmin --steps 300
+if [ ! -f runs/demo32-keyed-trained/manifest/00007_stats.json ]; then
+  python mem_dist/generate.py --config configs/keyed.yaml "data.shards=$D/train/$P" output=runs/demo32-keyed-trained progress=false \
+    data.image_size=32 "keyed.key=$KEY" "surrogate.pretrained=$PUB" keyed.generator=trained
+  mem-dist merge runs/demo32-keyed-trained progress=false
+fi
 declare -A SRC=([clean]="$D/train/$P" [keyed]="runs/demo32-keyed/protected/$P" [random]="data/demo32-random/$P"
-  [trained]="data/demo32-trained/$P")
+  [trained]="runs/demo32-keyed-trained/protected/$P")
 for job in ${*:-0:clean,keyed,random}; do
   IFS=: read -r seed conds <<< "$job"
   for c in ${conds//,/ }; do

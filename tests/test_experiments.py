@@ -44,33 +44,6 @@ def test_adversarial_poison_writes_bounded_deltas_with_the_source_captions(demo_
     assert np.abs(delta).max() <= 4 and np.abs(delta).max() > 0
 
 
-def test_keyed_trained_writes_a_trained_block_code_with_the_source_captions(demo_dir, tmp_path):
-    """experiments/keyed_trained.py (the trained keyed generator's prototype): a ±eps code on
-    g x g blocks, one per caption, the captions and keys kept."""
-    torch.manual_seed(0)
-    checkpoint = str(tmp_path / "public.pt")
-    surrogate.save(surrogate.create_surrogate(TINY_RN)[0].state_dict(), checkpoint)
-    shard = f"{demo_dir}/train/00000.tar"
-    out = str(tmp_path / "trained")
-    done = subprocess.run(python_cmd(os.path.join(ROOT, "experiments", "keyed_trained.py"), shard, out, "--model", TINY_RN,
-                                     "--pretrained", checkpoint, "--steps", "3", "--batch", "16", "--epsilon", "8"),
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "trained code:" in done.stdout and "wrote 40 samples" in done.stdout
-    source = load_shard(shard, DataConfig(shards=shard, image_size=32))
-    written = list(wds.WebDataset(f"{out}/00000.tar", shardshuffle=False))
-    assert [s["__key__"] for s in written] == source.keys
-    assert [s["txt"].decode() for s in written] == source.captions
-    pixels = np.stack([np.asarray(Image.open(io.BytesIO(s["png"]))) for s in written]).astype(int)
-    canvas = source.canvases.astype(int)
-    sign = np.sign(pixels - canvas)
-    unclipped = (canvas >= 8) & (canvas <= 255 - 8)
-    assert np.array_equal(np.abs(pixels - canvas)[unclipped], np.full(unclipped.sum(), 8))  # ±eps wherever it fits
-    blocks = np.where(unclipped, sign, 0).reshape(40, 2, 16, 2, 16, 3)
-    signs = np.sign(blocks.sum((2, 4)))  # g 2: one sign per 16-px block and channel
-    assert np.all((blocks == 0) | (blocks == signs[:, :, None, :, None]))
-
-
 def test_group_code_gives_every_group_one_pattern_and_one_word(demo_dir, tmp_path):
     shard = f"{demo_dir}/train/00000.tar"
     out = str(tmp_path / "group")

@@ -43,14 +43,17 @@ class _Trained(torch.nn.Module):
 
 def _pairs(job, urls: list[str], clip, tokenizer, centre: np.ndarray, batch: int, gen: torch.Generator):
     """Endless batches (canvases uint8 [B, H, W, 3], centred embeddings float32 [B, E], tokens)
-    from ``urls`` in a new seeded order each pass; the embeddings are computed once per shard."""
+    from ``urls`` in a new seeded order each pass (none when they hold no sample to protect); the
+    embeddings are computed once per shard."""
     cache: dict[str, tuple[np.ndarray, torch.Tensor]] = {}
     held: list[tuple[np.ndarray, np.ndarray, torch.Tensor]] = []
     while True:
+        found = False
         for i in torch.randperm(len(urls), generator=gen).tolist():
             view = generation_view(load_shard(urls[i], job.data), job.data)
             if not len(view.keys):
                 continue
+            found = True
             if urls[i] not in cache:
                 e_q = code.quantize(code.embed(clip, tokenizer, list(view.captions))) - centre
                 cache[urls[i]] = ((e_q / (1 << code.QUANTUM_BITS)).astype(np.float32), tokenizer(list(view.captions)))
@@ -62,6 +65,8 @@ def _pairs(job, urls: list[str], clip, tokenizer, centre: np.ndarray, batch: int
                                       torch.cat([h[2] for h in held]))
                 yield canvases[:batch], es[:batch], toks[:batch]
                 held = [(canvases[batch:], es[batch:], toks[batch:])]
+        if not found:
+            return
 
 
 def weights(job, dist, urls: list[str], key: bytes, centre: list[int], log=print) -> np.ndarray:
@@ -75,7 +80,7 @@ def weights(job, dist, urls: list[str], key: bytes, centre: list[int], log=print
     cells = s.grid * s.grid * 3
     mine = owned(urls, dist.rank, dist.world)
     gen = torch.Generator().manual_seed(seed_of(job.seed, f"keyed train rank {dist.rank}"))
-    stream = _pairs(job, mine, clip, tokenizer, mean, s.train_batch_size, gen) if mine else None
+    stream = _pairs(job, mine, clip, tokenizer, mean, s.train_batch_size, gen)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed_of(job.seed, "keyed train model"))  # one init on every rank
@@ -86,7 +91,9 @@ def weights(job, dist, urls: list[str], key: bytes, centre: list[int], log=print
             model.requires_grad_(False)
     model = model.float().train()
 
-    first = next(stream) if stream else None
+    first = next(stream, None)
+    if first is None:
+        stream = None  # this rank holds no sample to protect: it adds no gradient
     sq, n = ((float((first[1] ** 2).sum()), len(first[1])) if first else (0.0, 0))
     sq, n = dist.sum([sq, n])
     w0 = torch.from_numpy(code.projection(key, cells, dim)).float() / max(np.sqrt(sq / max(n, 1)), 1e-12)
