@@ -12,6 +12,9 @@
 #     ft:SEED:COND,...      a CLIP fine-tuning an independent checkpoint (tiny-vit32, its own seed,
 #                           trained on the public split: runs/calm/public-vit, made first), into
 #                           runs/calm/ft/COND-sSEED
+#     ftd:SEED:COND,...     the same from a checkpoint of ANOTHER domain: tiny-vit32 trained on the demo scenes
+#                           (colour shapes, descriptive captions; data/demo32-public, seed 17: runs/calm/demo-vit),
+#                           into runs/calm/ftd/COND-sSEED
 #   COND: a generated NAME, clean, random-gGRIDeEPS[m] (a random code per sample: the same budget and
 #   grid, keyed to nothing; written by experiments/keyed_probe.py --control random), or
 #   NAME+ATTACK with ATTACK one of removal (ridge from the attacker's own text encoder: the
@@ -63,10 +66,11 @@ one() {  # victim cond seed overrides...
 }
 VIT_PUB=runs/calm/public-vit/victims/public.pt  # independent of the text tower: another architecture, seed and run
 FT_ARGS="victim.pretrained=$VIT_PUB victim.lr=1e-4 victim.epochs=8 victim.warmup_steps=20"
+VIT_DEMO=runs/calm/demo-vit/victims/public.pt  # another domain: the demo scenes
 for step in "$@"; do
   case $step in
     gen:*) gen ${step#gen:} ;;
-    clip:*|cls:*|vgg:*|ft:*)
+    clip:*|cls:*|vgg:*|ft:*|ftd:*)
       IFS=: read -r victim seed only <<< "$step"
       for c in ${only//,/ }; do
         # shellcheck disable=SC2086
@@ -75,6 +79,10 @@ for step in "$@"; do
           ft) [ -f $VIT_PUB ] || mem-dist evaluate --config configs/eval-calibrate.yaml "conditions={public: '$D/public/$P'}" \
                 "seeds=[17]" output=runs/calm/public-vit save_victims=true $CLIP_ARGS ${EVAL_EXTRA:-}
               one ft $c $seed $CLIP_ARGS $FT_ARGS ;;
+          ftd) [ -f data/demo32-public/train/00007.tar ] || mem-dist demo-data data/demo32-public --train 4000 --val 500 --size 32 --seed 2
+               [ -f $VIT_DEMO ] || mem-dist evaluate --config configs/eval-calibrate.yaml "conditions={public: 'data/demo32-public/train/$P'}" \
+                 "seeds=[17]" output=runs/calm/demo-vit save_victims=true $CLIP_ARGS ${EVAL_EXTRA:-}
+               one ftd $c $seed $CLIP_ARGS $FT_ARGS "victim.pretrained=$VIT_DEMO" ;;
           vgg) one vgg $c $seed classifier.model=cifar_vgg11 ;;
           *) one cls $c $seed ;;
         esac

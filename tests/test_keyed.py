@@ -116,6 +116,14 @@ def test_merge_publishes_canvas_plus_the_captions_code_and_verify_recomputes_it(
     assert stats["published"] == len(src.keys)
 
 
+def test_a_shard_whose_every_sample_is_skipped_gives_an_empty_state(keyed_run, demo_dir):
+    cfg = load_config(RunConfig, None, tiny_overrides(f"{demo_dir}/train/{SHARDS}", keyed_run, method="keyed", **{"keyed.grid": 4}))
+    src = load_shard(f"{demo_dir}/train/00000.tar", cfg.data)
+    method = get_method("keyed")
+    st = method.shard_state(method.job(cfg), 1, src.without(np.arange(len(src)), "bad_image"))
+    assert st.keys == [] and st.delta.shape == (0, 32, 32, 3) and st.skipped == {"bad_image": len(src)}
+
+
 def test_verify_names_a_published_byte_the_code_does_not_explain(keyed_run, tmp_path):
     import shutil
 

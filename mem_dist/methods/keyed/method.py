@@ -147,14 +147,22 @@ class Keyed(Method):
         code = _code()
         view = generation_view(src, job.data)
         n = len(view.keys)
-        clip, tokenizer = _code().text_encoder(job)
         key, mean, weights = read_key(job.output)
-        e_q = code.quantize(code.embed(clip, tokenizer, list(view.captions)))
-        if mean:
-            e_q = e_q - np.asarray(mean, np.int64)
-        h, w = view.canvases.shape[1:3] if n else (job.data.image_size, job.data.image_size)
-        d = code.apply(view.canvases, code.delta(key, e_q, job.section.grid, job.section.epsilon, h, w, job.experimental.mirror,
-                                                 job.experimental.luminance, None if weights is None else np.asarray(weights, np.int64)))
+        d = np.zeros((0, job.data.image_size, job.data.image_size, 3), np.int8)
+        if n:  # a shard whose every sample is skipped has no caption to embed
+            clip, tokenizer = code.text_encoder(job)
+            e_q = code.quantize(code.embed(clip, tokenizer, list(view.captions)))
+            if mean:
+                e_q = e_q - np.asarray(mean, np.int64)
+            if weights is not None:
+                weights = np.asarray(weights, np.int64)
+                want = (job.section.grid * job.section.grid * 3, e_q.shape[1])
+                if weights.shape != want:
+                    raise ConfigError(f"{key_url(job.output)}: the generator's weights are {list(weights.shape)}, "
+                                      f"not {list(want)} (keyed.grid and the text tower's width)")
+            h, w = view.canvases.shape[1:3]
+            d = code.apply(view.canvases, code.delta(key, e_q, job.section.grid, job.section.epsilon, h, w,
+                                                     job.experimental.mirror, job.experimental.luminance, weights))
         return state.ShardState(list(view.keys), d, np.zeros((n, 0), np.int64), [""] * n, np.zeros(n, np.float32),
                                 np.full(n, np.nan, np.float32), dict(view.skipped))
 

@@ -89,7 +89,7 @@ def weights(job, dist, urls: list[str], key: bytes, centre: list[int], log=print
         else:
             model, _, spec = surrogate.create_surrogate(job.surrogate.model, job.surrogate.pretrained, device)
             model.requires_grad_(False)
-    model = model.float().train()
+    model = model.float().train(s.train_objective == "minmin")  # the frozen surrogate keeps its statistics
 
     first = next(stream, None)
     if first is None:
