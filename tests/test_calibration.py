@@ -84,6 +84,11 @@ def test_baseline_command_keeps_keys_captions_and_labels(fm, tmp_path, capsys):
 
 
 def test_em_baseline_minimises_the_error_of_its_own_model(fm):
+    """Each round, the crafting model's loss on the perturbed images is below its loss on the clean
+    ones, by more once the model has trained (the noise minimises *its* error). Its accuracy from
+    round to round is no guide at this size (a ResNet-18 after 5 steps at lr 0.1 swings between
+    0.13 and 0.57 or predicts one class, and its BatchNorm statistics are young), so the test
+    compares the two at the same state. Measured (one and two threads): round 1 0.5%, round 3 9-12% lower."""
     from mem_dist.evaluation.pairs import load_pairs
 
     cfg = load_config(EvalConfig, CALIBRATE, [f"val_shards={fm}/val/00000.tar"])
@@ -92,8 +97,11 @@ def test_em_baseline_minimises_the_error_of_its_own_model(fm):
     lines = []
     delta = baselines.em(x, y, 8, 0, width=4, rounds=3, train_steps=5, pgd_steps=5, batch=64, log=lines.append)
     assert np.abs(delta).max() <= 8 and np.abs(delta).mean() > 1
-    accs = [float(line.split("data ")[1].split()[0]) for line in lines]
-    assert accs[-1] > accs[0] or accs[-1] >= 0.99, accs  # the noise makes the data easier for the model
+    losses = [tuple(float(v) for v in re.search(r"loss ([\d.]+) \(clean data [\d.]+, ([\d.]+);", line).groups())
+              for line in lines]
+    print("loss on the perturbed data, on the clean data, per round:", losses)
+    assert len(losses) == 3 and all(perturbed < clean for perturbed, clean in losses), losses
+    assert losses[-1][0] < 0.97 * losses[-1][1], losses
 
 
 def test_select_split_is_disjoint_from_val(fm):

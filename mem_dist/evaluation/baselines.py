@@ -139,7 +139,8 @@ def em(canvases_NHWC: np.ndarray, labels_N: np.ndarray, eps: int, seed: int, wid
             loss.backward()
             opt.step()
         model.eval()
-        correct = 0
+        correct = clean = 0
+        loss_sum = clean_loss_sum = 0.0
         for s in range(0, len(x), batch):
             xb, yb, db = x[s:s + batch], y[s:s + batch], delta[s:s + batch].clone()
             for _ in range(pgd_steps):
@@ -148,9 +149,13 @@ def em(canvases_NHWC: np.ndarray, labels_N: np.ndarray, eps: int, seed: int, wid
                 db = (db.detach() - step * grad.sign()).clamp(-e, e)
             delta[s:s + batch] = db
             with torch.no_grad():
-                correct += int((logits((xb + db).clamp(0, 1)).argmax(1) == yb).sum())
+                out, out_clean = logits((xb + db).clamp(0, 1)), logits(xb)
+                correct, clean = correct + int((out.argmax(1) == yb).sum()), clean + int((out_clean.argmax(1) == yb).sum())
+                loss_sum += float(F.cross_entropy(out, yb, reduction="sum"))
+                clean_loss_sum += float(F.cross_entropy(out_clean, yb, reduction="sum"))
         acc = correct / len(x)
-        log(f"mem-dist: baseline em: round {r}: training accuracy on the perturbed data {acc:.3f} ({time.time() - start:.0f} s)")
+        log(f"mem-dist: baseline em: round {r}: training accuracy on the perturbed data {acc:.3f}, loss "
+            f"{loss_sum / len(x):.3f} (clean data {clean / len(x):.3f}, {clean_loss_sum / len(x):.3f}; {time.time() - start:.0f} s)")
         if acc >= 0.99:
             break
     return torch.round(delta * 255).clamp(-eps, eps).permute(0, 2, 3, 1).numpy().astype(np.int16)
