@@ -16,17 +16,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . experiments/fmnist-common.sh
 CLS=clean,random16,uc-captions,uc-captions-random,random,mem3,mem5,em,uc
-CLIP=clean,random3,mem3,mem3-cut,uc-captions,uc-captions-random,random16,block,lsp,random,mem5,mem5-cut,prefix3,prefix3-cut,em,uc
+CLIP=clean,random3,mem3,mem3-cut,random5,uc-captions,uc-captions-random,random16,block,lsp,random,mem5,mem5-cut,prefix3,prefix3-cut,em,uc
 STEPS=${*:-public generate cls:0:$CLS clip:0:$CLIP cls:1:$CLS clip:1:$CLIP}
 CKPT=$R-public/victims/public.pt
 P="{00000..00007}.tar"
 declare -A SRC=(
   [clean]="$D/train/$P" [random]="$R-random/protected/$P" [random3]="$R-random3/protected/$P"
   [prefix3]="$R-prefix3/protected/$P" [em]="$R-em/protected/$P" [mem3]="$R-mem3/protected/$P"
-  [mem5]="$R-mem5/protected/$P" [random16]="$R-random16/protected/$P" [uc]="$R-uc-pub/protected/$P"
+  [mem5]="$R-mem5/protected/$P" [random5]="$R-random5/protected/$P" [random16]="$R-random16/protected/$P" [uc]="$R-uc-pub/protected/$P"
   [uc-captions]="$R-uc-captions-pub/protected/$P" [uc-captions-random]="$R-uc-captions-random/protected/$P"
   [block]="data/fm-block/$P" [lsp]="data/fm-lsp/$P" [block16]="data/fm-block16/$P")  # the calibration points (experiments/calibrate.sh), for the CLIP victim
-declare -A CONTROL=([random]=clean [random3]=random [prefix3]=random [em]=random [mem3]=random3 [mem5]=random3
+declare -A CONTROL=([random]=clean [random3]=random [prefix3]=random [em]=random [mem3]=random3 [mem5]=random5 [random5]=random
   [random16]=clean [uc]=random16 [uc-captions]=uc-captions-random [uc-captions-random]=random16)
 one() {  # victim cond src seed overrides...  -> runs/calm/VICTIM/COND-sSEED
   local victim=$1 cond=$2 src=$3 seed=$4; shift 4
@@ -50,6 +50,7 @@ gen() {  # name: one generation (+ merge) under runs/fm-NAME
     mem3) generate_with configs/demo.yaml mem3 ;;
     random) generate_with configs/demo.yaml random method=random mem.trigger_len=0 ;;
     mem5) generate_with configs/demo.yaml mem5 mem.trigger_len=5 ;;
+    random5) generate_with configs/demo.yaml random5 method=random mem.trigger_len=5 ;;  # MEM-5's control
     prefix3) generate_with configs/demo.yaml prefix3 method=prefix ;;
     em) generate_with configs/demo.yaml em mem.trigger_len=0 ;;
     uc-pub) generate_with configs/uc-demo.yaml uc-pub uc.augment=published ;;
@@ -61,7 +62,7 @@ for step in $STEPS; do
     public)  # the stand-in public checkpoint (UC-CLIP's surrogate): a CLIP trained on the disjoint public split
       evaluate $R-public "{public: '$D/public/$P'}" save_victims=true seed=7 ;;
     generate)  # every condition, README's table first
-      for g in random16 uc-captions-pub uc-captions-random random3 mem3 random mem5 prefix3 em uc-pub; do gen $g; done ;;
+      for g in random16 uc-captions-pub uc-captions-random random3 mem3 random mem5 random5 prefix3 em uc-pub; do gen $g; done ;;
     gen:*) gen ${step#gen:} ;;
     cls:*)  # cls:SEED[:COND,COND]; a classifier reads no caption: random3 and prefix3 are random's images
       IFS=: read -r _ seed only <<< "$step"
@@ -75,7 +76,7 @@ for step in $STEPS; do
         base=${c%-cut}
         [ -f "${SRC[$base]%%\{*}00007.tar" ] || continue
         cut=()
-        case $c in *-cut) cut=(defence.text=drop_prefix "defence.prefix_words=$([ $base = mem5 ] && echo 5 || echo 3)") ;; esac
+        case $c in *-cut) cut=(defence.text=drop_prefix "defence.prefix_words=$(case $base in *5) echo 5 ;; *) echo 3 ;; esac)") ;; esac
         # shellcheck disable=SC2086
         one clip $c "${SRC[$base]}" $seed $CLIP_ARGS "${cut[@]}"
         combine clip

@@ -111,22 +111,29 @@ def test_two_processes_on_s3_cover_every_key_once(s3, reference, demo_dir):
     assert run["world_size"] == 2 and run["rounds_done"] == 2
 
 
-@pytest.mark.parametrize("kill_when", ["state/round-001", "checkpoints/round-002.pt"])
-def test_sigkill_and_resume_is_byte_identical(s3, reference, kill_when):
-    fs, env = s3
-    prefix = f"out/killed-{kill_when.split('/')[0]}"
-    args = tiny_overrides(SHARDS, f"s3://{prefix}", **ARGS)
+def kill_one_rank_when(fs, prefix: str, args: list[str], env: dict, kill_when: str) -> None:
+    """Launch (or resume) the run and SIGKILL one rank once ``{prefix}/{kill_when}`` exists."""
     proc = launch(args, env)
     deadline = time.time() + 180
     while not fs.exists(f"{prefix}/{kill_when}"):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before the kill point"
+        assert proc.poll() is None and time.time() < deadline, f"the run ended before the kill point {kill_when}"
         time.sleep(0.05)
     ranks = [p for p in children(proc.pid) if "generate.py" in open(f"/proc/{p}/cmdline").read()]
     assert ranks, "no rank process found"
     os.kill(ranks[-1], signal.SIGKILL)  # one rank dies; the launcher takes the others down
     proc.communicate(timeout=120)
     assert proc.returncode != 0
+
+
+def test_sigkill_twice_and_resume_is_byte_identical(s3, reference):
+    """Killed once mid round 1 (after its first state object), resumed and killed again in round 2
+    (after its surrogate checkpoint), then resumed to the end: the uninterrupted run's bytes."""
+    fs, env = s3
+    prefix = "out/killed"
+    args = tiny_overrides(SHARDS, f"s3://{prefix}", **ARGS)
+    kill_one_rank_when(fs, prefix, args, env, "state/round-001")
     assert fs.cat_file(f"{prefix}/run.json")  # the run is recorded, unfinished
+    kill_one_rank_when(fs, prefix, args, env, "checkpoints/round-002.pt")
     log = finish(launch(args, env))
     assert "resuming" in log
     assert final_state(fs, prefix, 2) == reference[1]

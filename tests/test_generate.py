@@ -150,7 +150,8 @@ def test_other_open_clip_families_generate(family, tmp_path, tokenizer):
 
     from mem_dist.tools.demo import make_demo_data
 
-    make_demo_data(str(tmp_path / "data"), train=8, val=0, size=32, per_shard=8, seed=1)
+    n = 8 if family == "tiny-coca" else 2  # MobileCLIP-S1 runs at 256 px: 2 samples carry the check
+    make_demo_data(str(tmp_path / "data"), train=n, val=0, size=32, per_shard=n, seed=1)
     model = family
     if family == "tiny-coca":
         model = str(tmp_path / "tiny-coca.json")
@@ -160,13 +161,13 @@ def test_other_open_clip_families_generate(family, tmp_path, tokenizer):
     # HotFlip (a third of the time) where the text tower is the point: CoCa's; MobileCLIP's is CLIP's own
     hotflip = 1 if family == "tiny-coca" else 0
     args = tiny_overrides(str(tmp_path / "data/train/00000.tar"), out, **{
-        "surrogate.model": model, "mem.rounds": 1, "mem.surrogate_steps": 1, "mem.pgd_steps": 1, "mem.batch_size": 8,
+        "surrogate.model": model, "mem.rounds": 1, "mem.surrogate_steps": 1, "mem.pgd_steps": 1, "mem.batch_size": n,
         "mem.hotflip_rounds": hotflip})
     proc = subprocess.run([sys.executable, "mem_dist/generate.py", *args], capture_output=True, text=True,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     st = state.read_state(state.state_url(out, 1, "00000"))
-    assert len(st.keys) == 8 and np.isfinite(st.loss).all() and np.abs(st.delta).sum() > 0
+    assert len(st.keys) == n and np.isfinite(st.loss).all() and np.abs(st.delta).sum() > 0
     assert [tokenizer.encode(t) for t in st.trigger_text] == st.trigger_ids.tolist()
 
 
