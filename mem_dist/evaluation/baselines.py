@@ -87,7 +87,8 @@ def _ar_generate(coeffs_N333: torch.Tensor, start_NCSS: torch.Tensor) -> torch.T
     return start_NCSS
 
 
-def ar_coefficients(k: int, side: int, crop: int, gen: torch.Generator, candidates: int = 3000) -> torch.Tensor:
+def ar_coefficients(k: int, side: int, crop: int, gen: torch.Generator, candidates: int = 3000,
+                    chunk: int = 64) -> torch.Tensor:
     """k stable AR processes [k, 3, 3, 3]: random coefficients summing to 1 per channel (the
     authors' draw), kept when two trial signals neither explode nor vanish (peak under 6 x
     their RMS, as a Gaussian field of this size; the authors filter their draws too)."""
@@ -95,12 +96,15 @@ def ar_coefficients(k: int, side: int, crop: int, gen: torch.Generator, candidat
     c[:, :, 2, 2] = 0  # the pixel being generated
     c /= c.sum((2, 3), keepdim=True)
     trial = torch.randn(candidates * 2, 3, side + crop, side + crop, generator=gen, dtype=torch.float64)
-    sig = _ar_generate(c.repeat_interleave(2, 0), trial)[:, :, crop:, crop:]
-    ratio = (sig.abs().amax((1, 2, 3)) / sig.pow(2).mean((1, 2, 3)).sqrt()).view(candidates, 2).amax(1)
-    good = torch.nonzero(torch.isfinite(ratio) & (ratio > 2) & (ratio < 6)).flatten()
-    if len(good) < k:
-        raise ConfigError(f"ar: only {len(good)} of {candidates} random AR processes are stable, {k} classes need one each")
-    return c[good[:k]]
+    good: list[int] = []
+    for s in range(0, candidates, chunk):  # in order, until k are kept: the first k stable ones, as if all were tried
+        n = min(chunk, candidates - s)
+        sig = _ar_generate(c[s:s + n].repeat_interleave(2, 0), trial[2 * s:2 * (s + n)])[:, :, crop:, crop:]
+        ratio = (sig.abs().amax((1, 2, 3)) / sig.pow(2).mean((1, 2, 3)).sqrt()).view(n, 2).amax(1)
+        good += (s + torch.nonzero(torch.isfinite(ratio) & (ratio > 2) & (ratio < 6)).flatten()).tolist()
+        if len(good) >= k:
+            return c[good[:k]]
+    raise ConfigError(f"ar: only {len(good)} of {candidates} random AR processes are stable, {k} classes need one each")
 
 
 def ar(labels_N: np.ndarray, side: int, eps: int, seed: int, crop: int = 4, l2: float = 1.0) -> np.ndarray:
