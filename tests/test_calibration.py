@@ -144,6 +144,15 @@ def test_report_names_each_condition_against_its_control():
     text = report.markdown_report(metrics, report.results_table(metrics), False)
     assert text.split("\n")[2].startswith("**Against the controls**")
     assert not re.search(r"\d%", text.replace("95%", ""))  # one unit: fractions
+    # a condition scored without a select split (reports combined from other runs): each pair says where it was read
+    other = cond("clean", run(0, [0.1, 0.5], 50), run(1, [0.1, 0.6], 60))
+    for r in other["runs"] + [other]:
+        for e in r["epochs"]:
+            e.pop("select_top1", None)  # cond() shares run 0's epochs
+    line = report.versus_controls({**metrics, "conditions": {**metrics["conditions"], "other": other}})
+    assert "where both were scored there, else after the last epoch" in line, line
+    assert "other 0.550 [" in line and "against clean 0.810 [" in line and "(final)" in line
+    assert "code 0.275 [" in line and "(at the attacker's epoch)" in line
 
 
 @pytest.fixture(scope="module")

@@ -172,7 +172,7 @@ def versus_controls(metrics: dict[str, Any]) -> str | None:
              if keys and h.get("condition", {}).get("control")]
     if not pairs:
         return None
-    parts, where = [], "final"
+    parts, wheres = [], []
     for name, control in pairs:
         a, b = summarise(metrics["conditions"][name], *keys), summarise(metrics["conditions"][control], *keys)
         where = "attacker" if a["attacker"] and b["attacker"] else "final"
@@ -182,10 +182,17 @@ def versus_controls(metrics: dict[str, Any]) -> str | None:
             verdict = f"{y['mean'] - x['mean']:.3f} below its control"
         elif not x["interval"] and x["mean"] < y["mean"]:
             verdict = f"{y['mean'] - x['mean']:.3f} below its control (no interval)"
-        parts.append(f"{name} {_score(x)} against {control} {_score(y)}: {verdict}")
+        parts.append((f"{name} {_score(x)} against {control} {_score(y)}", verdict))
+        wheres.append(where)
     label = _label(keys)
-    at = "at the attacker's epoch (chosen on the select images)" if where == "attacker" else "after the last epoch"
-    return f"**Against the controls** ({label} on the clean val data {at}; 95% intervals): " + "; ".join(parts) + "."
+    if len(set(wheres)) > 1:  # a pair without select scores (e.g. reports combined from runs with and without them)
+        at = "at the attacker's epoch (chosen on the select images) where both were scored there, else after the last epoch"
+        named = {"attacker": "at the attacker's epoch", "final": "final"}
+        parts = [(f"{text} ({named[w]})", verdict) for (text, verdict), w in zip(parts, wheres)]
+    else:
+        at = "at the attacker's epoch (chosen on the select images)" if wheres[0] == "attacker" else "after the last epoch"
+    return (f"**Against the controls** ({label} on the clean val data {at}; 95% intervals): "
+            + "; ".join(f"{text}: {verdict}" for text, verdict in parts) + ".")
 
 
 def conclusion(metrics: dict[str, Any]) -> str | None:
