@@ -66,8 +66,8 @@ def test_classifier_victim_learns_the_labels_and_kmeans_labels_are_matched(fmnis
     metrics = run(cfg)
     hist = metrics["conditions"]["clean"]
     assert [e["epoch"] for e in hist["epochs"]] == [0, 1, 2, 3, 4, 5] and hist["labels"] == "json"
-    # twice chance after 5 short epochs at width 8 (measured 0.600 with 2 threads, 0.550 with 1; at width
-    # 16, 0.650 / 0.525, 6 s more; after 3 epochs the victim is only leaving chance, too near the line)
+    # twice chance after 5 short epochs at width 8 (measured 0.600 with 2 threads, 0.550 with 1; width 16
+    # costs 6 s more; after 3 epochs the victim is only leaving chance, too near the line)
     assert hist["final"]["top1"] > 0.2, hist["final"]
     same = lambda e: {k: v for k, v in e.items() if k != "seconds"}  # noqa: E731
     assert [same(e) for e in metrics["conditions"]["copy"]["epochs"]] == [same(e) for e in hist["epochs"]]  # seeded

@@ -154,7 +154,8 @@ def em(canvases_NHWC: np.ndarray, labels_N: np.ndarray, eps: int, seed: int, wid
             delta[s:s + batch] = db
             with torch.no_grad():
                 out, out_clean = logits((xb + db).clamp(0, 1)), logits(xb)
-                correct, clean = correct + int((out.argmax(1) == yb).sum()), clean + int((out_clean.argmax(1) == yb).sum())
+                correct += int((out.argmax(1) == yb).sum())
+                clean += int((out_clean.argmax(1) == yb).sum())
                 loss_sum += float(F.cross_entropy(out, yb, reduction="sum"))
                 clean_loss_sum += float(F.cross_entropy(out_clean, yb, reduction="sum"))
         acc = correct / len(x)
